@@ -1,0 +1,132 @@
+"""The chunk value handed to callers and held by the cache.
+
+A ``Chunk`` is immutable: callers on many tasks share one instance, and the cache accounts its
+size once, so nothing may change it after construction. Edits produce a new ``Chunk``
+(``with_tiles``/``with_records``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from collections.abc import Iterable
+from typing import Any, TypeAlias
+
+import msgspec
+import numpy as np
+import numpy.typing as npt
+
+from streamer.coords import CHUNK_SIZE
+from streamer.schema.records import Character, Feature, Record, Society, Structure
+
+#: ``(cx, cy)``: the address of a chunk, used as the key everywhere in the runtime.
+ChunkKey: TypeAlias = tuple[int, int]
+
+Tiles: TypeAlias = npt.NDArray[np.uint16]
+
+_TILE_SHAPE = (CHUNK_SIZE, CHUNK_SIZE)
+
+# Fixed part of a Chunk that is not its tiles or records: the slotted object, the ndarray
+# header and the four tuples. Measured with sys.getsizeof on CPython 3.11; rounded up so the
+# estimate errs towards evicting early rather than overrunning the budget.
+_CHUNK_OVERHEAD = 512
+
+
+def _frozen_tiles(tiles: npt.ArrayLike) -> Tiles:
+    arr = np.asarray(tiles, dtype=np.uint16)
+    if arr.shape != _TILE_SHAPE:
+        raise ValueError(f"chunk tiles must have shape {_TILE_SHAPE}, got {arr.shape}")
+    if arr.flags.writeable or arr.base is not None:
+        # Whoever passed a writable array (or a view of one) can still mutate it under every
+        # reader sharing this chunk; an 8 KiB copy is far cheaper than that bug.
+        arr = np.array(arr, dtype=np.uint16, copy=True, order="C")
+        arr.flags.writeable = False
+    return arr
+
+
+def _deep_size(value: Any, depth: int = 0) -> int:
+    """Approximate retained bytes of plain record data (Structs, lists, dicts, str, int)."""
+    size = sys.getsizeof(value)
+    if depth > 6:
+        return size
+    if isinstance(value, msgspec.Struct):
+        return size + sum(_deep_size(v, depth + 1) for v in msgspec.structs.astuple(value))
+    if isinstance(value, list | tuple):
+        return size + sum(_deep_size(v, depth + 1) for v in value)
+    if isinstance(value, dict):
+        return size + sum(
+            _deep_size(k, depth + 1) + _deep_size(v, depth + 1) for k, v in value.items()
+        )
+    return size
+
+
+def estimate_records_nbytes(records: Iterable[Record]) -> int:
+    """Bytes the records of a chunk keep alive, for cache accounting.
+
+    Small ints and interned strings are shared in CPython and so over-counted here; that bias
+    is deliberate, as the cache budget is a ceiling.
+    """
+    return sum(_deep_size(r) for r in records)
+
+
+@dataclasses.dataclass(frozen=True, slots=True, eq=False)
+class Chunk:
+    """One 64x64 chunk as served: generated terrain with edits applied, plus its records.
+
+    ``tiles`` is a read-only ``uint16`` array of shape (64, 64) indexed ``[ly, lx]``; a writable
+    input is copied so no caller can mutate what others see. ``nbytes`` is computed at
+    construction (tiles + a deep estimate of the records) and is what the chunk costs in the
+    cache.
+
+    Equality is identity: comparing tile arrays element-wise on every ``==`` would be both
+    slow and ambiguous (numpy returns an array).
+    """
+
+    cx: int
+    cy: int
+    tiles: Tiles
+    entities: tuple[Character, ...] = ()
+    features: tuple[Feature, ...] = ()
+    structures: tuple[Structure, ...] = ()
+    societies: tuple[Society, ...] = ()
+    nbytes: int = dataclasses.field(init=False, repr=True)
+
+    def __post_init__(self) -> None:
+        # Frozen dataclass: normalising fields has to go through object.__setattr__.
+        tiles = _frozen_tiles(self.tiles)
+        object.__setattr__(self, "tiles", tiles)
+        for name in ("entities", "features", "structures", "societies"):
+            value = getattr(self, name)
+            if not isinstance(value, tuple):
+                object.__setattr__(self, name, tuple(value))
+        records_nbytes = estimate_records_nbytes(
+            (*self.entities, *self.features, *self.structures, *self.societies)
+        )
+        object.__setattr__(self, "nbytes", _CHUNK_OVERHEAD + tiles.nbytes + records_nbytes)
+
+    @property
+    def key(self) -> ChunkKey:
+        return (self.cx, self.cy)
+
+    def with_tiles(self, tiles: npt.ArrayLike) -> Chunk:
+        """A copy with other tiles (records shared, ``nbytes`` recomputed)."""
+        return dataclasses.replace(self, tiles=_frozen_tiles(tiles))
+
+    def with_records(
+        self,
+        *,
+        entities: Iterable[Character] | None = None,
+        features: Iterable[Feature] | None = None,
+        structures: Iterable[Structure] | None = None,
+        societies: Iterable[Society] | None = None,
+    ) -> Chunk:
+        """A copy with some record collections replaced; ``None`` keeps the current one."""
+        return Chunk(
+            self.cx,
+            self.cy,
+            self.tiles,
+            entities=self.entities if entities is None else tuple(entities),
+            features=self.features if features is None else tuple(features),
+            structures=self.structures if structures is None else tuple(structures),
+            societies=self.societies if societies is None else tuple(societies),
+        )

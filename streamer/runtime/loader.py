@@ -1,0 +1,488 @@
+"""Prioritised, batched, single-flight chunk loading.
+
+Requests (``get`` awaits, ``prefetch`` does not) become *flights*, one per key: every caller of
+a key shares its flight, so N concurrent readers cause one load. Queued flights wait in a
+heap ordered by ``(priority, arrival)``; ``workers`` loops each take up to ``max_batch`` of
+the best ones and hand them to ``load_batch`` in ONE call, because the world turns one call
+into one worker-thread hop (~85 µs each) — per-key hops would dominate the cost of a load.
+
+Cancellation rules:
+
+- A caller cancelled while awaiting ``get`` leaves the flight to the others. If nobody else
+  awaits it, it is still queued and no prefetch asked for it, it is dropped unloaded.
+- ``cancel(key)`` withdraws a prefetch; the load is dropped only if no ``get`` awaits it.
+- A load already handed to ``load_batch`` always runs to completion (it shares a thread hop
+  with other keys).
+- When the workers are cancelled (the owning task group ends), a batch in progress is put
+  back; once the last worker has stopped, every outstanding flight fails with
+  :class:`~streamer.errors.WorldClosed`, so no caller outside that task group hangs.
+
+Errors: an exception from ``load_batch`` fails every key of the batch; an ``Exception`` in the
+returned mapping fails just that key. Every waiter of the key gets the error; nothing is
+remembered, so the next ``get`` loads again.
+
+Results are not kept here: the cache is the world's. ``on_loaded`` (called before waiters wake)
+lets the world cache a chunk before anyone can miss it again and start a second load.
+"""
+
+from __future__ import annotations
+
+import enum
+import heapq
+import math
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Mapping
+from types import TracebackType
+from typing import NamedTuple, TypeAlias
+
+import anyio
+import anyio.abc
+import anyio.lowlevel
+import msgspec
+
+from streamer.errors import StreamerError, WorldClosed
+from streamer.runtime.chunk import Chunk, ChunkKey
+
+__all__ = ["ChunkLoader", "Latency", "LoadBatch", "LoaderStats", "OnLoaded"]
+
+#: Loads many chunks at once. A key missing from the result fails that key; a value that is an
+#: ``Exception`` fails just that key; raising fails the whole batch.
+LoadBatch: TypeAlias = Callable[[list[ChunkKey]], Awaitable[Mapping[ChunkKey, Chunk | Exception]]]
+#: Called synchronously with each loaded chunk before its waiters are woken.
+OnLoaded: TypeAlias = Callable[[ChunkKey, Chunk], None]
+
+
+class LoaderStats(msgspec.Struct, frozen=True, kw_only=True):
+    #: Keys waiting in the queue (not yet handed to ``load_batch``).
+    queue_depth: int
+    #: Keys inside a ``load_batch`` call right now.
+    inflight: int
+    #: ``get`` calls.
+    requests: int
+    #: ``prefetch`` calls.
+    prefetches: int
+    #: Requests that joined a flight already queued or loading (single-flight savings).
+    joined: int
+    #: Keys loaded successfully.
+    loads: int
+    #: ``load_batch`` calls.
+    batches: int
+    #: Keys whose load failed.
+    errors: int
+    #: Queued flights dropped unloaded (``cancel`` or every waiter gone).
+    cancelled: int
+    #: Prefetches refused because the queue was full.
+    rejected: int
+    p50_ms: float
+    p99_ms: float
+
+
+class Latency(NamedTuple):
+    """Request → ready latency over the most recent ``samples`` successful loads."""
+
+    p50_ms: float
+    p99_ms: float
+    samples: int
+
+
+class _State(enum.Enum):
+    QUEUED = enum.auto()
+    LOADING = enum.auto()
+    DONE = enum.auto()
+
+
+class _Flight:
+    __slots__ = (
+        "chunk",
+        "done",
+        "error",
+        "key",
+        "prefetched",
+        "priority",
+        "requested_at",
+        "seq",
+        "state",
+        "traceback",
+        "waiters",
+    )
+
+    def __init__(self, key: ChunkKey, priority: int, seq: int) -> None:
+        self.key = key
+        self.priority = priority
+        # Identifies this flight's live heap entry; older entries for the key are stale.
+        self.seq = seq
+        self.state = _State.QUEUED
+        self.waiters = 0
+        self.prefetched = False
+        self.done = anyio.Event()
+        self.chunk: Chunk | None = None
+        self.error: BaseException | None = None
+        self.traceback: TracebackType | None = None
+        self.requested_at = time.perf_counter()
+
+
+class ChunkLoader:
+    """Single-flight, prioritised, batched loader; see the module docstring.
+
+    :param load_batch: loads a list of keys in one call (see :data:`LoadBatch`).
+    :param workers: concurrent ``load_batch`` calls.
+    :param max_batch: most keys per ``load_batch`` call.
+    :param batch_band: if set, a batch only takes keys whose priority is within this much of
+        the best queued key, so urgent loads do not wait behind a batch of distant ones.
+    :param max_queued: queue bound. A ``prefetch`` beyond it is refused (returns ``False``);
+        a ``get`` for a new key waits for room (back-pressure).
+    :param on_loaded: called with each loaded chunk before its waiters wake.
+    :param latency_window: how many recent latencies the percentiles are computed over.
+    """
+
+    def __init__(
+        self,
+        load_batch: LoadBatch,
+        *,
+        workers: int = 4,
+        max_batch: int = 16,
+        batch_band: int | None = None,
+        max_queued: int = 4096,
+        on_loaded: OnLoaded | None = None,
+        latency_window: int = 2048,
+    ) -> None:
+        if workers < 1 or max_batch < 1 or max_queued < 1 or latency_window < 1:
+            raise ValueError("workers, max_batch, max_queued and latency_window must be >= 1")
+        if batch_band is not None and batch_band < 0:
+            raise ValueError("batch_band must be >= 0")
+        self._load_batch = load_batch
+        self._workers = workers
+        self._max_batch = max_batch
+        self._batch_band = batch_band
+        self._max_queued = max_queued
+        self._on_loaded = on_loaded
+
+        self._flights: dict[ChunkKey, _Flight] = {}
+        self._heap: list[tuple[int, int, ChunkKey]] = []
+        self._stale = 0
+        self._seq = 0
+        self._queued = 0
+        self._inflight = 0
+        # One-shot events, replaced after being consumed (see _take_or_wait / _wait_for_room).
+        self._work = anyio.Event()
+        self._room = anyio.Event()
+        self._started = False
+        self._running = 0
+        self._closed = False
+
+        self._latencies: deque[float] = deque(maxlen=latency_window)
+        self._requests = 0
+        self._prefetches = 0
+        self._joined = 0
+        self._loads = 0
+        self._batches = 0
+        self._errors = 0
+        self._cancelled = 0
+        self._rejected = 0
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def run(self, task_group: anyio.abc.TaskGroup) -> None:
+        """Start the worker loops in ``task_group``; they run until it is cancelled.
+
+        :raises RuntimeError: already started and not yet stopped.
+        """
+        if self._started:
+            raise RuntimeError("ChunkLoader.run() called twice")
+        self._started = True
+        self._closed = False
+        for i in range(self._workers):
+            task_group.start_soon(self._worker, name=f"chunk-loader-{i}")
+
+    async def serve(self) -> None:
+        """Run the workers in a task group of their own until cancelled."""
+        async with anyio.create_task_group() as tg:
+            self.run(tg)
+
+    # -- requests ---------------------------------------------------------------------------
+
+    async def get(self, key: ChunkKey, priority: int = 0) -> Chunk:
+        """Load ``key`` (or join its load in progress) and return it.
+
+        A lower ``priority`` is served sooner; joining a queued load with a lower value moves
+        it up.
+
+        :raises WorldClosed: the loader stopped before the chunk was loaded.
+        :raises Exception: whatever ``load_batch`` raised for this key.
+        """
+        self._requests += 1
+        self._check_open()
+        flight = self._flights.get(key)
+        if flight is None:
+            await self._wait_for_room()
+            # Someone else may have queued the key while we waited.
+            flight = self._flights.get(key)
+        if flight is None:
+            flight = self._enqueue(key, priority)
+        else:
+            self._joined += 1
+            self._raise_priority(flight, priority)
+        flight.waiters += 1
+        try:
+            await flight.done.wait()
+        finally:
+            flight.waiters -= 1
+            if flight.state is _State.QUEUED and flight.waiters == 0 and not flight.prefetched:
+                self._drop(flight)
+        if flight.error is not None:
+            # Each waiter re-raises the shared exception with the traceback of the failed load,
+            # not one that grows with every waiter (as asyncio.Future.result does).
+            raise flight.error.with_traceback(flight.traceback)
+        assert flight.chunk is not None
+        return flight.chunk
+
+    def prefetch(self, key: ChunkKey, priority: int = 0) -> bool:
+        """Queue ``key`` for loading without waiting for it.
+
+        Returns ``False`` if the queue is full and the key was not already pending.
+
+        :raises WorldClosed: the loader has stopped.
+        """
+        self._prefetches += 1
+        self._check_open()
+        flight = self._flights.get(key)
+        if flight is not None:
+            self._joined += 1
+            flight.prefetched = True
+            self._raise_priority(flight, priority)
+            return True
+        if self._queued >= self._max_queued:
+            self._rejected += 1
+            return False
+        self._enqueue(key, priority).prefetched = True
+        return True
+
+    def cancel(self, key: ChunkKey) -> bool:
+        """Withdraw a prefetch of ``key``. Returns whether a queued load was dropped.
+
+        A load nobody awaits is dropped if still queued; one already loading, or awaited by a
+        ``get``, goes on.
+        """
+        flight = self._flights.get(key)
+        if flight is None or flight.state is not _State.QUEUED:
+            return False
+        flight.prefetched = False
+        if flight.waiters:
+            return False
+        self._drop(flight)
+        return True
+
+    def is_pending(self, key: ChunkKey) -> bool:
+        """Whether ``key`` is queued or loading."""
+        return key in self._flights
+
+    # -- metrics ----------------------------------------------------------------------------
+
+    @property
+    def queue_depth(self) -> int:
+        return self._queued
+
+    @property
+    def inflight(self) -> int:
+        return self._inflight
+
+    def latency_percentiles(self) -> Latency:
+        """p50/p99 of request → ready in ms over the recent window; NaN with no samples."""
+        samples = sorted(self._latencies)
+        n = len(samples)
+        if n == 0:
+            return Latency(math.nan, math.nan, 0)
+
+        def rank(q: float) -> float:
+            return samples[max(0, math.ceil(q * n) - 1)]
+
+        return Latency(rank(0.50), rank(0.99), n)
+
+    def stats(self) -> LoaderStats:
+        latency = self.latency_percentiles()
+        return LoaderStats(
+            queue_depth=self._queued,
+            inflight=self._inflight,
+            requests=self._requests,
+            prefetches=self._prefetches,
+            joined=self._joined,
+            loads=self._loads,
+            batches=self._batches,
+            errors=self._errors,
+            cancelled=self._cancelled,
+            rejected=self._rejected,
+            p50_ms=latency.p50_ms,
+            p99_ms=latency.p99_ms,
+        )
+
+    # -- queue ------------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise WorldClosed("chunk loader has stopped")
+
+    async def _wait_for_room(self) -> None:
+        while self._queued >= self._max_queued:
+            if self._room.is_set():
+                self._room = anyio.Event()
+            await self._room.wait()
+            self._check_open()
+
+    def _push(self, flight: _Flight) -> None:
+        self._seq += 1
+        flight.seq = self._seq
+        heapq.heappush(self._heap, (flight.priority, flight.seq, flight.key))
+        self._work.set()
+
+    def _enqueue(self, key: ChunkKey, priority: int) -> _Flight:
+        flight = _Flight(key, priority, 0)
+        self._flights[key] = flight
+        self._queued += 1
+        self._push(flight)
+        return flight
+
+    def _raise_priority(self, flight: _Flight, priority: int) -> None:
+        if flight.state is not _State.QUEUED or priority >= flight.priority:
+            return
+        # heapq has no decrease-key: push a fresh entry and let the old one go stale.
+        flight.priority = priority
+        self._stale += 1
+        self._push(flight)
+        self._maybe_compact()
+
+    def _drop(self, flight: _Flight) -> None:
+        flight.state = _State.DONE
+        del self._flights[flight.key]
+        self._queued -= 1
+        self._stale += 1
+        self._cancelled += 1
+        self._room.set()
+        self._maybe_compact()
+
+    def _maybe_compact(self) -> None:
+        # Keeps the heap O(live keys) when prefetches are cancelled or re-prioritised en masse.
+        if self._stale > 64 and self._stale * 2 > len(self._heap):
+            self._heap = [
+                (f.priority, f.seq, f.key)
+                for f in self._flights.values()
+                if f.state is _State.QUEUED
+            ]
+            heapq.heapify(self._heap)
+            self._stale = 0
+
+    def _is_live(self, seq: int, key: ChunkKey) -> bool:
+        flight = self._flights.get(key)
+        return flight is not None and flight.state is _State.QUEUED and flight.seq == seq
+
+    def _take_batch(self) -> list[_Flight]:
+        heap = self._heap
+        batch: list[_Flight] = []
+        band_limit: int | None = None
+        while heap and len(batch) < self._max_batch:
+            priority, seq, key = heap[0]
+            if not self._is_live(seq, key):
+                heapq.heappop(heap)
+                self._stale -= 1
+                continue
+            if band_limit is None:
+                if self._batch_band is not None:
+                    band_limit = priority + self._batch_band
+            elif priority > band_limit:
+                break
+            heapq.heappop(heap)
+            flight = self._flights[key]
+            flight.state = _State.LOADING
+            batch.append(flight)
+        if batch:
+            self._queued -= len(batch)
+            self._room.set()
+        return batch
+
+    # -- workers ----------------------------------------------------------------------------
+
+    async def _worker(self) -> None:
+        self._running += 1
+        try:
+            while True:
+                batch = self._take_batch()
+                if not batch:
+                    if self._work.is_set():
+                        self._work = anyio.Event()
+                    await self._work.wait()
+                    # One more turn of the loop lets requests made in the same tick as the one
+                    # that woke us join this batch instead of the next.
+                    await anyio.lowlevel.checkpoint()
+                    continue
+                await self._load(batch)
+        finally:
+            self._running -= 1
+            if self._running == 0:
+                self._shutdown()
+
+    async def _load(self, batch: list[_Flight]) -> None:
+        keys = [f.key for f in batch]
+        self._inflight += len(batch)
+        self._batches += 1
+        try:
+            try:
+                results = await self._load_batch(keys)
+            except Exception as exc:
+                for flight in batch:
+                    self._fail(flight, exc)
+                return
+            except BaseException:
+                # Cancelled with the task group: put the keys back so a surviving worker (or
+                # the final _shutdown) resolves their waiters; then let cancellation proceed.
+                for flight in batch:
+                    flight.state = _State.QUEUED
+                    self._queued += 1
+                    self._push(flight)
+                raise
+            for flight in batch:
+                self._complete(flight, results.get(flight.key))
+        finally:
+            self._inflight -= len(batch)
+
+    def _complete(self, flight: _Flight, result: Chunk | Exception | None) -> None:
+        if result is None:
+            self._fail(flight, StreamerError(f"load_batch returned nothing for chunk {flight.key}"))
+            return
+        if isinstance(result, Exception):
+            self._fail(flight, result)
+            return
+        if self._on_loaded is not None:
+            try:
+                self._on_loaded(flight.key, result)
+            except Exception as exc:
+                self._fail(flight, exc)
+                return
+        self._loads += 1
+        self._latencies.append((time.perf_counter() - flight.requested_at) * 1000.0)
+        flight.chunk = result
+        self._resolve(flight)
+
+    def _fail(self, flight: _Flight, error: BaseException) -> None:
+        self._errors += 1
+        flight.error = error
+        flight.traceback = error.__traceback__
+        self._resolve(flight)
+
+    def _resolve(self, flight: _Flight) -> None:
+        flight.state = _State.DONE
+        if self._flights.get(flight.key) is flight:
+            del self._flights[flight.key]
+        flight.done.set()
+
+    def _shutdown(self) -> None:
+        self._started = False
+        self._closed = True
+        for flight in list(self._flights.values()):
+            if flight.state is _State.QUEUED:
+                self._queued -= 1
+                flight.error = WorldClosed(f"chunk loader stopped before chunk {flight.key} loaded")
+                self._resolve(flight)
+        self._heap.clear()
+        self._stale = 0
+        # Wake gets blocked on a full queue so they see the loader is closed.
+        self._room.set()
