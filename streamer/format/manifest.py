@@ -23,7 +23,7 @@ FORMAT_VERSION = 1
 
 class WorldManifest(msgspec.Struct, kw_only=True, forbid_unknown_fields=False):
     type: Literal["world"] = "world"
-    schemaVersion: int = 1  # noqa: N815 - persisted name fixed by the spec
+    schemaVersion: int = 1
     format_version: int = FORMAT_VERSION
     world_id: str
     seed: int

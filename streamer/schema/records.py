@@ -27,7 +27,7 @@ CURRENT_VERSIONS: dict[str, int] = {
 class Record(msgspec.Struct, tag_field="type", kw_only=True):
     """Base of every persisted record. ``type`` is the msgspec tag."""
 
-    schemaVersion: int  # noqa: N815 - the persisted name is part of the spec
+    schemaVersion: int
 
 
 class ItemStack(msgspec.Struct, frozen=True):
@@ -42,7 +42,7 @@ class Character(Record, tag="character", kw_only=True):
     ``given_name``/``family_name``; v3: ``inventory`` as a list of item stacks.
     """
 
-    schemaVersion: int = 3  # noqa: N815
+    schemaVersion: int = 3
     id: str
     x: int
     y: int
@@ -57,7 +57,7 @@ class Character(Record, tag="character", kw_only=True):
 class Structure(Record, tag="structure", kw_only=True):
     """A built structure anchored at its top-left tile ``(x, y)``."""
 
-    schemaVersion: int = 1  # noqa: N815
+    schemaVersion: int = 1
     id: str
     kind: str
     x: int
@@ -71,7 +71,7 @@ class Structure(Record, tag="structure", kw_only=True):
 class Feature(Record, tag="feature", kw_only=True):
     """A dynamic map feature (tree, ore vein, spring) at tile ``(x, y)``."""
 
-    schemaVersion: int = 1  # noqa: N815
+    schemaVersion: int = 1
     id: str
     kind: str
     x: int
@@ -85,7 +85,7 @@ class Society(Record, tag="society", kw_only=True):
     v1 had ``allies: list[str]``; v2 replaced it by ``relations: {society_id: standing}``.
     """
 
-    schemaVersion: int = 2  # noqa: N815
+    schemaVersion: int = 2
     id: str
     name: str
     x: int
@@ -109,7 +109,7 @@ class ChunkRecord(Record, tag="chunk", kw_only=True):
     peeks at it to take the fast typed-decode path when nothing needs migrating.
     """
 
-    schemaVersion: int = 1  # noqa: N815
+    schemaVersion: int = 1
     cx: int
     cy: int
     generator: str
