@@ -1,0 +1,513 @@
+"""An in-memory ``FileSystem`` that models the page cache versus the disk, for crash tests.
+
+Model (pessimistic, as POSIX allows):
+
+- A file inode has *current* data (what reads see) and *durable* data (what survives a power
+  loss). ``fsync(handle)`` copies current to durable for that inode; ``truncate`` does too.
+- A directory has *current* entries and *durable* entries (name → inode). ``fsync_dir(path)``
+  copies that directory's current entries to durable. Creating, renaming, linking or
+  unlinking a name is therefore lost in a crash until the directory holding it is synced;
+  a rename touches two directories and each needs its own sync. ``makedirs`` syncs each
+  parent that gained an entry, as the protocol says.
+- ``durable_image()`` is what a reboot would find: walk durable entries from the root and
+  take each inode's durable data (hard links stay shared). With ``torn=True`` an inode whose
+  current data extends its durable data may keep any prefix of the extension (partial
+  writeback of appended, un-fsynced data).
+- A failed ``fsync`` models Linux after writeback errors: the dirty pages are dropped as if
+  clean, so a retried fsync on that inode reports success but persists nothing written
+  before the failure. A writer that retries fsync is caught by a durability check.
+
+``crash_after(k)`` lets k more mutating operations through; the next raises
+``SimulatedCrash`` (a ``BaseException``, so no ``except Exception`` swallows it) without
+taking effect, and every later call raises it too. Then ``durable_image()`` models a power
+loss, ``restart()`` a process kill (the page cache survives). ``inject`` makes operations raise
+``OSError``. Every mutating operation is recorded in ``ops``.
+
+Thread-safe (one lock around each call), because ``LocalStore`` calls it from worker threads.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import threading
+from collections.abc import Iterator
+from typing import NamedTuple
+
+from streamer.storage.fs import split_path
+
+__all__ = ["MUTATING_OPS", "Fault", "Op", "SimulatedCrash", "SimulatedFileSystem"]
+
+#: Names recorded in ``SimulatedFileSystem.ops``; ``crash_after`` counts these.
+MUTATING_OPS = frozenset(
+    {
+        "write",
+        "fsync",
+        "fsync_dir",
+        "replace",
+        "link",
+        "unlink",
+        "create",
+        "truncate",
+        "mkdir",
+        "rmdir",
+    }
+)
+
+
+class SimulatedCrash(BaseException):
+    """The simulated machine lost power. Deliberately not an ``Exception``."""
+
+
+class Op(NamedTuple):
+    """One recorded mutating operation. ``arg`` is the destination (replace, link) or the byte
+    count (write, truncate)."""
+
+    name: str
+    path: str
+    arg: str | int | None = None
+
+
+class Fault(NamedTuple):
+    op: str
+    err_no: int
+    path_contains: str | None
+    once: bool
+
+
+class _File:
+    __slots__ = ("data", "durable", "writeback_failed")
+
+    def __init__(self, data: bytes = b"") -> None:
+        self.data = bytearray(data)
+        self.durable = bytes(data)
+        self.writeback_failed = False
+
+
+class _Dir:
+    __slots__ = ("durable", "entries")
+
+    def __init__(self) -> None:
+        self.entries: dict[str, _File | _Dir] = {}
+        self.durable: dict[str, _File | _Dir] = {}
+
+
+class _Handle:
+    __slots__ = ("append", "node", "path", "pos")
+
+    def __init__(self, node: _File, path: str, append: bool) -> None:
+        self.node = node
+        self.path = path
+        self.append = append
+        self.pos = 0
+
+
+def _err(code: int, path: str) -> OSError:
+    return OSError(code, os.strerror(code), path)
+
+
+def _name_ok(name: str, path: str) -> None:
+    if len(name.encode("utf-8", "surrogatepass")) > 255:
+        raise _err(errno.ENAMETOOLONG, path)
+
+
+class SimulatedFileSystem:
+    """In-memory ``FileSystem`` with crash simulation and fault injection (see module doc)."""
+
+    def __init__(self) -> None:
+        self._root = _Dir()
+        self._handles: dict[int, _Handle] = {}
+        self._next_handle = 1000
+        self._lock = threading.RLock()
+        self._faults: list[Fault] = []
+        self._countdown: int | None = None
+        self._frozen = False
+        #: Every mutating operation that took effect, in order.
+        self.ops: list[Op] = []
+        #: The operation that was refused by the simulated crash, if any.
+        self.crashed_op: Op | None = None
+
+    # -- control -------------------------------------------------------------------------
+
+    def crash_after(self, k: int) -> None:
+        """Let ``k`` more mutating operations through; the next one raises ``SimulatedCrash``."""
+        if k < 0:
+            raise ValueError("k must be >= 0")
+        with self._lock:
+            self._countdown = k
+
+    def restart(self) -> None:
+        """A process crash without power loss: the kernel keeps its page cache, so current
+        and durable state both stay; open handles are closed and a freeze is lifted."""
+        with self._lock:
+            self._handles.clear()
+            self._countdown = None
+            self._frozen = False
+
+    @property
+    def crashed(self) -> bool:
+        return self._frozen
+
+    def inject(
+        self, op: str, err_no: int, *, path_contains: str | None = None, once: bool = True
+    ) -> None:
+        """Make calls of ``op`` (a method name, or ``mkdir`` inside ``makedirs``) whose path
+        (or destination) contains ``path_contains`` raise ``OSError(err_no)``, once or always."""
+        with self._lock:
+            self._faults.append(Fault(op, err_no, path_contains, once))
+
+    def clear_faults(self) -> None:
+        with self._lock:
+            self._faults.clear()
+
+    def durable_image(
+        self, *, torn: bool = False, rng: random.Random | None = None
+    ) -> SimulatedFileSystem:
+        """A fresh file system holding only what a power loss right now would leave."""
+        rng = rng if rng is not None else random.Random(0)
+        with self._lock:
+            image = SimulatedFileSystem()
+            files: dict[int, _File] = {}
+            dirs: set[int] = set()
+
+            def survive(node: _File) -> bytes:
+                cur, dur = bytes(node.data), node.durable
+                if (
+                    torn
+                    and not node.writeback_failed
+                    and len(cur) > len(dur)
+                    and cur.startswith(dur)
+                ):
+                    return cur[: rng.randint(len(dur), len(cur))]
+                return dur
+
+            def copy_dir(src: _Dir, dst: _Dir) -> None:
+                dirs.add(id(src))
+                for name, node in sorted(src.durable.items()):
+                    if isinstance(node, _File):
+                        if id(node) not in files:
+                            files[id(node)] = _File(survive(node))
+                        dst.entries[name] = files[id(node)]
+                    elif id(node) not in dirs:
+                        # A directory renamed between two synced parents could be reachable
+                        # twice; a real journal commits a rename as one, so keep the first.
+                        sub = _Dir()
+                        copy_dir(node, sub)
+                        dst.entries[name] = sub
+                dst.durable = dict(dst.entries)
+
+            copy_dir(self._root, image._root)
+            return image
+
+    def tree(self) -> dict[str, bytes]:
+        """Current contents: every file path → its data (directories implied)."""
+        with self._lock:
+            out: dict[str, bytes] = {}
+            for path, node in self._iter(self._root, ""):
+                if isinstance(node, _File):
+                    out[path] = bytes(node.data)
+            return out
+
+    def dirs(self) -> list[str]:
+        """Every directory path (not the root), sorted."""
+        with self._lock:
+            return sorted(p for p, n in self._iter(self._root, "") if isinstance(n, _Dir))
+
+    def _iter(self, d: _Dir, prefix: str) -> Iterator[tuple[str, _File | _Dir]]:
+        for name, node in sorted(d.entries.items()):
+            path = f"{prefix}/{name}" if prefix else name
+            yield path, node
+            if isinstance(node, _Dir):
+                yield from self._iter(node, path)
+
+    # -- machinery -----------------------------------------------------------------------
+
+    def _enter(self, op: str, *paths: str) -> None:
+        """Called first by every public operation (under the lock)."""
+        if self._frozen:
+            raise SimulatedCrash(f"file system is frozen after a simulated crash ({op})")
+        for i, fault in enumerate(self._faults):
+            if fault.op != op:
+                continue
+            if fault.path_contains is not None and not any(fault.path_contains in p for p in paths):
+                continue
+            if fault.once:
+                del self._faults[i]
+            raise _err(fault.err_no, paths[0] if paths else "")
+
+    def _commit(self, op: str, path: str, arg: str | int | None = None) -> None:
+        """Called right before a mutation takes effect: the crash point."""
+        record = Op(op, path, arg)
+        if self._countdown is not None:
+            if self._countdown == 0:
+                self._frozen = True
+                self.crashed_op = record
+                raise SimulatedCrash(f"simulated crash before {record}")
+            self._countdown -= 1
+        self.ops.append(record)
+
+    def _dir_at(self, parts: tuple[str, ...], path: str) -> _Dir:
+        d = self._root
+        for part in parts:
+            node = d.entries.get(part)
+            if node is None:
+                raise _err(errno.ENOENT, path)
+            if not isinstance(node, _Dir):
+                raise _err(errno.ENOTDIR, path)
+            d = node
+        return d
+
+    def _parent(self, path: str) -> tuple[_Dir, str]:
+        parts = split_path(path)
+        parent = self._dir_at(parts[:-1], path)
+        _name_ok(parts[-1], path)
+        return parent, parts[-1]
+
+    def _node(self, path: str, *, allow_root: bool = True) -> _File | _Dir:
+        parts = split_path(path, allow_root=allow_root)
+        if not parts:
+            return self._root
+        parent, name = self._parent(path)
+        node = parent.entries.get(name)
+        if node is None:
+            raise _err(errno.ENOENT, path)
+        return node
+
+    def _file(self, path: str) -> _File:
+        node = self._node(path)
+        if isinstance(node, _Dir):
+            raise _err(errno.EISDIR, path)
+        return node
+
+    def _handle(self, handle: int) -> _Handle:
+        if self._frozen:
+            raise SimulatedCrash("file system is frozen after a simulated crash")
+        h = self._handles.get(handle)
+        if h is None:
+            raise _err(errno.EBADF, f"<handle {handle}>")
+        return h
+
+    # -- FileSystem ----------------------------------------------------------------------
+
+    def read(self, path: str) -> bytes:
+        with self._lock:
+            self._enter("read", path)
+            return bytes(self._file(path).data)
+
+    def pread(self, path: str, offset: int, length: int) -> bytes:
+        with self._lock:
+            self._enter("pread", path)
+            node = self._file(path)
+            if offset < 0 or length < 0:
+                raise _err(errno.EINVAL, path)
+            return bytes(node.data[offset : offset + length])
+
+    def size(self, path: str) -> int:
+        with self._lock:
+            self._enter("size", path)
+            return len(self._file(path).data)
+
+    def exists(self, path: str) -> bool:
+        with self._lock:
+            self._enter("exists", path)
+            try:
+                self._node(path)
+            except OSError:
+                return False
+            return True
+
+    def isdir(self, path: str) -> bool:
+        with self._lock:
+            self._enter("isdir", path)
+            try:
+                return isinstance(self._node(path), _Dir)
+            except OSError:
+                return False
+
+    def listdir(self, path: str) -> list[str]:
+        with self._lock:
+            self._enter("listdir", path)
+            try:
+                node = self._node(path)
+            except FileNotFoundError:
+                return []
+            if not isinstance(node, _Dir):
+                raise _err(errno.ENOTDIR, path)
+            return sorted(node.entries)
+
+    def makedirs(self, path: str) -> None:
+        with self._lock:
+            self._enter("makedirs", path)
+            parts = split_path(path, allow_root=True)
+            d = self._root
+            for i, part in enumerate(parts):
+                sub = "/".join(parts[: i + 1])
+                parent_path = "/".join(parts[:i])
+                node = d.entries.get(part)
+                if node is None:
+                    _name_ok(part, path)
+                    self._enter("mkdir", sub)
+                    self._commit("mkdir", sub)
+                    node = d.entries[part] = _Dir()
+                    self._fsync_dir_locked(parent_path)
+                elif not isinstance(node, _Dir):
+                    raise _err(errno.ENOTDIR, path)
+                d = node
+
+    def create(self, path: str) -> int:
+        with self._lock:
+            self._enter("create", path)
+            parent, name = self._parent(path)
+            if name in parent.entries:
+                raise _err(errno.EEXIST, path)
+            self._commit("create", path)
+            node = parent.entries[name] = _File()
+            return self._open(node, path, append=False)
+
+    def open_append(self, path: str) -> int:
+        with self._lock:
+            self._enter("open_append", path)
+            parent, name = self._parent(path)
+            node = parent.entries.get(name)
+            if node is None:
+                self._commit("create", path)
+                node = parent.entries[name] = _File()
+            elif isinstance(node, _Dir):
+                raise _err(errno.EISDIR, path)
+            return self._open(node, path, append=True)
+
+    def _open(self, node: _File, path: str, *, append: bool) -> int:
+        handle = self._next_handle
+        self._next_handle += 1
+        self._handles[handle] = _Handle(node, path, append)
+        return handle
+
+    def write(self, handle: int, data: bytes) -> None:
+        with self._lock:
+            h = self._handle(handle)
+            self._enter("write", h.path)
+            self._commit("write", h.path, len(data))
+            buf = h.node.data
+            pos = len(buf) if h.append else h.pos
+            if pos > len(buf) and data:  # an empty write past EOF does not extend the file
+                buf.extend(bytes(pos - len(buf)))
+            buf[pos : pos + len(data)] = data
+            h.pos = pos + len(data)
+
+    def fsync(self, handle: int) -> None:
+        with self._lock:
+            h = self._handle(handle)
+            try:
+                self._enter("fsync", h.path)
+            except OSError:
+                h.node.writeback_failed = True
+                raise
+            self._commit("fsync", h.path)
+            if not h.node.writeback_failed:
+                h.node.durable = bytes(h.node.data)
+
+    def close(self, handle: int) -> None:
+        with self._lock:
+            h = self._handle(handle)
+            self._enter("close", h.path)
+            del self._handles[handle]
+
+    def truncate(self, path: str, length: int) -> None:
+        with self._lock:
+            self._enter("truncate", path)
+            node = self._file(path)
+            if length < 0:
+                raise _err(errno.EINVAL, path)
+            self._commit("truncate", path, length)
+            if length <= len(node.data):
+                del node.data[length:]
+            else:
+                node.data.extend(bytes(length - len(node.data)))
+            # Like fsync, a truncate cannot resurrect pages already dropped after an error.
+            if not node.writeback_failed:
+                node.durable = bytes(node.data)
+
+    def replace(self, src: str, dst: str) -> None:
+        with self._lock:
+            self._enter("replace", src, dst)
+            # Both parents are looked up before the source entry, as rename(2) does.
+            sparent, sname = self._parent(src)
+            dparent, dname = self._parent(dst)
+            node = sparent.entries.get(sname)
+            if node is None:
+                raise _err(errno.ENOENT, src)
+            old = dparent.entries.get(dname)
+            if old is node:
+                return  # POSIX: two links to one inode, rename does nothing
+            # Linux checks ancestry before types: moving a directory below itself is EINVAL,
+            # replacing an ancestor of the source is ENOTEMPTY.
+            if isinstance(node, _Dir) and self._contains(node, dparent):
+                raise _err(errno.EINVAL, dst)
+            if isinstance(old, _Dir) and self._contains(old, sparent):
+                raise _err(errno.ENOTEMPTY, dst)
+            if isinstance(node, _Dir):
+                if old is not None and not isinstance(old, _Dir):
+                    raise _err(errno.ENOTDIR, dst)
+                if isinstance(old, _Dir) and old.entries:
+                    raise _err(errno.ENOTEMPTY, dst)
+            elif isinstance(old, _Dir):
+                raise _err(errno.EISDIR, dst)
+            self._commit("replace", src, dst)
+            del sparent.entries[sname]
+            dparent.entries[dname] = node
+
+    def _contains(self, d: _Dir, target: _Dir) -> bool:
+        if d is target:
+            return True
+        return any(isinstance(n, _Dir) and self._contains(n, target) for n in d.entries.values())
+
+    def link(self, src: str, dst: str) -> None:
+        with self._lock:
+            self._enter("link", src, dst)
+            node = self._node(src, allow_root=False)
+            dparent, dname = self._parent(dst)
+            if dname in dparent.entries:
+                raise _err(errno.EEXIST, dst)
+            if isinstance(node, _Dir):
+                raise _err(errno.EPERM, src)
+            self._commit("link", src, dst)
+            dparent.entries[dname] = node
+
+    def unlink(self, path: str) -> None:
+        with self._lock:
+            self._enter("unlink", path)
+            parent, name = self._parent(path)
+            node = parent.entries.get(name)
+            if node is None:
+                raise _err(errno.ENOENT, path)
+            if isinstance(node, _Dir):
+                raise _err(errno.EISDIR, path)
+            self._commit("unlink", path)
+            del parent.entries[name]
+
+    def rmdir(self, path: str) -> None:
+        with self._lock:
+            self._enter("rmdir", path)
+            parent, name = self._parent(path)
+            node = parent.entries.get(name)
+            if node is None:
+                raise _err(errno.ENOENT, path)
+            if not isinstance(node, _Dir):
+                raise _err(errno.ENOTDIR, path)
+            if node.entries:
+                raise _err(errno.ENOTEMPTY, path)
+            self._commit("rmdir", path)
+            del parent.entries[name]
+
+    def fsync_dir(self, path: str) -> None:
+        with self._lock:
+            self._fsync_dir_locked(path)
+
+    def _fsync_dir_locked(self, path: str) -> None:
+        self._enter("fsync_dir", path)
+        node = self._node(path)
+        if not isinstance(node, _Dir):
+            raise _err(errno.ENOTDIR, path)
+        self._commit("fsync_dir", path)
+        node.durable = dict(node.entries)

@@ -1,0 +1,561 @@
+"""``LocalStore``: a ``BlobStore`` on a local directory (through a ``FileSystem``).
+
+Layout: key ``a/b/c`` is the file ``<root>/a/b/c``. Temp files are ``.<name>.tmp-<12 hex>``
+next to their target; they are never listed and are removed by ``LocalStore.open``. The
+root names ``.locks`` (this module's lock files) and ``.lock`` (the world's opener lock) are
+not keys and are never listed. A key cannot also be a directory of other keys (``a`` and
+``a/b``): the file system refuses, and the write raises ``StorageUnavailable``.
+
+Writes (``put_atomic``, ``put_if_match``, ``copy``, ``delete``) each run as ONE worker-thread
+call through the store's ``CapacityLimiter``:
+
+    create temp → write → fsync(temp) → link old → temp-backup → replace(temp, key)
+    → fsync(dir) → unlink backup → acknowledge
+
+The backup link is what lets a failed directory fsync be rolled back: the old object is put
+back under its name, so a write that raised ``StorageUnavailable`` never leaves the new
+content visible (after a power loss either version may survive; neither was acknowledged).
+An fsync error is never retried on the same data: the temp is unlinked and the write fails;
+the caller rewrites from memory. ``put_if_match(key, data, None)`` installs with ``link``,
+which fails with ``EEXIST`` if the key appeared meanwhile.
+
+Versions are the xxh3_64 hex digest of the content: the same in every process without any
+side table, and a real compare for ``put_if_match``. Writing identical bytes yields the same
+version (like an S3 ETag), which is harmless for compare-and-swap because the content is
+identical too. ``head`` and the CAS compare read and hash the current file.
+
+Compare-and-swap is atomic:
+
+- within this process by a per-key ``anyio.Lock`` held across the worker-thread call (every
+  writer of a key takes it, so an unconditional put cannot slip between compare and swap);
+- across processes sharing a root by ``fcntl.flock`` on ``<root>/.locks/<nn>.lock``, one of
+  256 stripes picked by the key's hash, taken inside the worker-thread call on a freshly
+  opened descriptor (so two threads of one process also exclude each other). Only when the
+  file system is an ``OsFileSystem``: a ``SimulatedFileSystem`` lives in one process.
+
+``await LocalStore.open(root, ...)`` is the normal entry point: it creates the root durably,
+removes leftover temp files (under the stripe lock of their key, so a live writer in another
+process is never robbed of its temp) and fsyncs every directory once, so state a crashed
+process left visible-but-unsynced is durable before anyone builds on it. Constructing
+``LocalStore(...)`` directly skips that scan (it does no I/O at all).
+
+Objects are never modified in place, which is why ``copy`` may hard-link. A file that some
+caller appends to through ``fs`` (journal segments, ``incidents.log``) must not be copied
+with ``copy``: the copy would share later appends.
+
+All ``OSError`` is translated here: reads map ``ENOENT``/``ENOTDIR``/``EISDIR`` to
+``NotFound``; everything else becomes ``StorageUnavailable`` naming key, step and errno.
+``run_sync`` is the exception: it runs the caller's function and lets its errors through,
+since that caller is itself the boundary for its own file work.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import secrets
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
+from typing import TypeVar, TypeVarTuple
+
+import anyio
+import anyio.to_thread
+import xxhash
+
+from streamer.errors import InvalidKey, NotFound, PreconditionFailed, StorageUnavailable
+from streamer.storage.base import Blob, BlobStore, ObjectInfo
+from streamer.storage.fs import (
+    LOCK_DIR,
+    RESERVED_ROOT_NAMES,
+    FileSystem,
+    OsFileSystem,
+    check_key,
+    is_temp_name,
+)
+
+__all__ = ["LOCK_STRIPES", "LocalStore", "content_version"]
+
+T = TypeVar("T")
+Ts = TypeVarTuple("Ts")
+
+#: Number of cross-process lock files; keys hash onto them.
+LOCK_STRIPES = 256
+
+_READ_MISSING = (errno.ENOENT, errno.ENOTDIR, errno.EISDIR)
+
+
+def content_version(data: bytes) -> str:
+    """The version token of an object: xxh3_64 of its bytes, 16 hex digits."""
+    return xxhash.xxh3_64_hexdigest(data)
+
+
+def _split(key: str) -> tuple[str, str]:
+    d, _, name = key.rpartition("/")
+    return d, name
+
+
+def _temp_path(key: str) -> str:
+    d, name = _split(key)
+    tmp = f".{name}.tmp-{secrets.token_hex(6)}"
+    return f"{d}/{tmp}" if d else tmp
+
+
+def _key_of_temp(d: str, tmp_name: str) -> str:
+    name = tmp_name[1 : tmp_name.rindex(".tmp-")]
+    return f"{d}/{name}" if d else name
+
+
+def _unavailable(exc: OSError, key: str, step: str) -> StorageUnavailable:
+    code = exc.errno if exc.errno is not None else 0
+    name = errno.errorcode.get(code, str(code))
+    return StorageUnavailable(f"{step} failed: {name} ({exc.strerror})", key=key)
+
+
+def _read_error(exc: OSError, key: str, step: str) -> NotFound | StorageUnavailable:
+    if exc.errno in _READ_MISSING:
+        return NotFound("no such object", key=key)
+    return _unavailable(exc, key, step)
+
+
+class _KeyLock:
+    __slots__ = ("lock", "users")
+
+    def __init__(self) -> None:
+        self.lock = anyio.Lock()
+        self.users = 0
+
+
+class LocalStore(BlobStore):
+    """Objects as files below ``root``. See the module docstring for the protocol.
+
+    :param root: the store's directory (used for the default ``OsFileSystem`` and for lock
+        files; informational when ``fs`` is given).
+    :param fs: file system to work through; default ``OsFileSystem(root)``.
+    :param fsync: ``False`` skips every file and directory fsync (throwaway load tests only).
+    :param limiter: bounds the worker threads doing this store's blocking I/O; default is
+        anyio's process-wide thread limiter.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        *,
+        fs: FileSystem | None = None,
+        fsync: bool = True,
+        limiter: anyio.CapacityLimiter | None = None,
+    ) -> None:
+        self.root = Path(root)
+        self.fs: FileSystem = fs if fs is not None else OsFileSystem(self.root)
+        self.fsync = fsync
+        self._limiter = limiter
+        self._lock_dir: str | None = None
+        if isinstance(self.fs, OsFileSystem):
+            self._lock_dir = os.path.join(self.fs.root, LOCK_DIR)
+        self._lock_dir_made = False
+        # key → [lock, number of tasks holding or waiting]; entries vanish at zero so the
+        # table stays as small as the set of keys being written right now.
+        self._key_locks: dict[str, _KeyLock] = {}
+        self._closed = False
+        #: Temp files removed by ``open`` (0 when constructed directly).
+        self.removed_temps = 0
+
+    @classmethod
+    async def open(
+        cls,
+        root: str | os.PathLike[str],
+        *,
+        fs: FileSystem | None = None,
+        fsync: bool = True,
+        limiter: anyio.CapacityLimiter | None = None,
+    ) -> LocalStore:
+        """Create the store, its root (durably) and recover: remove leftover temp files and
+        fsync every directory, all in one worker-thread call.
+
+        :raises StorageUnavailable: the root cannot be created or scanned.
+        """
+        store = cls(root, fs=fs, fsync=fsync, limiter=limiter)
+        try:
+            store.removed_temps = await store.run_sync(store._recover_blocking)
+        except OSError as exc:
+            raise _unavailable(exc, str(root), "open") from exc
+        return store
+
+    def __repr__(self) -> str:
+        return f"LocalStore({str(self.root)!r}, fs={self.fs!r}, fsync={self.fsync})"
+
+    async def aclose(self) -> None:
+        self._closed = True
+
+    async def run_sync(self, fn: Callable[[*Ts], T], *args: *Ts) -> T:
+        """Run blocking ``fn(*args)`` in a worker thread under this store's limiter.
+
+        For callers batching their own ``self.fs`` work into one hop (journal, snapshots,
+        incidents). Not cancellable once started (the call always completes, so a
+        multi-step file operation is never abandoned half-way); exceptions pass through
+        untranslated.
+        """
+        return await anyio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+
+    # -- locking -------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def _key_lock(self, key: str) -> AsyncIterator[None]:
+        entry = self._key_locks.get(key)
+        if entry is None:
+            entry = self._key_locks[key] = _KeyLock()
+        entry.users += 1
+        try:
+            async with entry.lock:
+                yield
+        finally:
+            entry.users -= 1
+            if entry.users == 0:
+                del self._key_locks[key]
+
+    @contextmanager
+    def _flock(self, key: str) -> Iterator[None]:
+        """Cross-process exclusion for ``key`` (blocking; worker thread only)."""
+        if self._lock_dir is None:
+            yield
+            return
+        if not self._lock_dir_made:
+            self.fs.makedirs("")  # the root durably, in case open() was skipped
+            os.makedirs(self._lock_dir, exist_ok=True)
+            self._lock_dir_made = True
+        stripe = xxhash.xxh3_64_intdigest(key.encode("utf-8", "surrogatepass")) % LOCK_STRIPES
+        path = os.path.join(self._lock_dir, f"{stripe:02x}.lock")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing the only descriptor of this open file releases the flock
+
+    def _check_open(self, key: str) -> None:
+        if self._closed:
+            raise StorageUnavailable("store is closed", key=key)
+
+    # -- durability hooks (tests override them to prove the checker catches their absence)
+
+    def _sync_file(self, handle: int) -> None:
+        self.fs.fsync(handle)
+
+    def _sync_dir(self, path: str) -> None:
+        self.fs.fsync_dir(path)
+
+    # -- blocking helpers (worker thread) --------------------------------------------------
+
+    def _discard(self, path: str | None) -> None:
+        """Best-effort unlink of a temp; ``open`` removes whatever this fails to."""
+        if path is None:
+            return
+        try:
+            self.fs.unlink(path)
+        except OSError:
+            pass
+
+    def _recover_blocking(self) -> int:
+        fs = self.fs
+        fs.makedirs("")
+        removed = 0
+        stack = [""]
+        while stack:
+            d = stack.pop()
+            for name in fs.listdir(d):
+                path = f"{d}/{name}" if d else name
+                if not d and name in RESERVED_ROOT_NAMES:
+                    continue
+                if fs.isdir(path):
+                    stack.append(path)
+                elif is_temp_name(name):
+                    with self._flock(_key_of_temp(d, name)):
+                        try:
+                            fs.unlink(path)
+                            removed += 1
+                        except FileNotFoundError:
+                            pass  # its writer finished (and removed it) while we waited
+            if self.fsync:
+                self._sync_dir(d)
+        return removed
+
+    def _write_temp(self, key: str, data: bytes) -> str:
+        """Create, fill and fsync a temp next to ``key``; return its path. On any error the
+        temp is gone (best effort) and the ``OSError`` propagates."""
+        fs = self.fs
+        tmp = _temp_path(key)
+        try:
+            handle = fs.create(tmp)
+        except (FileNotFoundError, NotADirectoryError):
+            fs.makedirs(_split(key)[0])
+            handle = fs.create(tmp)
+        try:
+            try:
+                fs.write(handle, data)
+                if self.fsync:
+                    self._sync_file(handle)
+            finally:
+                fs.close(handle)
+        except OSError:
+            # Never fsync this data again: after a writeback error the kernel may already
+            # have dropped it. The caller rewrites from memory.
+            self._discard(tmp)
+            raise
+        return tmp
+
+    def _install(self, key: str, tmp: str, *, create_only: bool) -> None:
+        """Move a durable temp into place under ``key`` and make the name durable."""
+        fs = self.fs
+        backup: str | None = None
+        if create_only:
+            try:
+                fs.link(tmp, key)
+            except FileExistsError:
+                self._discard(tmp)
+                raise PreconditionFailed("object already exists", key=key) from None
+            except OSError:
+                self._discard(tmp)
+                raise
+            self._discard(tmp)
+        else:
+            if self.fsync:
+                backup = _temp_path(key)
+                try:
+                    fs.link(key, backup)
+                except FileNotFoundError:
+                    backup = None
+                except OSError:
+                    self._discard(tmp)
+                    raise
+            try:
+                fs.replace(tmp, key)
+            except OSError:
+                self._discard(tmp)
+                self._discard(backup)
+                raise
+        if not self.fsync:
+            return
+        try:
+            self._sync_dir(_split(key)[0])
+        except OSError:
+            self._rollback(key, backup)
+            raise
+        # Not synced: if this unlink is lost in a crash, the backup is a temp and goes at open.
+        self._discard(backup)
+
+    def _rollback(self, key: str, backup: str | None) -> None:
+        """After a failed directory fsync, put the old object (or its absence) back."""
+        try:
+            if backup is not None:
+                self.fs.replace(backup, key)
+            else:
+                self.fs.unlink(key)
+        except OSError:
+            pass
+
+    def _current_version(self, key: str) -> str | None:
+        try:
+            return content_version(self.fs.read(key))
+        except FileNotFoundError:
+            return None
+        # ENOTDIR/EISDIR: the key collides with a directory or a file on its path. That is
+        # an error for the write, not an absent object that a create-only put may fill.
+
+    def _put_blocking(self, key: str, data: bytes, cas: bool, if_match: str | None) -> str:
+        step = "put_if_match" if cas else "put_atomic"
+        try:
+            with self._flock(key):
+                if cas:
+                    current = self._current_version(key)
+                    if current != if_match:
+                        what = "object exists" if if_match is None else f"version is {current}"
+                        raise PreconditionFailed(f"{what}, expected {if_match}", key=key)
+                tmp = self._write_temp(key, data)
+                self._install(key, tmp, create_only=cas and if_match is None)
+        except OSError as exc:
+            raise _unavailable(exc, key, step) from exc
+        return content_version(data)
+
+    def _copy_blocking(self, src: str, dst: str) -> str:
+        fs = self.fs
+        try:
+            with self._flock(dst):
+                try:
+                    version = content_version(fs.read(src))
+                except OSError as exc:
+                    raise _read_error(exc, src, "copy") from exc
+                tmp = _temp_path(dst)
+                try:
+                    fs.link(src, tmp)
+                except (FileNotFoundError, NotADirectoryError):
+                    if not fs.exists(src):
+                        raise NotFound("copy source vanished", key=src) from None
+                    fs.makedirs(_split(dst)[0])
+                    fs.link(src, tmp)
+                self._install(dst, tmp, create_only=False)
+                # If dst already was a link to src's inode, rename() did nothing (POSIX) and
+                # left the temp name behind.
+                self._discard(tmp)
+        except OSError as exc:
+            raise _unavailable(exc, dst, "copy") from exc
+        return version
+
+    def _delete_blocking(self, key: str) -> None:
+        fs = self.fs
+        d = _split(key)[0]
+        try:
+            with self._flock(key):
+                if fs.isdir(key):
+                    return  # a directory is not an object; renaming it away would be a disaster
+                if not self.fsync:
+                    try:
+                        fs.unlink(key)
+                    except FileNotFoundError:
+                        pass
+                    return
+                # Rename aside rather than unlink, so a failed directory fsync can be undone.
+                backup = _temp_path(key)
+                try:
+                    fs.replace(key, backup)
+                except (FileNotFoundError, NotADirectoryError):
+                    # Already gone; still sync, since a delete that died before its directory
+                    # fsync leaves the name absent in the cache but present on disk.
+                    try:
+                        self._sync_dir(d)
+                    except (FileNotFoundError, NotADirectoryError):
+                        pass
+                    return
+                try:
+                    self._sync_dir(d)
+                except OSError:
+                    try:
+                        fs.replace(backup, key)
+                    except OSError:
+                        pass
+                    raise
+                self._discard(backup)
+        except OSError as exc:
+            raise _unavailable(exc, key, "delete") from exc
+
+    def _get_blocking(self, key: str) -> Blob:
+        try:
+            data = self.fs.read(key)
+        except OSError as exc:
+            raise _read_error(exc, key, "get") from exc
+        return Blob(data=data, version=content_version(data))
+
+    def _get_many_blocking(self, keys: Sequence[str]) -> list[Blob | None]:
+        out: list[Blob | None] = []
+        for key in keys:
+            try:
+                data = self.fs.read(key)
+            except OSError as exc:
+                if exc.errno in _READ_MISSING:
+                    out.append(None)
+                    continue
+                raise _unavailable(exc, key, "get_many") from exc
+            out.append(Blob(data=data, version=content_version(data)))
+        return out
+
+    def _range_blocking(self, key: str, offset: int, length: int) -> bytes:
+        try:
+            return self.fs.pread(key, offset, length)
+        except OSError as exc:
+            raise _read_error(exc, key, "get_range") from exc
+
+    def _head_blocking(self, key: str) -> ObjectInfo:
+        try:
+            data = self.fs.read(key)
+        except OSError as exc:
+            raise _read_error(exc, key, "head") from exc
+        return ObjectInfo(key=key, size=len(data), version=content_version(data))
+
+    def _list_blocking(self, prefix: str) -> list[str]:
+        fs = self.fs
+        start = prefix.rpartition("/")[0]
+        if start:
+            try:
+                check_key(start)
+            except InvalidKey:
+                return []  # no valid key lies below a malformed or reserved directory
+        out: list[str] = []
+        stack = [start]
+        try:
+            if start and not fs.isdir(start):
+                return []
+            while stack:
+                d = stack.pop()
+                for name in fs.listdir(d):
+                    path = f"{d}/{name}" if d else name
+                    if (not d and name in RESERVED_ROOT_NAMES) or is_temp_name(name):
+                        continue
+                    if fs.isdir(path):
+                        sub = path + "/"
+                        if sub.startswith(prefix) or prefix.startswith(sub):
+                            stack.append(path)
+                    elif path.startswith(prefix):
+                        out.append(path)
+        except OSError as exc:
+            raise _unavailable(exc, prefix, "list") from exc
+        out.sort()
+        return out
+
+    # -- BlobStore -----------------------------------------------------------------------
+
+    async def get(self, key: str) -> Blob:
+        check_key(key)
+        self._check_open(key)
+        return await self.run_sync(self._get_blocking, key)
+
+    async def get_range(self, key: str, offset: int, length: int) -> bytes:
+        check_key(key)
+        if offset < 0 or length < 0:
+            raise ValueError(f"negative offset or length ({offset}, {length}) for {key}")
+        self._check_open(key)
+        return await self.run_sync(self._range_blocking, key, offset, length)
+
+    async def get_many(self, keys: Sequence[str]) -> list[Blob | None]:
+        keys = list(keys)
+        for key in keys:
+            check_key(key)
+        if not keys:
+            return []
+        self._check_open(keys[0])
+        return await self.run_sync(self._get_many_blocking, keys)
+
+    async def head(self, key: str) -> ObjectInfo:
+        check_key(key)
+        self._check_open(key)
+        return await self.run_sync(self._head_blocking, key)
+
+    async def put_atomic(self, key: str, data: bytes) -> str:
+        check_key(key)
+        self._check_open(key)
+        data = bytes(data)
+        async with self._key_lock(key):
+            return await self.run_sync(self._put_blocking, key, data, False, None)
+
+    async def put_if_match(self, key: str, data: bytes, if_match: str | None) -> str:
+        check_key(key)
+        self._check_open(key)
+        data = bytes(data)
+        async with self._key_lock(key):
+            return await self.run_sync(self._put_blocking, key, data, True, if_match)
+
+    async def delete(self, key: str) -> None:
+        check_key(key)
+        self._check_open(key)
+        async with self._key_lock(key):
+            await self.run_sync(self._delete_blocking, key)
+
+    async def list(self, prefix: str = "") -> list[str]:
+        self._check_open(prefix)
+        return await self.run_sync(self._list_blocking, prefix)
+
+    async def copy(self, src: str, dst: str) -> str:
+        check_key(src)
+        check_key(dst)
+        self._check_open(dst)
+        async with self._key_lock(dst):
+            return await self.run_sync(self._copy_blocking, src, dst)

@@ -1,0 +1,269 @@
+"""LocalStore under I/O errors: EIO and ENOSPC at every step of a write, once and persistently.
+
+Promises checked each time: the write raises StorageUnavailable naming key and errno, the old
+version stays readable with its old content (in the running process and in the durable
+image), no temp file is left (or ``open`` removes it), an fsync is never retried on the same
+data, and after a transient error the next write succeeds.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from collections import Counter
+from pathlib import Path
+from unittest import mock
+
+import pytest
+
+from streamer.errors import NotFound, StorageUnavailable
+from streamer.storage.faultfs import SimulatedFileSystem
+from streamer.storage.fs import is_temp_name
+from streamer.storage.local import LocalStore, content_version
+
+KEY = "regions/r.0.0.region"
+#: Every file-system step of a replacing write, in order (link = the rollback backup).
+WRITE_STEPS = ["create", "write", "fsync", "link", "replace", "fsync_dir"]
+ERRNOS = [errno.EIO, errno.ENOSPC]
+
+
+class CountingFS(SimulatedFileSystem):
+    """Counts fsync calls per handle (one handle = one inode opened by one write)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fsync_calls: Counter[int] = Counter()
+
+    def fsync(self, handle: int) -> None:
+        self.fsync_calls[handle] += 1
+        super().fsync(handle)
+
+
+def temps(fs: SimulatedFileSystem) -> list[str]:
+    return [p for p in fs.tree() if is_temp_name(p.rpartition("/")[2])]
+
+
+async def _store_with_old(fs: SimulatedFileSystem | None = None) -> tuple[LocalStore, str]:
+    store = await LocalStore.open("/w", fs=fs if fs is not None else SimulatedFileSystem())
+    return store, await store.put_atomic(KEY, b"old")
+
+
+async def _assert_old_intact(store: LocalStore, fs: SimulatedFileSystem, v_old: str) -> None:
+    blob = await store.get(KEY)
+    assert (blob.data, blob.version) == (b"old", v_old)
+    assert (await store.get_many([KEY]))[0] == blob
+    assert await store.list() == [KEY]
+    reopened = await LocalStore.open("/w", fs=fs.durable_image())
+    assert (await reopened.get(KEY)).data == b"old"
+    assert await reopened.list() == [KEY]
+
+
+@pytest.mark.parametrize("once", [True, False], ids=["once", "persistent"])
+@pytest.mark.parametrize("err", ERRNOS, ids=errno.errorcode.get)
+@pytest.mark.parametrize("step", WRITE_STEPS)
+async def test_put_atomic_error_at_each_step(step: str, err: int, once: bool) -> None:
+    fs = SimulatedFileSystem()
+    store, v_old = await _store_with_old(fs)
+    fs.inject(step, err, path_contains="regions", once=once)
+    with pytest.raises(StorageUnavailable) as info:
+        await store.put_atomic(KEY, b"new")
+    assert info.value.key == KEY
+    assert errno.errorcode[err] in str(info.value)
+    assert temps(fs) == []
+    await _assert_old_intact(store, fs, v_old)
+    if not once:
+        with pytest.raises(StorageUnavailable):
+            await store.put_atomic(KEY, b"new")
+        await _assert_old_intact(store, fs, v_old)
+        fs.clear_faults()
+    assert await store.put_atomic(KEY, b"new") == content_version(b"new")
+    assert (await store.get(KEY)).data == b"new"
+    assert (await LocalStore.open("/w", fs=fs.durable_image())).fs.read(KEY) == b"new"
+    assert temps(fs) == []
+
+
+@pytest.mark.parametrize("err", ERRNOS, ids=errno.errorcode.get)
+@pytest.mark.parametrize("step", WRITE_STEPS)
+async def test_put_if_match_error_at_each_step(step: str, err: int) -> None:
+    fs = SimulatedFileSystem()
+    store, v_old = await _store_with_old(fs)
+    fs.inject(step, err, path_contains="regions")
+    with pytest.raises(StorageUnavailable):
+        await store.put_if_match(KEY, b"new", v_old)
+    assert temps(fs) == []
+    await _assert_old_intact(store, fs, v_old)
+    await store.put_if_match(KEY, b"new", v_old)  # the transient error is gone
+    assert (await store.get(KEY)).data == b"new"
+
+
+@pytest.mark.parametrize("err", ERRNOS, ids=errno.errorcode.get)
+@pytest.mark.parametrize("step", ["create", "write", "fsync", "link", "fsync_dir"])
+async def test_create_only_error_leaves_the_key_absent(step: str, err: int) -> None:
+    fs = SimulatedFileSystem()
+    store = await LocalStore.open("/w", fs=fs)
+    fs.inject(step, err, path_contains="leases")
+    with pytest.raises(StorageUnavailable):
+        await store.put_if_match("leases/r.0.0", b"me", None)
+    with pytest.raises(NotFound):
+        await store.get("leases/r.0.0")
+    assert temps(fs) == []
+    assert await store.list() == []
+    await store.put_if_match("leases/r.0.0", b"me", None)
+
+
+@pytest.mark.parametrize("err", ERRNOS, ids=errno.errorcode.get)
+@pytest.mark.parametrize("step", ["link", "replace", "fsync_dir"])
+async def test_copy_error_keeps_the_old_destination(step: str, err: int) -> None:
+    fs = SimulatedFileSystem()
+    store, _ = await _store_with_old(fs)
+    await store.put_atomic("snapshots/1/r", b"snap")
+    fs.inject(step, err, path_contains="regions")
+    with pytest.raises(StorageUnavailable) as info:
+        await store.copy("snapshots/1/r", KEY)
+    assert info.value.key == KEY
+    assert temps(fs) == []
+    await _assert_old_intact_with(store, fs, {KEY: b"old", "snapshots/1/r": b"snap"})
+    await store.copy("snapshots/1/r", KEY)
+    assert (await store.get(KEY)).data == b"snap"
+
+
+async def _assert_old_intact_with(
+    store: LocalStore, fs: SimulatedFileSystem, expect: dict[str, bytes]
+) -> None:
+    for s in (store, await LocalStore.open("/w", fs=fs.durable_image())):
+        assert {k: (await s.get(k)).data for k in await s.list()} == expect
+
+
+@pytest.mark.parametrize("err", ERRNOS, ids=errno.errorcode.get)
+@pytest.mark.parametrize("step", ["replace", "fsync_dir"])
+async def test_delete_error_keeps_the_object(step: str, err: int) -> None:
+    fs = SimulatedFileSystem()
+    store, v_old = await _store_with_old(fs)
+    fs.inject(step, err, path_contains="regions")
+    with pytest.raises(StorageUnavailable):
+        await store.delete(KEY)
+    assert temps(fs) == []
+    await _assert_old_intact(store, fs, v_old)
+    await store.delete(KEY)
+    assert await store.list() == []
+    assert await (await LocalStore.open("/w", fs=fs.durable_image())).list() == []
+
+
+async def test_mkdir_error_for_a_new_directory() -> None:
+    fs = SimulatedFileSystem()
+    store = await LocalStore.open("/w", fs=fs)
+    fs.inject("mkdir", errno.ENOSPC)
+    with pytest.raises(StorageUnavailable, match="ENOSPC"):
+        await store.put_atomic("new/dir/key", b"x")
+    assert await store.list() == []
+    await store.put_atomic("new/dir/key", b"x")
+    image = await LocalStore.open("/w", fs=fs.durable_image())
+    assert (await image.get("new/dir/key")).data == b"x"
+
+
+async def test_temp_left_by_failed_cleanup_is_removed_at_open() -> None:
+    fs = SimulatedFileSystem()
+    store, _ = await _store_with_old(fs)
+    fs.inject("fsync", errno.EIO, path_contains="regions")
+    fs.inject("unlink", errno.EIO, once=False)
+    with pytest.raises(StorageUnavailable):
+        await store.put_atomic(KEY, b"new")
+    assert len(temps(fs)) == 1
+    assert await store.list() == [KEY]  # never listed
+    fs.clear_faults()
+    reopened = await LocalStore.open("/w", fs=fs)
+    assert reopened.removed_temps == 1
+    assert temps(fs) == []
+    assert (await reopened.get(KEY)).data == b"old"
+
+
+@pytest.mark.parametrize("once", [True, False], ids=["once", "persistent"])
+async def test_fsync_failure_is_never_retried(once: bool) -> None:
+    fs = CountingFS()
+    store, v_old = await _store_with_old(fs)
+    before, n_ops = set(fs.fsync_calls), len(fs.ops)
+    fs.inject("fsync", errno.EIO, path_contains="regions", once=once)
+    with pytest.raises(StorageUnavailable):
+        await store.put_atomic(KEY, b"new")
+    failed = [h for h in fs.fsync_calls if h not in before]
+    assert len(failed) == 1  # one inode was written...
+    assert fs.fsync_calls[failed[0]] == 1  # ...and fsynced exactly once
+    after = [op.name for op in fs.ops[n_ops:]]
+    assert after == ["create", "write", "unlink"]  # never installed, temp removed
+    await _assert_old_intact(store, fs, v_old)
+
+
+async def test_read_errors_are_unavailable_not_missing() -> None:
+    fs = SimulatedFileSystem()
+    store, _ = await _store_with_old(fs)
+    for op, call in [
+        ("read", store.get(KEY)),
+        ("read", store.head(KEY)),
+        ("read", store.get_many([KEY])),
+        ("pread", store.get_range(KEY, 0, 1)),
+        ("listdir", store.list()),
+    ]:
+        fs.inject(op, errno.EIO)
+        with pytest.raises(StorageUnavailable, match="EIO"):
+            await call
+    assert (await store.get(KEY)).data == b"old"
+
+
+# -- the real file system, with os.fsync failing ------------------------------------------------
+
+
+def _on_disk(root: Path) -> list[str]:
+    return sorted(
+        str(p.relative_to(root))
+        for p in root.rglob("*")
+        if p.is_file() and not str(p.relative_to(root)).startswith(".locks")
+    )
+
+
+async def test_real_fs_fsync_eio(tmp_path: Path) -> None:
+    store = await LocalStore.open(tmp_path)
+    v_old = await store.put_atomic(KEY, b"old")
+    with mock.patch("os.fsync", side_effect=OSError(errno.EIO, "Input/output error")) as m:
+        with pytest.raises(StorageUnavailable, match="EIO") as info:
+            await store.put_atomic(KEY, b"new")
+    assert info.value.key == KEY
+    assert m.call_count == 1  # the file fsync failed and was not retried
+    assert (tmp_path / KEY).read_bytes() == b"old"
+    assert (await store.get(KEY)).version == v_old
+    assert _on_disk(tmp_path) == [KEY]
+    await store.put_atomic(KEY, b"new")
+    assert (tmp_path / KEY).read_bytes() == b"new"
+
+
+async def test_real_fs_directory_fsync_eio_rolls_back(tmp_path: Path) -> None:
+    store = await LocalStore.open(tmp_path)
+    await store.put_atomic(KEY, b"old")
+    (tmp_path / "leases").mkdir()
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(errno.EIO, "Input/output error")
+        real_fsync(fd)
+
+    with mock.patch("os.fsync", side_effect=fsync):
+        with pytest.raises(StorageUnavailable, match="EIO"):
+            await store.put_atomic(KEY, b"new")
+        with pytest.raises(StorageUnavailable, match="EIO"):
+            await store.delete(KEY)
+        with pytest.raises(StorageUnavailable, match="EIO"):
+            await store.put_if_match("leases/x", b"me", None)
+    assert (tmp_path / KEY).read_bytes() == b"old"
+    assert _on_disk(tmp_path) == [KEY]
+    assert await store.list() == [KEY]
+
+
+async def test_real_fs_enospc_on_write(tmp_path: Path) -> None:
+    store = await LocalStore.open(tmp_path)
+    await store.put_atomic(KEY, b"old")
+    with mock.patch("os.write", side_effect=OSError(errno.ENOSPC, "No space left on device")):
+        with pytest.raises(StorageUnavailable, match="ENOSPC"):
+            await store.put_atomic(KEY, b"new" * 1000)
+    assert (tmp_path / KEY).read_bytes() == b"old"
+    assert _on_disk(tmp_path) == [KEY]
