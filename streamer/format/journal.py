@@ -1,0 +1,124 @@
+"""Journal framing: how records sit in a write-ahead-log segment (framing only).
+
+A segment is a run of frames::
+
+    b"JRNL" | xxh3 u64 | payload_len u32 | payload
+
+The checksum covers every frame byte after itself (length and payload), so a damaged length
+is caught like damaged data. Appends can be torn by a crash: ``scan_frames`` returns the
+intact prefix and says whether anything followed it. What the payloads mean, and what a
+torn tail means for recovery, belongs to the runtime; see ``docs/format.md``.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Final
+
+from streamer.errors import FrameTooLarge
+from streamer.format.checksum import BytesLike, xxh3, xxh3_hasher
+
+__all__ = [
+    "FRAME_HEADER_LEN",
+    "JOURNAL_MAGIC",
+    "MAX_FRAME_PAYLOAD",
+    "FrameScan",
+    "encode_frame",
+    "scan_frames",
+]
+
+JOURNAL_MAGIC: Final = b"JRNL"
+# magic | xxh3 | payload_len
+_HEADER: Final = struct.Struct("<4sQI")
+_LEN: Final = struct.Struct("<I")
+_SUM: Final = struct.Struct("<Q")
+FRAME_HEADER_LEN: Final = _HEADER.size  # 16
+_SUMMED_FROM: Final = 12
+# A length field is trusted only after the checksum, so cap it first: damage (or a hostile
+# file) must not make the scanner slice or hash gigabytes it does not have.
+MAX_FRAME_PAYLOAD: Final = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class FrameScan:
+    # Payloads of the intact frames before the first bad or short one, in order.
+    payloads: list[bytes]
+    # Bytes covered by those frames; everything from here on is discarded.
+    valid_length: int
+    # True when any bytes follow valid_length.
+    torn: bool
+    # Frames after the tear whose own checksum verifies. A crash mid-append leaves 0;
+    # more means damage in the middle of the segment, so acknowledged records were lost.
+    frames_after_tear: int = 0
+
+
+def encode_frame(payload: BytesLike) -> bytes:
+    """One journal frame around ``payload``.
+
+    :raises FrameTooLarge: ``payload`` is over ``MAX_FRAME_PAYLOAD``; split the batch.
+    """
+    n = len(payload)
+    if n > MAX_FRAME_PAYLOAD:
+        raise FrameTooLarge(
+            f"journal frame payload of {n} bytes is over the {MAX_FRAME_PAYLOAD}-byte cap"
+        )
+    length = _LEN.pack(n)
+    # Streamed so a large batch is copied once, by the join, not twice.
+    h = xxh3_hasher()
+    h.update(length)
+    h.update(payload)
+    return b"".join((JOURNAL_MAGIC, _SUM.pack(h.intdigest()), length, payload))
+
+
+def scan_frames(data: BytesLike) -> FrameScan:
+    """The intact frames at the start of ``data``; stops at the first bad or short frame.
+
+    Never raises on any input: a journal tail is expected to be torn after a crash.
+    """
+    return _scan(bytes(data))  # bytes(): no copy when already bytes
+
+
+def _scan(data: bytes) -> FrameScan:
+    mv = memoryview(data)
+    n = len(data)
+    payloads: list[bytes] = []
+    off = 0
+    while n - off >= FRAME_HEADER_LEN:
+        end = _frame_end(data, mv, off, n)
+        if end < 0:
+            break
+        payloads.append(data[off + FRAME_HEADER_LEN : end])
+        off = end
+    if off == n:
+        return FrameScan(payloads=payloads, valid_length=off, torn=False)
+    return FrameScan(
+        payloads=payloads, valid_length=off, torn=True, frames_after_tear=_count_after(data, off)
+    )
+
+
+def _frame_end(data: bytes, mv: memoryview, off: int, n: int) -> int:
+    """End offset of a verified frame starting at ``off``, or -1."""
+    magic, stored, plen = _HEADER.unpack_from(data, off)
+    end: int = off + FRAME_HEADER_LEN + plen
+    if magic != JOURNAL_MAGIC or plen > MAX_FRAME_PAYLOAD or end > n:
+        return -1
+    if xxh3(mv[off + _SUMMED_FROM : end]) != stored:
+        return -1
+    return end
+
+
+def _count_after(data: bytes, off: int) -> int:
+    """Verified frames anywhere after a tear at ``off`` (resynchronising on the magic)."""
+    mv = memoryview(data)
+    n = len(data)
+    count = 0
+    pos = data.find(JOURNAL_MAGIC, off + 1)
+    while 0 <= pos and n - pos >= FRAME_HEADER_LEN:
+        end = _frame_end(data, mv, pos, n)
+        if end < 0:
+            pos = data.find(JOURNAL_MAGIC, pos + 1)
+        else:
+            count += 1
+            pos = data.find(JOURNAL_MAGIC, end)
+    return count
