@@ -1,0 +1,566 @@
+"""The write-ahead journal: group-committed, segmented, truncated at a torn tail on open.
+
+Layout: ``journal/{seq:020d}.wal`` segments of frames (``format/journal.py``), one frame per
+``submit`` batch (a msgpack :class:`JournalBatch`), so a batch touching many regions is
+all-or-nothing: a frame is either intact or discarded whole.
+
+Group commit: ``append`` only queues a frame; one writer task (:meth:`Journal.run`, in the
+world's task group) takes every queued frame, writes them and fsyncs once in a single
+worker-thread hop, then reports the whole group durable. However many callers submit at
+once, they share that one fsync.
+
+Durability modes:
+
+- ``sync``: a batch is acknowledged after the fsync that covers it.
+- ``interval``: a batch is acknowledged once written (it survives a process kill, not a
+  power loss); the writer fsyncs at most every ``fsync_interval_ms`` while data is unsynced.
+
+A new segment is created and its directory entry fsynced before any frame in it is
+acknowledged. Segments rotate at ``segment_bytes``. Each segment remembers the highest tick
+it holds per region; once every such region's ``lastProcessedTick`` has reached it, the
+segment is deleted (:meth:`Journal.collect`).
+
+Failure: if a write or fsync fails, every batch of that group fails with
+``StorageUnavailable`` and is *not* reported durable; the segment is truncated back to the
+last acknowledged byte (``truncate`` fsyncs) and abandoned, so later frames go to a fresh
+segment and no later acknowledged frame can sit behind a partial one. If even that fails,
+the journal refuses all further appends (the world must be reopened).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeAlias, TypeVar
+
+import anyio
+import msgspec
+
+from streamer.errors import MalformedFile, StorageUnavailable, WorldClosed
+from streamer.format.journal import encode_frame, scan_frames
+from streamer.schema.deltas import AnyDelta
+from streamer.storage.fs import FileSystem
+
+__all__ = [
+    "JOURNAL_DIR",
+    "JournalBatch",
+    "JournalStats",
+    "Journal",
+    "RegionTicks",
+    "RunSync",
+    "segment_name",
+]
+
+log = logging.getLogger(__name__)
+
+JOURNAL_DIR = "journal"
+_SUFFIX = ".wal"
+
+RegionKey: TypeAlias = tuple[int, int]
+#: Highest tick per region, for one batch or one segment.
+RegionTicks: TypeAlias = Mapping[RegionKey, int]
+
+T = TypeVar("T")
+#: Runs a blocking callable in a worker thread (``LocalStore.run_sync``).
+RunSync: TypeAlias = Callable[..., Awaitable[Any]]
+
+
+class JournalBatch(msgspec.Struct, tag="journal_batch", tag_field="type", kw_only=True):
+    """One ``submit`` batch as journaled: the unit of atomicity and of replay order."""
+
+    schemaVersion: int = 1
+    seq: int
+    deltas: list[AnyDelta]
+
+
+_ENCODER = msgspec.msgpack.Encoder()
+_DECODER = msgspec.msgpack.Decoder(JournalBatch)
+
+
+def encode_batch(batch: JournalBatch) -> bytes:
+    return _ENCODER.encode(batch)
+
+
+def decode_batch(payload: bytes, *, where: str) -> JournalBatch:
+    """:raises MalformedFile: the frame verified but does not hold a JournalBatch v1."""
+    try:
+        batch = _DECODER.decode(payload)
+    except msgspec.DecodeError as exc:
+        raise MalformedFile(
+            f"journal frame is not a valid journal batch: {exc}", path=where
+        ) from None
+    if batch.schemaVersion != 1:
+        raise MalformedFile(
+            f"journal batch schemaVersion {batch.schemaVersion} is not supported", path=where
+        )
+    return batch
+
+
+def segment_name(seq: int) -> str:
+    return f"{JOURNAL_DIR}/{seq:020d}{_SUFFIX}"
+
+
+def _parse_segment(name: str) -> int | None:
+    stem = name[: -len(_SUFFIX)] if name.endswith(_SUFFIX) else None
+    if stem is None or len(stem) != 20 or not stem.isdigit():
+        return None
+    return int(stem)
+
+
+class JournalStats(msgspec.Struct, frozen=True, kw_only=True):
+    #: Batches queued for the writer and not yet written.
+    pending: int
+    #: Group commits (writer hops) and fsyncs issued.
+    commits: int
+    fsyncs: int
+    #: Batches acknowledged since open.
+    batches: int
+    #: Segments on disk and their total bytes (the lag regions have not yet folded away).
+    segments: int
+    live_bytes: int
+    segments_deleted: int
+    #: Bytes of torn tail discarded at open.
+    torn_bytes: int
+    #: Bytes written but not yet fsynced (``interval`` mode).
+    unsynced_bytes: int
+
+
+@dataclass
+class _Segment:
+    seq: int
+    size: int = 0
+    ticks: dict[RegionKey, int] = field(default_factory=dict)
+
+    def absorb(self, ticks: RegionTicks) -> None:
+        for region, tick in ticks.items():
+            if tick > self.ticks.get(region, -1):
+                self.ticks[region] = tick
+
+
+@dataclass
+class _Pending:
+    batch: JournalBatch
+    frame: bytes
+    ticks: RegionTicks
+    done: anyio.Event = field(default_factory=anyio.Event)
+    error: BaseException | None = None
+
+    async def wait(self) -> JournalBatch:
+        await self.done.wait()
+        if self.error is not None:
+            raise self.error
+        return self.batch
+
+
+@dataclass
+class Replay:
+    """What :meth:`Journal.open` found: batches in journal order and what was discarded."""
+
+    batches: list[JournalBatch]
+    torn_bytes: int
+    segments: int
+
+
+class Journal:
+    """Group-committed write-ahead log; see the module docstring.
+
+    :param fs: the file system the segments live in (``LocalStore.fs``).
+    :param run_sync: runs a blocking callable in a worker thread (``LocalStore.run_sync``).
+    :param on_durable: called synchronously, in journal order, with each committed group
+        before any of its callers wakes: the world applies batches to its queues here, so
+        queue order always equals journal order.
+    """
+
+    def __init__(
+        self,
+        fs: FileSystem,
+        run_sync: RunSync,
+        *,
+        durability: Literal["sync", "interval"] = "sync",
+        fsync_interval_ms: int = 10,
+        segment_bytes: int = 64 * 1024 * 1024,
+        fsync: bool = True,
+        on_durable: Callable[[Sequence[JournalBatch]], None] | None = None,
+        on_failed: Callable[[Sequence[JournalBatch]], None] | None = None,
+    ) -> None:
+        self._fs = fs
+        self._run_sync = run_sync
+        self._durability = durability
+        self._interval = fsync_interval_ms / 1000.0
+        self._segment_bytes = segment_bytes
+        self._fsync = fsync
+        self.on_durable = on_durable
+        #: Called synchronously with batches that will never be acknowledged.
+        self.on_failed = on_failed
+
+        self._segments: list[_Segment] = []
+        self._active: _Segment | None = None
+        self._handle: int | None = None
+        self._next_seg = 1
+        self._next_batch = 1
+        self._pending: list[_Pending] = []
+        self._wake = anyio.Event()
+        self._idle = anyio.Event()
+        self._idle.set()
+        # Serialises the writer's hops with collect(): both touch the active handle.
+        self._io_lock = anyio.Lock()
+        self._broken: BaseException | None = None
+        self._closing = False
+        self._closed = False
+        self._unsynced = 0
+        self._last_sync = time.monotonic()
+
+        self._commits = 0
+        self._fsyncs = 0
+        self._batches = 0
+        self._deleted = 0
+        self._torn = 0
+
+    # -- open / replay ----------------------------------------------------------------------
+
+    async def open(self, ticks_of: Callable[[JournalBatch], RegionTicks]) -> Replay:
+        """Scan every segment, cut a torn tail (durably) and return the batches to replay.
+
+        ``ticks_of`` tells which regions (and highest ticks) a batch touches, so segment
+        deletion works for replayed segments as for new ones. New frames always go to a
+        fresh segment; existing ones are only read, truncated or deleted.
+
+        :raises MalformedFile: a frame verified but holds no journal batch.
+        :raises StorageUnavailable: the segments could not be read or truncated.
+        """
+        try:
+            scanned = await self._run_sync(self._scan_blocking)
+        except OSError as exc:
+            raise StorageUnavailable(f"cannot read the journal: {exc}", key=JOURNAL_DIR) from exc
+        batches: list[JournalBatch] = []
+        for seq, payloads, size, torn in scanned:
+            seg = _Segment(seq, size=size)
+            name = segment_name(seq)
+            for payload in payloads:
+                batch = decode_batch(payload, where=name)
+                seg.absorb(ticks_of(batch))
+                batches.append(batch)
+                self._next_batch = max(self._next_batch, batch.seq + 1)
+            if torn:
+                self._torn += torn
+                log.warning("journal %s: discarded a torn tail of %d bytes", name, torn)
+            self._segments.append(seg)
+            self._next_seg = seq + 1
+        return Replay(batches=batches, torn_bytes=self._torn, segments=len(scanned))
+
+    def _scan_blocking(self) -> list[tuple[int, list[bytes], int, int]]:
+        fs = self._fs
+        out: list[tuple[int, list[bytes], int, int]] = []
+        names = sorted(n for n in fs.listdir(JOURNAL_DIR) if _parse_segment(n) is not None)
+        for name in names:
+            seq = _parse_segment(name)
+            assert seq is not None
+            path = f"{JOURNAL_DIR}/{name}"
+            data = fs.read(path)
+            scan = scan_frames(data)
+            torn = len(data) - scan.valid_length
+            if torn:
+                # Cut it durably now: a later segment must never follow garbage on replay.
+                fs.truncate(path, scan.valid_length)
+            out.append((seq, list(scan.payloads), scan.valid_length, torn))
+        return out
+
+    # -- append -----------------------------------------------------------------------------
+
+    def next_seq(self) -> int:
+        seq = self._next_batch
+        self._next_batch += 1
+        return seq
+
+    def append(self, batch: JournalBatch, ticks: RegionTicks) -> _Pending:
+        """Queue ``batch`` for the next group commit; ``await result.wait()`` until durable.
+
+        Synchronous, so the journal order is exactly the order of ``append`` calls.
+
+        :raises StorageUnavailable: the journal is broken by an earlier unrecoverable error.
+        :raises WorldClosed: the journal is closing.
+        """
+        self._check_usable()
+        pending = _Pending(batch, encode_frame(encode_batch(batch)), ticks)
+        self._pending.append(pending)
+        self._idle = anyio.Event() if self._idle.is_set() else self._idle
+        self._wake.set()
+        return pending
+
+    def _check_usable(self) -> None:
+        if self._broken is not None:
+            raise StorageUnavailable(
+                f"journal is unusable after an I/O error ({self._broken}); reopen the world",
+                key=JOURNAL_DIR,
+            )
+        if self._closing or self._closed:
+            raise WorldClosed("journal is closed")
+
+    async def barrier(self) -> None:
+        """Wait until everything appended so far has been committed (or failed)."""
+        while self._pending or not self._idle.is_set():
+            await self._idle.wait()
+
+    # -- writer -----------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """The writer loop: group-commit until :meth:`close` (run it in a task group)."""
+        try:
+            while True:
+                if not self._pending:
+                    if self._closing:
+                        break
+                    self._idle.set()
+                    timeout = None
+                    if self._unsynced:
+                        timeout = max(0.0, self._last_sync + self._interval - time.monotonic())
+                    with anyio.move_on_after(timeout):
+                        await self._wake.wait()
+                    self._wake = anyio.Event()
+                    if not self._pending:
+                        if self._unsynced and not self._closing:
+                            await self._sync_now()
+                        continue
+                await self._commit_group()
+        finally:
+            self._fail_all(WorldClosed("journal writer stopped before the batch was written"))
+            self._idle.set()
+
+    async def _commit_group(self) -> None:
+        group, self._pending = self._pending, []
+        try:
+            await self._commit(group)
+        finally:
+            # Only reached with undone waiters when cancelled mid-commit: nobody may hang.
+            self._fail([p for p in group if not p.done.is_set()], WorldClosed("journal stopped"))
+
+    async def _commit(self, group: list[_Pending]) -> None:
+        data = b"".join(p.frame for p in group)
+        want_sync = self._fsync and (
+            self._durability == "sync"
+            or self._closing
+            or time.monotonic() - self._last_sync >= self._interval
+        )
+        async with self._io_lock:
+            if self._broken is not None:
+                self._fail(group, self._broken_error())
+                return
+            try:
+                seg = await self._run_sync(self._write_blocking, data, want_sync)
+            except OSError as exc:
+                error = StorageUnavailable(
+                    f"journal write failed, batch not acknowledged: {exc}", key=JOURNAL_DIR
+                )
+                self._fail(group, error)
+                await self._abandon_segment(exc)
+                return
+            self._commits += 1
+            if want_sync:
+                self._fsyncs += 1
+                self._unsynced = 0
+                self._last_sync = time.monotonic()
+            elif self._fsync:
+                self._unsynced += len(data)
+            for p in group:
+                seg.absorb(p.ticks)
+            if seg.size >= self._segment_bytes:
+                await self._rotate()
+        self._batches += len(group)
+        if self.on_durable is not None:
+            self.on_durable([p.batch for p in group])
+        for p in group:
+            p.done.set()
+
+    def _write_blocking(self, data: bytes, sync: bool) -> _Segment:
+        fs = self._fs
+        if self._handle is None:
+            fresh = _Segment(self._next_seg)
+            fs.makedirs(JOURNAL_DIR)
+            new_handle = fs.create(segment_name(fresh.seq))
+            self._next_seg += 1
+            if self._fsync:
+                # The segment's name must be durable before any frame in it is acknowledged.
+                fs.fsync_dir(JOURNAL_DIR)
+            self._handle = new_handle
+            self._active = fresh
+            self._segments.append(fresh)
+        seg, handle = self._active, self._handle
+        assert seg is not None and handle is not None
+        fs.write(handle, data)
+        if sync:
+            fs.fsync(handle)
+        seg.size += len(data)
+        return seg
+
+    async def _rotate(self) -> None:
+        handle, self._handle, self._active = self._handle, None, None
+        if handle is None:
+            return
+        sync = self._fsync and self._unsynced > 0
+
+        def close_blocking() -> None:
+            if sync:
+                self._fs.fsync(handle)
+            self._fs.close(handle)
+
+        try:
+            await self._run_sync(close_blocking)
+        except OSError as exc:
+            self._broken = exc
+            log.error("journal: closing a full segment failed: %s", exc)
+            return
+        if sync:
+            self._fsyncs += 1
+            self._unsynced = 0
+            self._last_sync = time.monotonic()
+
+    async def _sync_now(self) -> None:
+        async with self._io_lock:
+            handle = self._handle
+            if handle is None or self._broken is not None:
+                self._unsynced = 0
+                return
+            try:
+                await self._run_sync(self._fs.fsync, handle)
+            except OSError as exc:
+                # Interval mode already acknowledged these bytes; an fsync failure means they may
+                # be lost on power failure, and fsync must not be retried on the same data.
+                self._broken = exc
+                log.error("journal: periodic fsync failed, journal stopped: %s", exc)
+                return
+            self._fsyncs += 1
+            self._unsynced = 0
+            self._last_sync = time.monotonic()
+
+    async def _abandon_segment(self, cause: OSError) -> None:
+        """Cut the failed segment back to its acknowledged length and stop writing to it."""
+        seg, handle = self._active, self._handle
+        self._active, self._handle = None, None
+        if seg is None:
+            return
+        acknowledged = seg.size
+        path = segment_name(seg.seq)
+
+        def cut_blocking() -> None:
+            if handle is not None:
+                with contextlib.suppress(OSError):
+                    # The handle is being discarded; its close error tells nothing new.
+                    self._fs.close(handle)
+            self._fs.truncate(path, acknowledged)
+
+        try:
+            await self._run_sync(cut_blocking)
+        except OSError as exc:
+            self._broken = exc
+            log.error(
+                "journal %s: write failed (%s) and truncating it failed (%s); journal stopped",
+                path,
+                cause,
+                exc,
+            )
+            self._fail(self._pending, self._broken_error())
+            self._pending = []
+
+    def _broken_error(self) -> StorageUnavailable:
+        return StorageUnavailable(
+            f"journal is unusable after an I/O error ({self._broken}); reopen the world",
+            key=JOURNAL_DIR,
+        )
+
+    def _fail(self, group: Sequence[_Pending], error: BaseException) -> None:
+        for p in group:
+            p.error = error
+            p.done.set()
+        if group and self.on_failed is not None:
+            self.on_failed([p.batch for p in group])
+
+    def _fail_all(self, error: BaseException) -> None:
+        group, self._pending = self._pending, []
+        self._fail(group, error)
+
+    # -- segment deletion -------------------------------------------------------------------
+
+    async def collect(self, lpt_of: Callable[[RegionKey], int]) -> int:
+        """Delete every segment whose regions have all folded past it; return how many.
+
+        The active segment counts too: if it is fully passed it is closed first, so a world
+        flushed completely keeps no journal at all.
+
+        :raises StorageUnavailable: unlinking failed (the segments stay, which is safe).
+        """
+        async with self._io_lock:
+            if self._broken is not None:
+                return 0
+
+            def passed(seg: _Segment) -> bool:
+                return all(lpt_of(r) >= t for r, t in seg.ticks.items())
+
+            active = self._active
+            if active is not None and passed(active) and not self._pending and active.size:
+                await self._rotate()
+            dead = [s for s in self._segments if s is not self._active and passed(s)]
+            if not dead:
+                return 0
+            names = [segment_name(s.seq) for s in dead]
+
+            def unlink_blocking() -> None:
+                for name in names:
+                    with contextlib.suppress(FileNotFoundError):
+                        self._fs.unlink(name)
+                if self._fsync:
+                    self._fs.fsync_dir(JOURNAL_DIR)
+
+            try:
+                await self._run_sync(unlink_blocking)
+            except OSError as exc:
+                raise StorageUnavailable(
+                    f"cannot delete passed journal segments: {exc}", key=JOURNAL_DIR
+                ) from exc
+            gone = {id(s) for s in dead}
+            self._segments = [s for s in self._segments if id(s) not in gone]
+            self._deleted += len(dead)
+            return len(dead)
+
+    # -- close ------------------------------------------------------------------------------
+
+    def begin_close(self) -> None:
+        """Refuse new appends; the writer drains what is queued, fsyncs and stops."""
+        self._closing = True
+        self._wake.set()
+
+    async def aclose(self) -> None:
+        """Close the active segment (after the writer stopped). Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._closing = True
+        async with self._io_lock:
+            if self._broken is None:
+                await self._rotate()
+            elif self._handle is not None:
+                handle, self._handle = self._handle, None
+                with contextlib.suppress(OSError):
+                    await self._run_sync(self._fs.close, handle)
+
+    def stats(self) -> JournalStats:
+        return JournalStats(
+            pending=len(self._pending),
+            commits=self._commits,
+            fsyncs=self._fsyncs,
+            batches=self._batches,
+            segments=len(self._segments),
+            live_bytes=sum(s.size for s in self._segments),
+            segments_deleted=self._deleted,
+            torn_bytes=self._torn,
+            unsynced_bytes=self._unsynced,
+        )
+
+    @property
+    def broken(self) -> bool:
+        return self._broken is not None
+
+    def segment_seqs(self) -> list[int]:
+        return [s.seq for s in self._segments]

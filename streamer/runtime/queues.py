@@ -1,0 +1,258 @@
+"""Per-region delta queues: tick bookkeeping, back-pressure and what a flush may fold.
+
+Every region the runtime has touched has one :class:`RegionQueue`. Its three tick marks:
+
+- ``lpt`` (lastProcessedTick): every delta with ``tick <= lpt`` is in the region file.
+- ``floor``: ticks ``<= floor`` are *sealed*: a flush has taken (or is writing) them. A new
+  delta must have ``tick > floor`` or it is rejected with ``TickAlreadyProcessed``. ``floor``
+  only moves up, and ``floor >= lpt``.
+- ``hwm``: the highest tick accepted. A new delta must have ``tick >= hwm``, so within a
+  queue ticks are non-decreasing and "every delta with tick <= cutoff" is always a prefix.
+
+Why a flush seals rather than just folding: replay after a crash keeps exactly the journal
+records with ``tick > lpt``. That is exactly-once only if, once a region file says
+``lpt = T``, no delta with ``tick <= T`` can still arrive or still be waiting for the journal.
+So a flush folds a prefix up to a cutoff that is below every batch still in flight to the
+journal, and raises ``floor`` to it before writing.
+
+Routine (timer) flushes leave the newest tick in the queue while the region is still being
+written to, because a shard server may still submit more deltas for that tick; once the
+region has been idle for the flush interval, or when the caller forces it (``flush()``,
+close, back-pressure), the newest tick is folded too and thereby sealed.
+
+``entries`` holds only durable (journaled) deltas, appended in journal order by the journal's
+``on_durable`` hook. ``pending`` holds the ticks of batches accepted but not yet durable.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import Counter, deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import TypeAlias
+
+import anyio
+
+from streamer.errors import DeltaError, TickAlreadyProcessed
+from streamer.schema.deltas import (
+    EntityRemove,
+    EntityUpsert,
+    FeatureAdd,
+    FeatureRemove,
+    SocietyUpdate,
+    StructureRemove,
+    StructureUpsert,
+    TileSet,
+)
+
+__all__ = ["ChunkDelta", "DeltaQueues", "Queued", "RegionKey", "RegionQueue"]
+
+RegionKey: TypeAlias = tuple[int, int]
+ChunkKey: TypeAlias = tuple[int, int]
+
+#: A delta that touches exactly one chunk (an ``EntityMove`` is split into remove + upsert).
+ChunkDelta: TypeAlias = (
+    TileSet
+    | EntityUpsert
+    | EntityRemove
+    | FeatureAdd
+    | FeatureRemove
+    | StructureUpsert
+    | StructureRemove
+    | SocietyUpdate
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Queued:
+    tick: int
+    chunk: ChunkKey
+    delta: ChunkDelta
+
+
+@dataclass(slots=True)
+class _PendingBatch:
+    min_tick: int
+    count: int
+
+
+@dataclass(eq=False)
+class RegionQueue:
+    key: RegionKey
+    lpt: int
+    floor: int = -1
+    hwm: int = -1
+    entries: deque[Queued] = field(default_factory=deque)
+    pending: deque[_PendingBatch] = field(default_factory=deque)
+    pending_count: int = 0
+    per_chunk: Counter[ChunkKey] = field(default_factory=Counter)
+    #: monotonic time of the oldest unfolded delta (None: nothing to fold).
+    dirty_since: float | None = None
+    last_submit: float = 0.0
+    #: A submit is waiting for room or a caller forces a flush of the newest tick.
+    urgent: bool = False
+    #: A flush of this region is running (at most one at a time).
+    flushing: bool = False
+    room: anyio.Event = field(default_factory=anyio.Event)
+
+    def __post_init__(self) -> None:
+        self.floor = max(self.floor, self.lpt)
+        self.hwm = max(self.hwm, self.lpt)
+
+    @property
+    def depth(self) -> int:
+        """Deltas held for this region: queued plus accepted-but-not-yet-journaled."""
+        return len(self.entries) + self.pending_count
+
+    @property
+    def clean(self) -> bool:
+        return not self.entries and not self.pending and not self.flushing
+
+    def check_ticks(self, ticks: Iterable[int]) -> None:
+        """Validate one batch's ticks for this region, in batch order.
+
+        :raises TickAlreadyProcessed: a tick is at or below the sealed floor.
+        :raises DeltaError: ticks would go backwards in this region's queue.
+        """
+        last = self.hwm
+        for tick in ticks:
+            if tick <= self.floor:
+                raise TickAlreadyProcessed(
+                    f"region {self.key}: delta tick {tick} is at or below the region's "
+                    f"lastProcessedTick {self.floor} (already processed); ticks must increase"
+                )
+            if tick < last:
+                raise DeltaError(
+                    f"region {self.key}: delta tick {tick} is below tick {last} already "
+                    "submitted for this region; ticks must not go backwards within a region"
+                )
+            last = tick
+
+    def reserve(self, ticks: list[int]) -> None:
+        """Account an accepted batch that is on its way to the journal."""
+        self.pending.append(_PendingBatch(min(ticks), len(ticks)))
+        self.pending_count += len(ticks)
+        self.hwm = max(self.hwm, max(ticks))
+        self.last_submit = time.monotonic()
+
+    def settle(self) -> int:
+        """The oldest pending batch left the journal queue (durable or failed)."""
+        done = self.pending.popleft()
+        self.pending_count -= done.count
+        if not self.pending_count:
+            self.room.set()
+        return done.count
+
+    def push(self, item: Queued) -> None:
+        self.entries.append(item)
+        self.per_chunk[item.chunk] += 1
+        if self.dirty_since is None:
+            self.dirty_since = time.monotonic()
+
+    def cutoff(self, *, full: bool, idle_s: float, now: float) -> int | None:
+        """Highest tick a flush may fold now, or ``None`` if nothing is foldable."""
+        if not self.entries:
+            return None
+        newest = self.entries[-1].tick
+        limit = newest
+        if not full and not self.urgent and now - self.last_submit < idle_s:
+            # Ticks up to the floor are sealed already, so folding them closes nothing new.
+            limit = max(newest - 1, min(self.floor, newest))
+        if self.pending:
+            # A batch still in flight to the journal holds ticks >= its min_tick: sealing them
+            # now would make replay skip that batch after a crash.
+            limit = min(limit, self.pending[0].min_tick - 1)
+        if limit < self.entries[0].tick:
+            return None
+        return limit
+
+    def take(self, cutoff: int) -> list[Queued]:
+        """The prefix with ``tick <= cutoff``; seals the floor at ``cutoff``."""
+        out: list[Queued] = []
+        for item in self.entries:
+            if item.tick > cutoff:
+                break
+            out.append(item)
+        self.floor = max(self.floor, cutoff)
+        return out
+
+    def folded(self, items: list[Queued], lpt: int) -> list[ChunkKey]:
+        """Drop the folded prefix; return chunks that have nothing queued any more."""
+        cleaned: list[ChunkKey] = []
+        for item in items:
+            head = self.entries.popleft()
+            assert head is item, "flush folded something other than the queue's prefix"
+            self.per_chunk[item.chunk] -= 1
+            if self.per_chunk[item.chunk] <= 0:
+                del self.per_chunk[item.chunk]
+                cleaned.append(item.chunk)
+        self.lpt = max(self.lpt, lpt)
+        self.floor = max(self.floor, self.lpt)
+        self.dirty_since = time.monotonic() if self.entries else None
+        if not self.entries:
+            self.urgent = False
+        self.room.set()
+        return cleaned
+
+    def for_chunk(self, chunk: ChunkKey) -> list[ChunkDelta]:
+        if chunk not in self.per_chunk:
+            return []
+        return [q.delta for q in self.entries if q.chunk == chunk]
+
+
+class DeltaQueues:
+    """All region queues, with the back-pressure bound shared by every region."""
+
+    def __init__(self, max_deltas: int) -> None:
+        self.max_deltas = max_deltas
+        self.regions: dict[RegionKey, RegionQueue] = {}
+
+    def get(self, key: RegionKey) -> RegionQueue | None:
+        return self.regions.get(key)
+
+    def add(self, key: RegionKey, lpt: int) -> RegionQueue:
+        q = self.regions.get(key)
+        if q is None:
+            q = RegionQueue(key, lpt)
+            self.regions[key] = q
+        return q
+
+    def full(self, key: RegionKey, incoming: int) -> bool:
+        q = self.regions[key]
+        # A batch bigger than the whole bound still goes through into an empty queue,
+        # otherwise it could never be accepted at all.
+        return q.depth > 0 and q.depth + incoming > self.max_deltas
+
+    async def wait_for_room(self, key: RegionKey) -> None:
+        q = self.regions[key]
+        if q.room.is_set():
+            q.room = anyio.Event()
+        await q.room.wait()
+
+    def forget_clean(self, keep: Iterable[RegionKey] = ()) -> None:
+        """Drop clean queues (their marks are all recoverable from the region file)."""
+        keep_set = set(keep)
+        for key in [k for k, q in self.regions.items() if q.clean and k not in keep_set]:
+            del self.regions[key]
+
+    def depth(self) -> int:
+        return sum(q.depth for q in self.regions.values())
+
+    def max_depth(self) -> int:
+        return max((q.depth for q in self.regions.values()), default=0)
+
+    def dirty(self) -> list[RegionQueue]:
+        return [q for q in self.regions.values() if q.entries]
+
+    def due(self, now: float, interval_s: float) -> list[RegionQueue]:
+        """Dirty regions to flush now: waited long enough, or asked for urgently."""
+        out = []
+        for q in self.regions.values():
+            if not q.entries or q.flushing:
+                continue
+            since = q.dirty_since if q.dirty_since is not None else math.inf
+            if q.urgent or now - since >= interval_s:
+                out.append(q)
+        return out

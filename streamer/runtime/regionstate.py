@@ -1,0 +1,344 @@
+"""Region state in memory, and folding queued deltas into a new region file.
+
+A :class:`RegionState` is a decoded region file kept as *payloads*: the encoded chunk records
+exactly as stored. A flush decodes only the chunks its deltas touch (plus chunks a lazy
+migration upgraded), re-encodes those, and reuses every other payload byte for byte.
+
+Chunks without a record are "pristine": their features and NPCs come from the generator's
+region defaults. The first delta that touches one creates its ``ChunkRecord`` from those
+defaults plus the generator's fingerprint of the base terrain; from then on the record's
+lists are authoritative (a removed default tree stays removed).
+
+Everything here is synchronous and pure over its inputs, so the world can run a fold in a
+worker thread while the event loop keeps serving.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, TypeAlias
+
+import numpy as np
+import numpy.typing as npt
+
+from streamer.coords import CHUNK_SIZE, local_index
+from streamer.errors import IntegrityError
+from streamer.format.checksum import hex64
+from streamer.format.region import Encoding, decode_region, encode_region, region_key
+from streamer.runtime.chunk import Chunk
+from streamer.runtime.queues import ChunkDelta, Queued
+from streamer.schema.codec import ChunkCodec, pack_tiles, unpack_tiles
+from streamer.schema.deltas import (
+    EntityRemove,
+    EntityUpsert,
+    FeatureAdd,
+    FeatureRemove,
+    SocietyUpdate,
+    StructureRemove,
+    StructureUpsert,
+    TileSet,
+)
+from streamer.schema.records import Character, ChunkRecord, Feature, Society, Structure
+from streamer.worldgen import ChunkDefaults
+
+__all__ = [
+    "ChunkEdit",
+    "FoldResult",
+    "Generator",
+    "RegionState",
+    "apply_to_chunk",
+    "build_chunk",
+    "check_fingerprint",
+    "fold_region",
+    "region_state_from_bytes",
+]
+
+ChunkKey: TypeAlias = tuple[int, int]
+RegionKey: TypeAlias = tuple[int, int]
+Tiles: TypeAlias = npt.NDArray[np.uint16]
+
+
+class Generator(Protocol):
+    """What the runtime needs from ``worldgen.TerrainGenerator``."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def version(self) -> int: ...
+
+    def chunk_tiles(self, cx: int, cy: int) -> Tiles: ...
+
+    def fingerprint(self, cx: int, cy: int) -> int: ...
+
+    def chunk_defaults(self, cx: int, cy: int, region_size: int) -> ChunkDefaults: ...
+
+
+@dataclass(eq=False)
+class RegionState:
+    """One region's stored chunk payloads, as of ``generation`` (0: no file yet)."""
+
+    key: RegionKey
+    generation: int = 0
+    lpt: int = -1
+    chunks: dict[ChunkKey, bytes] = field(default_factory=dict)
+    #: Chunks whose record a lazy migration upgraded: rewritten at the next flush.
+    upgraded: set[ChunkKey] = field(default_factory=set)
+    #: Chunks whose base fingerprint has been checked against the generator.
+    checked: set[ChunkKey] = field(default_factory=set)
+
+    @property
+    def path(self) -> str:
+        return region_key(*self.key)
+
+
+def region_state_from_bytes(data: bytes | None, key: RegionKey) -> RegionState:
+    """Verify a region file (``None``: no file) into a state.
+
+    :raises IntegrityError: the file is damaged (see ``decode_region``).
+    :raises UnsupportedFormat: written by a newer format version.
+    """
+    if data is None:
+        return RegionState(key)
+    rx, ry = key
+    rf = decode_region(data, rx=rx, ry=ry, path=region_key(rx, ry))
+    return RegionState(
+        key,
+        generation=rf.header.generation,
+        lpt=rf.header.last_processed_tick,
+        chunks=dict(rf.chunks),
+    )
+
+
+def check_fingerprint(rec: ChunkRecord, gen: Generator, region: RegionKey, where: str) -> None:
+    """A record's edits were made on terrain the generator must still produce.
+
+    :raises IntegrityError: generator or base terrain changed under stored edits.
+    """
+    actual = gen.fingerprint(rec.cx, rec.cy)
+    if rec.base_fingerprint != actual or rec.generator != gen.name:
+        raise IntegrityError(
+            f"chunk ({rec.cx}, {rec.cy}) was edited on terrain from {rec.generator} "
+            f"v{rec.generator_version} that this generator ({gen.name} v{gen.version}) no "
+            "longer produces; refusing to shift player edits onto different terrain",
+            path=where,
+            expected=hex64(rec.base_fingerprint),
+            actual=hex64(actual),
+            region=region,
+        )
+
+
+class ChunkEdit:
+    """A mutable working copy of one chunk's persisted state, for applying deltas."""
+
+    __slots__ = ("characters", "features", "societies", "structures", "tiles")
+
+    def __init__(
+        self,
+        *,
+        tiles: dict[int, int] | None = None,
+        characters: Iterable[Character] = (),
+        features: Iterable[Feature] = (),
+        structures: Iterable[Structure] = (),
+        societies: Iterable[Society] = (),
+    ) -> None:
+        self.tiles: dict[int, int] = {} if tiles is None else tiles
+        self.characters = {c.id: c for c in characters}
+        self.features = {f.id: f for f in features}
+        self.structures = {s.id: s for s in structures}
+        self.societies = {s.id: s for s in societies}
+
+    @classmethod
+    def from_record(cls, rec: ChunkRecord, *, where: str) -> ChunkEdit:
+        idx, val = unpack_tiles(rec.tile_idx, rec.tile_val, where=where)
+        return cls(
+            tiles=dict(zip(idx.tolist(), val.tolist(), strict=True)),
+            characters=rec.characters,
+            features=rec.features,
+            structures=rec.structures,
+            societies=rec.societies,
+        )
+
+    @classmethod
+    def from_defaults(cls, d: ChunkDefaults) -> ChunkEdit:
+        return cls(characters=d.npcs, features=d.features)
+
+    def apply(self, delta: ChunkDelta) -> None:
+        match delta:
+            case TileSet(x=x, y=y, tile=tile):
+                self.tiles[local_index(x, y)] = tile
+            case EntityUpsert(character=c):
+                self.characters[c.id] = c
+            case EntityRemove(entity_id=eid):
+                self.characters.pop(eid, None)
+            case FeatureAdd(feature=f):
+                self.features[f.id] = f
+            case FeatureRemove(feature_id=fid):
+                self.features.pop(fid, None)
+            case StructureUpsert(structure=s):
+                self.structures[s.id] = s
+            case StructureRemove(structure_id=sid):
+                self.structures.pop(sid, None)
+            case SocietyUpdate(society=soc):
+                self.societies[soc.id] = soc
+
+    def packed_tiles(self) -> tuple[bytes, bytes]:
+        if not self.tiles:
+            return b"", b""
+        idx = np.fromiter(sorted(self.tiles), dtype=np.int64, count=len(self.tiles))
+        val = np.fromiter((self.tiles[i] for i in idx.tolist()), dtype=np.int64, count=idx.size)
+        return pack_tiles(idx, val)
+
+    def to_record(self, cx: int, cy: int, *, generator: str, version: int, fp: int) -> ChunkRecord:
+        tile_idx, tile_val = self.packed_tiles()
+        return ChunkRecord(
+            cx=cx,
+            cy=cy,
+            generator=generator,
+            generator_version=version,
+            base_fingerprint=fp,
+            tile_idx=tile_idx,
+            tile_val=tile_val,
+            characters=list(self.characters.values()),
+            structures=list(self.structures.values()),
+            features=list(self.features.values()),
+            societies=list(self.societies.values()),
+        )
+
+
+def apply_to_chunk(chunk: Chunk, deltas: Sequence[ChunkDelta]) -> Chunk:
+    """A new ``Chunk`` with ``deltas`` applied (the input chunk is shared and immutable)."""
+    tile_sets = [d for d in deltas if isinstance(d, TileSet)]
+    records = [d for d in deltas if not isinstance(d, TileSet)]
+    tiles: Tiles = chunk.tiles
+    if tile_sets:
+        arr = np.array(chunk.tiles, dtype=np.uint16, copy=True)
+        for d in tile_sets:
+            arr[d.y % CHUNK_SIZE, d.x % CHUNK_SIZE] = d.tile
+        tiles = arr
+    if not records:
+        return chunk.with_tiles(tiles) if tile_sets else chunk
+    edit = ChunkEdit(
+        characters=chunk.entities,
+        features=chunk.features,
+        structures=chunk.structures,
+        societies=chunk.societies,
+    )
+    for rd in records:
+        edit.apply(rd)
+    return Chunk(
+        chunk.cx,
+        chunk.cy,
+        tiles,
+        entities=tuple(edit.characters.values()),
+        features=tuple(edit.features.values()),
+        structures=tuple(edit.structures.values()),
+        societies=tuple(edit.societies.values()),
+    )
+
+
+def build_chunk(
+    cx: int,
+    cy: int,
+    base: Tiles,
+    record: ChunkRecord | None,
+    defaults: ChunkDefaults | None,
+    queued: Sequence[ChunkDelta],
+    *,
+    where: str,
+) -> Chunk:
+    """The served chunk: base terrain + stored record (or generator defaults) + queued deltas."""
+    if record is None:
+        edit = ChunkEdit() if defaults is None else ChunkEdit.from_defaults(defaults)
+    else:
+        edit = ChunkEdit.from_record(record, where=where)
+    for d in queued:
+        edit.apply(d)
+    tiles = base
+    if edit.tiles:
+        arr = np.array(base, dtype=np.uint16, copy=True)
+        flat = arr.reshape(-1)
+        idx = np.fromiter(edit.tiles.keys(), dtype=np.int64, count=len(edit.tiles))
+        val = np.fromiter(edit.tiles.values(), dtype=np.int64, count=len(edit.tiles))
+        flat[idx] = val
+        tiles = arr
+    return Chunk(
+        cx,
+        cy,
+        tiles,
+        entities=tuple(edit.characters.values()),
+        features=tuple(edit.features.values()),
+        structures=tuple(edit.structures.values()),
+        societies=tuple(edit.societies.values()),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class FoldResult:
+    data: bytes
+    chunks: dict[ChunkKey, bytes]
+    generation: int
+    lpt: int
+    #: Chunks whose payload changed in this fold.
+    changed: frozenset[ChunkKey]
+
+
+def fold_region(
+    state_chunks: Mapping[ChunkKey, bytes],
+    *,
+    key: RegionKey,
+    generation: int,
+    lpt: int,
+    items: Sequence[Queued],
+    upgraded: Iterable[ChunkKey],
+    codec: ChunkCodec,
+    gen: Generator,
+    writer: str,
+    encoding: Encoding,
+    region_size: int,
+) -> FoldResult:
+    """Apply ``items`` (in order) to the region's chunks and encode a complete new file.
+
+    Unchanged chunk payloads are reused as they are. The new file has ``generation + 1`` and
+    ``last_processed_tick`` = the highest folded tick (never lower than ``lpt``).
+
+    :raises IntegrityError, SchemaError: a stored chunk the fold needs does not decode.
+    """
+    rx, ry = key
+    path = region_key(rx, ry)
+    by_chunk: dict[ChunkKey, list[ChunkDelta]] = {}
+    new_lpt = lpt
+    for item in items:
+        by_chunk.setdefault(item.chunk, []).append(item.delta)
+        new_lpt = max(new_lpt, item.tick)
+    touched = set(by_chunk) | set(upgraded)
+    chunks = dict(state_chunks)
+    for ck in sorted(touched):
+        cx, cy = ck
+        where = f"{path} chunk ({cx}, {cy})"
+        payload = chunks.get(ck)
+        if payload is not None:
+            rec = codec.decode(payload, where=where).record
+            edit = ChunkEdit.from_record(rec, where=where)
+            gen_name, gen_version, fp = rec.generator, rec.generator_version, rec.base_fingerprint
+        else:
+            edit = ChunkEdit.from_defaults(gen.chunk_defaults(cx, cy, region_size))
+            gen_name, gen_version, fp = gen.name, gen.version, gen.fingerprint(cx, cy)
+        for d in by_chunk.get(ck, ()):
+            edit.apply(d)
+        rec = edit.to_record(cx, cy, generator=gen_name, version=gen_version, fp=fp)
+        chunks[ck] = codec.encode(rec)
+    data = encode_region(
+        rx=rx,
+        ry=ry,
+        last_processed_tick=new_lpt,
+        generation=generation + 1,
+        writer=writer,
+        encoding=encoding,
+        chunks=chunks,
+        region_size=region_size,
+    )
+    return FoldResult(
+        data=data, chunks=chunks, generation=generation + 1, lpt=new_lpt, changed=frozenset(touched)
+    )

@@ -1,0 +1,1110 @@
+"""``World``: the runtime that serves chunks and absorbs deltas for one open world.
+
+::
+
+    async with open_world(path, config) as world:
+        chunk = await world.chunk(cx, cy)
+        await world.submit([TileSet(tick=7, x=10, y=-3, tile=4)])
+        world.update_interest("p1", x, y)
+
+Write path (design §5): ``submit`` validates the whole batch (types, bounds, ticks), turns an
+``EntityMove`` into remove + upsert carrying the character as it lands, and appends ONE
+journal frame for the batch (group commit). Once the journal reports the batch durable, its
+``on_durable`` hook — running in journal order — appends the deltas to their region queues
+and applies them to cached chunks; then ``submit`` returns. Flush workers fold queues into
+new region files (``regionstate.fold_region``) and advance ``lastProcessedTick``; passed
+journal segments are deleted.
+
+Read path (design §6): ``chunk`` → cache hit, or the single-flight prioritised ``ChunkLoader``
+whose batches come to :meth:`World._load_batch`: region files are fetched with one
+``get_many`` (and cached as :class:`RegionState`), terrain and chunk defaults are generated
+in one worker-thread hop, then records are decoded and queued deltas applied.
+
+Every background task (journal writer, loader workers, flush scheduler) runs in one anyio
+task group owned by the world, entered in ``__aenter__`` and left in ``__aexit__`` after a
+final flush that is shielded from cancellation.
+
+Crash consistency rests on three invariants (see ``runtime/queues.py``): queue order equals
+journal order; a region file with ``lastProcessedTick = T`` holds every delta of that region
+with ``tick <= T`` and no other; and no delta with ``tick <= T`` can be accepted after a flush
+sealed ``T``. Replay then keeps exactly the journal records with ``tick > T``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+import time
+import uuid
+import warnings
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping, Sequence
+from functools import partial
+from pathlib import Path
+from types import TracebackType
+from typing import Any, TypeAlias
+
+import anyio
+import anyio.abc
+import anyio.to_thread
+import msgspec
+import numpy as np
+import numpy.typing as npt
+
+from streamer.config import Config
+from streamer.coords import CHUNK_SIZE, chunk_of, region_of_chunk
+from streamer.errors import (
+    DeltaError,
+    IntegrityError,
+    NotFound,
+    RegionInactive,
+    StreamerError,
+    WorldClosed,
+    WorldNotFound,
+)
+from streamer.format.manifest import WorldManifest
+from streamer.format.region import region_key
+from streamer.runtime.cache import CacheStats, ChunkCache
+from streamer.runtime.chunk import Chunk, ChunkKey
+from streamer.runtime.interest import InterestTracker
+from streamer.runtime.journal import Journal, JournalBatch, JournalStats, RegionTicks
+from streamer.runtime.loader import ChunkLoader, LoaderStats
+from streamer.runtime.players import PLAYERS_KEY, PlayerIndex, decode_players
+from streamer.runtime.queues import ChunkDelta, DeltaQueues, Queued, RegionKey, RegionQueue
+from streamer.runtime.regionstate import (
+    RegionState,
+    apply_to_chunk,
+    build_chunk,
+    check_fingerprint,
+    fold_region,
+    region_state_from_bytes,
+)
+from streamer.schema.codec import ChunkCodec
+from streamer.schema.deltas import (
+    AnyDelta,
+    Delta,
+    EntityMove,
+    EntityRemove,
+    EntityUpsert,
+    FeatureAdd,
+    FeatureRemove,
+    SocietyUpdate,
+    StructureRemove,
+    StructureUpsert,
+    TileSet,
+)
+from streamer.schema.records import Character, ChunkRecord
+from streamer.storage.fs import FileSystem
+from streamer.storage.local import LocalStore
+from streamer.worlddir import WorldLock, read_manifest
+from streamer.worldgen import (
+    ChunkDefaults,
+    TerrainGenerator,
+    params_from_dict,
+    tiles_fingerprint,
+)
+
+__all__ = ["World", "WorldStats", "open_world"]
+
+log = logging.getLogger(__name__)
+
+Tiles: TypeAlias = npt.NDArray[np.uint16]
+
+_I32 = 1 << 31
+#: Clean region states kept in memory (each is its region file's chunk payloads).
+_CLEAN_REGIONS_KEPT = 512
+#: Direct ``chunk()`` calls go ahead of every interest prefetch (priorities are >= 0).
+_DIRECT_PRIORITY = -1
+
+_DELTA_TYPES = (
+    TileSet,
+    EntityUpsert,
+    EntityRemove,
+    EntityMove,
+    FeatureAdd,
+    FeatureRemove,
+    StructureUpsert,
+    StructureRemove,
+    SocietyUpdate,
+)
+_BATCH_DECODER = msgspec.msgpack.Decoder(list[AnyDelta])
+_BATCH_ENCODER = msgspec.msgpack.Encoder()
+
+
+class WorldStats(msgspec.Struct, frozen=True, kw_only=True):
+    cache_bytes: int
+    cache_hits: int
+    cache_misses: int
+    cache_evictions: int
+    #: Deltas held in region queues (queued + on their way to the journal), all regions.
+    queue_depth: int
+    queue_max_depth: int
+    dirty_regions: int
+    #: Journal bytes not yet deletable because some region has not folded past them.
+    journal_lag_bytes: int
+    journal_segments: int
+    journal_fsyncs: int
+    journal_commits: int
+    flushes: int
+    flush_errors: int
+    replayed_deltas: int
+    torn_bytes_discarded: int
+    load_p50_ms: float
+    load_p99_ms: float
+    regions_cached: int
+    cache: CacheStats
+    loader: LoaderStats
+    journal: JournalStats
+
+
+def open_world(
+    path: str | os.PathLike[str],
+    config: Config | None = None,
+    *,
+    fs: FileSystem | None = None,
+) -> World:
+    """The world at ``path``, to be opened with ``async with``.
+
+    Opening creates nothing: a directory without ``world.json`` raises ``WorldNotFound``.
+
+    :param fs: a ``FileSystem`` to work through instead of the real directory (crash tests
+        pass a ``SimulatedFileSystem``; the cross-process lock is then skipped, since such a
+        file system lives in one process).
+    :raises WorldNotFound, WorldLocked, UnsupportedFormat, IntegrityError: on entering.
+    """
+    return World(Path(path), config if config is not None else Config(), fs=fs)
+
+
+def _delta_point(d: ChunkDelta) -> tuple[int, int]:
+    match d:
+        case TileSet(x=x, y=y) | EntityRemove(x=x, y=y) | FeatureRemove(x=x, y=y):
+            return x, y
+        case StructureRemove(x=x, y=y):
+            return x, y
+        case EntityUpsert(character=c):
+            return c.x, c.y
+        case FeatureAdd(feature=f):
+            return f.x, f.y
+        case StructureUpsert(structure=s):
+            return s.x, s.y
+        case SocietyUpdate(society=s):
+            return s.x, s.y
+    raise DeltaError(f"not a single-chunk delta: {d!r}")
+
+
+class World:
+    """One open world; see the module docstring. Create with :func:`open_world`."""
+
+    def __init__(self, path: Path, config: Config, *, fs: FileSystem | None = None) -> None:
+        self.path = path
+        self.config = config
+        rt = config.runtime
+        self._rt = rt
+        self._fs_override = fs
+        self._opened = False
+        self._closed = False
+        self._closing = False
+        self._lock: WorldLock | None = None
+        self._store: LocalStore | None = None
+        self._manifest: WorldManifest | None = None
+        self._gen: TerrainGenerator | None = None
+        self._codec: ChunkCodec | None = None
+        self._journal: Journal | None = None
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._writer_id = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._region_size = 8
+        self._bound = 0
+
+        self._cache = ChunkCache(rt.cache_bytes)
+        self._interest = InterestTracker(rt.view_radius, rt.hysteresis)
+        self._loader = ChunkLoader(
+            self._load_batch, workers=rt.load_workers, on_loaded=self._on_loaded
+        )
+        self._queues = DeltaQueues(rt.queue_max_deltas)
+        self._regions: OrderedDict[RegionKey, RegionState] = OrderedDict()
+        self._region_loading: dict[RegionKey, anyio.Event] = {}
+        self._flush_locks: dict[RegionKey, anyio.Lock] = {}
+        self._flush_wake = anyio.Event()
+        self._flush_limiter = anyio.CapacityLimiter(rt.flush_concurrency)
+        # Folding and terrain are CPU work: a few threads keep the loop responsive without
+        # letting 1,000 concurrent flushes hold 1,000 half-built region files at once.
+        self._cpu_limiter = anyio.CapacityLimiter(max(2, min(8, os.cpu_count() or 2)))
+        self._players = PlayerIndex()
+        #: Entity state as of batches accepted but not yet durable: id → (batch seq, record or
+        #: None if removed). EntityMove resolves its character here first.
+        self._overlay: dict[str, tuple[int, Character | None]] = {}
+        #: Regions refused after unrecoverable corruption (the recovery ladder fills this).
+        self._inactive: set[RegionKey] = set()
+
+        self._flushes = 0
+        self._flush_errors = 0
+        self._replayed = 0
+        self._torn = 0
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def __aenter__(self) -> World:
+        if self._opened:
+            raise RuntimeError("a World can be entered only once")
+        self._opened = True
+        try:
+            await self._open()
+            tg = anyio.create_task_group()
+            await tg.__aenter__()
+        except BaseException:
+            await self._release()
+            self._closed = True
+            raise
+        self._tg = tg
+        assert self._journal is not None
+        tg.start_soon(self._journal.run, name="journal-writer")
+        self._loader.run(tg)
+        tg.start_soon(self._flush_scheduler, name="flush-scheduler")
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        await self.aclose(_exc=exc)
+        return None
+
+    async def aclose(self, *, _exc: BaseException | None = None) -> None:
+        """Flush everything (shielded from cancellation), stop the workers, release the lock.
+
+        Must run in the task that entered the world (it leaves the world's task group).
+        """
+        if self._closed or not self._opened:
+            return
+        self._closing = True
+        tg, self._tg = self._tg, None
+        flush_error: BaseException | None = None
+        try:
+            with anyio.CancelScope(shield=True):
+                try:
+                    await self._final_flush()
+                except Exception as err:
+                    flush_error = err
+                    log.error("final flush of %s failed: %s", self.path, err, exc_info=True)
+        finally:
+            self._closed = True
+            if tg is not None:
+                tg.cancel_scope.cancel()
+                try:
+                    # The body's own exception propagates by itself; handing it to the task group
+                    # would wrap it in an ExceptionGroup. Errors of our tasks still surface.
+                    await tg.__aexit__(None, None, None)
+                finally:
+                    with anyio.CancelScope(shield=True):
+                        await self._release()
+        if flush_error is not None and _exc is None:
+            raise flush_error
+
+    async def _final_flush(self) -> None:
+        journal = self._journal
+        if journal is None or journal.broken:
+            return
+        await self._flush_all()
+        journal.begin_close()
+        await journal.barrier()
+        await self._after_flush()
+        await journal.aclose()
+
+    async def _release(self) -> None:
+        if self._journal is not None:
+            self._journal.begin_close()
+        if self._lock is not None:
+            lock, self._lock = self._lock, None
+            await anyio.to_thread.run_sync(lock.release)
+        if self._store is not None:
+            await self._store.aclose()
+
+    def __del__(self, _warn: Any = warnings.warn) -> None:
+        if getattr(self, "_opened", False) and not getattr(self, "_closed", True):
+            _warn(f"World {self.path} was never closed", ResourceWarning, source=self, stacklevel=1)
+
+    async def _open(self) -> None:
+        rt = self._rt
+        fsync = self.config.storage.fsync
+        where = str(self.path)
+        if self._fs_override is None:
+            is_dir = await anyio.to_thread.run_sync(self.path.is_dir)
+            if not is_dir:
+                raise WorldNotFound("no such world directory", path=where)
+        probe = LocalStore(self.path, fs=self._fs_override, fsync=fsync)
+        manifest = await read_manifest(probe, where=where)
+        if self._fs_override is None:
+            lock = WorldLock(self.path)
+            await anyio.to_thread.run_sync(lock.acquire)
+            self._lock = lock
+        limiter = anyio.CapacityLimiter(self.config.storage.io_threads)
+        store = await LocalStore.open(self.path, fs=self._fs_override, fsync=fsync, limiter=limiter)
+        self._store = store
+        self._manifest = manifest
+        self._region_size = manifest.region_size
+        self._bound = manifest.bound_tiles
+        self._gen = TerrainGenerator(manifest.seed, params_from_dict(manifest.generator_params))
+        self._codec = ChunkCodec(manifest.encoding)
+
+        try:
+            blob = await store.get(PLAYERS_KEY)
+        except NotFound:
+            pass
+        else:
+            try:
+                self._players = PlayerIndex(decode_players(blob.data))
+            except IntegrityError as err:
+                # A hint only: character records are the authority, and replay and later
+                # flushes rebuild the entries that matter.
+                log.warning("%s: %s; starting with an empty player index", where, err)
+
+        journal = Journal(
+            store.fs,
+            store.run_sync,
+            durability=rt.durability,
+            fsync_interval_ms=rt.fsync_interval_ms,
+            segment_bytes=rt.journal_segment_bytes,
+            fsync=fsync,
+            on_durable=self._on_durable,
+            on_failed=self._on_failed,
+        )
+        self._journal = journal
+        replay = await journal.open(self._batch_ticks)
+        self._torn = replay.torn_bytes
+        await self._replay(replay.batches)
+
+    async def _replay(self, batches: Sequence[JournalBatch]) -> None:
+        regions: set[RegionKey] = set()
+        for batch in batches:
+            regions.update(self._batch_ticks(batch))
+        failed = await self._ensure_regions(regions)
+        for key, err in failed.items():
+            self._region_failed(key, err)
+        for batch in batches:
+            for delta in batch.deltas:
+                for region, chunk, d in self._route(delta):
+                    q = self._queues.regions[region]
+                    if d.tick <= q.lpt:
+                        continue  # already in the region file
+                    q.hwm = max(q.hwm, d.tick)
+                    q.push(Queued(d.tick, chunk, d))
+                    self._index_player(d, region)
+                    self._replayed += 1
+        if self._replayed:
+            log.info("%s: replayed %d journaled deltas", self.path, self._replayed)
+
+    def _check_open(self) -> None:
+        if self._closed or self._closing:
+            raise WorldClosed("world is closed", path=str(self.path))
+        if not self._opened or self._tg is None:
+            raise WorldClosed(
+                "world is not open (use `async with open_world(...)`)", path=str(self.path)
+            )
+
+    # -- geometry -------------------------------------------------------------------------
+
+    def _region_of_point(self, x: int, y: int) -> tuple[RegionKey, ChunkKey]:
+        ck = chunk_of(x, y)
+        return region_of_chunk(ck[0], ck[1], self._region_size), ck
+
+    def _route(self, delta: AnyDelta) -> list[tuple[RegionKey, ChunkKey, ChunkDelta]]:
+        """Where each part of a journaled delta goes (moves are split before journaling)."""
+        if isinstance(delta, EntityMove):
+            raise DeltaError("EntityMove must be resolved before routing")
+        region, chunk = self._region_of_point(*_delta_point(delta))
+        return [(region, chunk, delta)]
+
+    def _batch_ticks(self, batch: JournalBatch) -> RegionTicks:
+        ticks: dict[RegionKey, int] = {}
+        for delta in batch.deltas:
+            for region, _, d in self._route(delta):
+                if d.tick > ticks.get(region, -1):
+                    ticks[region] = d.tick
+        return ticks
+
+    def _check_point(self, x: int, y: int, what: str) -> None:
+        limit = self._bound if self._bound > 0 else _I32 * CHUNK_SIZE // 2
+        if not (-limit < x < limit and -limit < y < limit):
+            raise DeltaError(f"{what}: tile ({x}, {y}) is outside the world (|x|, |y| < {limit})")
+
+    def _check_chunk(self, cx: int, cy: int) -> None:
+        if not (isinstance(cx, int) and isinstance(cy, int)):
+            raise TypeError(f"chunk coordinates must be ints, got ({cx!r}, {cy!r})")
+        if self._bound > 0:
+            b = self._bound
+            inside_x = cx * CHUNK_SIZE + CHUNK_SIZE - 1 > -b and cx * CHUNK_SIZE < b
+            inside_y = cy * CHUNK_SIZE + CHUNK_SIZE - 1 > -b and cy * CHUNK_SIZE < b
+            if not (inside_x and inside_y):
+                raise ValueError(f"chunk ({cx}, {cy}) is outside the world (|x|, |y| < {b} tiles)")
+        elif not (-_I32 // 2 <= cx < _I32 // 2 and -_I32 // 2 <= cy < _I32 // 2):
+            raise ValueError(f"chunk ({cx}, {cy}) is outside the addressable world")
+
+    # -- reads ----------------------------------------------------------------------------
+
+    async def chunk(self, cx: int, cy: int) -> Chunk:
+        """The chunk at ``(cx, cy)``: terrain with every acknowledged delta applied.
+
+        :raises ValueError: outside the world's bounds.
+        :raises RegionInactive: the region was taken out of service after corruption.
+        :raises IntegrityError, SchemaError: its stored data cannot be read.
+        :raises WorldClosed: the world is closed.
+        """
+        self._check_open()
+        self._check_chunk(cx, cy)
+        key = (cx, cy)
+        region = region_of_chunk(cx, cy, self._region_size)
+        if region in self._inactive:
+            raise RegionInactive(*region)
+        hit = self._cache.get(key)
+        if hit is not None:
+            return hit
+        return await self._loader.get(key, _DIRECT_PRIORITY)
+
+    def _on_loaded(self, key: ChunkKey, chunk: Chunk) -> None:
+        self._cache.put(key, chunk)
+        q = self._queues.get(region_of_chunk(key[0], key[1], self._region_size))
+        if q is not None and key in q.per_chunk:
+            self._cache.mark_dirty(key)
+
+    async def _load_batch(self, keys: list[ChunkKey]) -> dict[ChunkKey, Chunk | Exception]:
+        out: dict[ChunkKey, Chunk | Exception] = {}
+        todo: list[ChunkKey] = []
+        for key in keys:
+            cached = self._cache.peek(key)
+            if cached is not None:
+                out[key] = cached
+            else:
+                todo.append(key)
+        if not todo:
+            return out
+        rs = self._region_size
+        regions = {region_of_chunk(cx, cy, rs) for cx, cy in todo}
+        failed = await self._ensure_regions(regions)
+        live = [k for k in todo if region_of_chunk(k[0], k[1], rs) not in failed]
+        for key in todo:
+            region = region_of_chunk(key[0], key[1], rs)
+            if region in failed:
+                out[key] = failed[region]
+        if not live:
+            return out
+        # Defaults are only needed for chunks without a stored record.
+        stored = {k for k in live if k in self._regions[region_of_chunk(k[0], k[1], rs)].chunks}
+        gen = self._gen
+        assert gen is not None
+        generated = await anyio.to_thread.run_sync(
+            partial(_generate, gen, live, stored, rs), limiter=self._cpu_limiter
+        )
+        # A clean region state may have been evicted during the hop: fetch it again.
+        while missing := {region_of_chunk(k[0], k[1], rs) for k in live} - set(self._regions):
+            for region, err in (await self._ensure_regions(missing)).items():
+                failed[region] = err
+                out.update({k: err for k in live if region_of_chunk(k[0], k[1], rs) == region})
+            live = [k for k in live if region_of_chunk(k[0], k[1], rs) not in failed]
+        # No await from here on: queued deltas and region state are read as of this instant,
+        # and on_loaded caches the result before any later delta could be missed.
+        for key in live:
+            if key in self._cache:
+                cached = self._cache.peek(key)
+                assert cached is not None
+                out[key] = cached
+                continue
+            try:
+                out[key] = self._build(key, *generated[key])
+            except StreamerError as err:
+                out[key] = err
+        return out
+
+    def _build(self, key: ChunkKey, base: Tiles, defaults: ChunkDefaults | None) -> Chunk:
+        cx, cy = key
+        region = region_of_chunk(cx, cy, self._region_size)
+        state = self._regions[region]
+        codec = self._codec
+        assert codec is not None
+        payload = state.chunks.get(key)
+        where = f"{state.path} chunk ({cx}, {cy})"
+        record: ChunkRecord | None = None
+        if payload is not None:
+            decoded = codec.decode(payload, where=where)
+            record = decoded.record
+            if key not in state.checked:
+                gen = self._gen
+                assert gen is not None
+                if record.base_fingerprint != tiles_fingerprint(base):
+                    check_fingerprint(record, gen, region, where)
+                state.checked.add(key)
+            if decoded.upgraded:
+                # Lazy migration: rewrite the upgraded record at the region's next flush.
+                state.upgraded.add(key)
+                self._flush_wake.set()
+        q = self._queues.get(region)
+        queued = q.for_chunk(key) if q is not None else []
+        return build_chunk(cx, cy, base, record, defaults, queued, where=where)
+
+    async def _ensure_regions(self, keys: Iterable[RegionKey]) -> dict[RegionKey, Exception]:
+        """Load region states not in memory (one ``get_many``); return per-region failures."""
+        failed: dict[RegionKey, Exception] = {}
+        wanted = set(keys)
+        while True:
+            missing = [k for k in wanted if k not in self._regions and k not in failed]
+            waiting = [self._region_loading[k] for k in missing if k in self._region_loading]
+            mine = [k for k in missing if k not in self._region_loading]
+            if not mine and not waiting:
+                break
+            if mine:
+                done = anyio.Event()
+                for k in mine:
+                    self._region_loading[k] = done
+                try:
+                    store = self._store
+                    assert store is not None
+                    blobs = await store.get_many([region_key(*k) for k in mine])
+                    for k, blob in zip(mine, blobs, strict=True):
+                        try:
+                            state = region_state_from_bytes(None if blob is None else blob.data, k)
+                        except StreamerError as bad:
+                            failed[k] = bad
+                            continue
+                        self._install_region(state)
+                except StreamerError as unreadable:
+                    for k in mine:
+                        if k not in self._regions:
+                            failed.setdefault(k, unreadable)
+                finally:
+                    for k in mine:
+                        self._region_loading.pop(k, None)
+                    done.set()
+            for ev in waiting:
+                await ev.wait()
+            # A region another task failed to load is retried by us (errors are not cached).
+        for key, err in failed.items():
+            self._region_failed(key, err)
+        return failed
+
+    def _region_failed(self, key: RegionKey, err: Exception) -> None:
+        """Hook for the recovery ladder: a region file failed verification or could not be read.
+
+        For now the error reaches the caller; the recovery engineer restores from a snapshot
+        here, or marks the region inactive (``self._inactive``).
+        """
+        log.error("region %s could not be loaded: %s", key, err)
+
+    def _install_region(self, state: RegionState) -> None:
+        current = self._regions.get(state.key)
+        if current is not None and current.generation >= state.generation:
+            return
+        self._regions[state.key] = state
+        self._regions.move_to_end(state.key)
+        q = self._queues.add(state.key, state.lpt)
+        q.lpt = max(q.lpt, state.lpt)
+        q.floor = max(q.floor, q.lpt)
+        q.hwm = max(q.hwm, q.lpt)
+        self._evict_regions()
+
+    def _evict_regions(self) -> None:
+        excess = len(self._regions) - _CLEAN_REGIONS_KEPT
+        if excess <= 0:
+            return
+        for key in list(self._regions):
+            if excess <= 0:
+                break
+            state = self._regions[key]
+            q = self._queues.get(key)
+            if state.upgraded or (q is not None and not q.clean):
+                continue
+            del self._regions[key]
+            self._queues.regions.pop(key, None)
+            excess -= 1
+
+    # -- interest -------------------------------------------------------------------------
+
+    def update_interest(self, player_id: str, x: int, y: int) -> None:
+        """Player ``player_id`` is at tile ``(x, y)``: pin and prefetch its view, release the rest.
+
+        Chunks load nearest first, then along the direction of travel; chunks stay pinned
+        until the player is ``hysteresis`` chunks beyond the view radius.
+
+        :raises WorldClosed: the world is closed.
+        """
+        self._check_open()
+        change = self._interest.update(player_id, x, y)
+        self._release_keys(change.release)
+        for key, priority in change.load:
+            self._cache.pin(key)
+            self._prefetch(key, priority)
+        for key, priority in change.shared:
+            if self._loader.is_pending(key):
+                self._loader.prefetch(key, priority)
+
+    def drop_interest(self, player_id: str) -> None:
+        """Forget ``player_id``'s view; its chunks become evictable. Idempotent."""
+        self._check_open()
+        self._release_keys(self._interest.drop(player_id))
+
+    def _release_keys(self, keys: Iterable[ChunkKey]) -> None:
+        for key in keys:
+            self._cache.unpin(key)
+            self._loader.cancel(key)
+
+    def _prefetch(self, key: ChunkKey, priority: int) -> None:
+        if key in self._cache:
+            return
+        try:
+            self._check_chunk(*key)
+        except ValueError:
+            return
+        if region_of_chunk(key[0], key[1], self._region_size) in self._inactive:
+            return
+        self._loader.prefetch(key, priority)
+
+    # -- writes ---------------------------------------------------------------------------
+
+    async def submit(self, deltas: Iterable[Delta]) -> None:
+        """Apply a batch of deltas atomically; return once it is durable.
+
+        The batch is one journal frame: after a crash either all of it or none of it is
+        there. ``durability="sync"`` returns after the journal fsync covering it (shared with
+        concurrent callers); ``"interval"`` returns once written, fsyncing every
+        ``fsync_interval_ms``. A full region queue makes this wait for a flush (back-pressure).
+
+        Ticks: per region, a delta must have a tick above the region's lastProcessedTick and
+        not below a tick already submitted there. A flush seals the ticks it folds; routine
+        flushes leave a region's newest tick open while it is being written to, but
+        ``flush()``, closing and back-pressure seal everything queued.
+
+        ``EntityUpsert`` places (or replaces) a character in the chunk at its position; use
+        ``EntityMove`` to relocate one. Removes of absent records are no-ops.
+
+        :raises DeltaError: a malformed delta, a coordinate outside the world, a tick going
+            backwards, or an ``EntityMove`` whose entity is not at its ``from`` position.
+        :raises TickAlreadyProcessed: a tick at or below the region's lastProcessedTick.
+        :raises StorageUnavailable: the journal write failed; nothing of the batch applied.
+        :raises WorldClosed: the world is closed.
+        """
+        self._check_open()
+        batch = self._validate(list(deltas))
+        if not batch:
+            return
+        journal = self._journal
+        assert journal is not None
+        regions: dict[RegionKey, int] = {}
+        moves: list[EntityMove] = []
+        for d in batch:
+            if isinstance(d, EntityMove):
+                moves.append(d)
+                points = [(d.from_x, d.from_y), (d.to_x, d.to_y)]
+            else:
+                points = [_delta_point(d)]
+            for p in points:
+                region = self._region_of_point(*p)[0]
+                regions[region] = regions.get(region, 0) + 1
+        for region in regions:
+            if region in self._inactive:
+                raise RegionInactive(*region)
+        while True:
+            failed = await self._ensure_regions(regions)
+            if failed:
+                raise next(iter(failed.values()))
+            waited = False
+            for region, n in regions.items():
+                while region in self._queues.regions and self._queues.full(region, n):
+                    waited = True
+                    q = self._queues.regions[region]
+                    q.urgent = True
+                    self._flush_wake.set()
+                    await self._queues.wait_for_room(region)
+                    self._check_open()
+            if waited:
+                continue  # state may have changed while waiting: re-check everything
+            if moves and not await self._sources_ready(moves):
+                continue
+            # Critical section: no await until the batch is in the journal's queue, so the
+            # tick checks, move resolution and journal order all see the same state.
+            if any(r not in self._queues.regions for r in regions):
+                continue
+            expanded = self._expand(batch)
+            per_region: dict[RegionKey, list[int]] = {}
+            for d in expanded:
+                for region, _, part in self._route(d):
+                    per_region.setdefault(region, []).append(part.tick)
+            for region, ticks in per_region.items():
+                self._queues.regions[region].check_ticks(ticks)
+            jb = JournalBatch(seq=journal.next_seq(), deltas=list(expanded))
+            pending = journal.append(jb, {r: max(t) for r, t in per_region.items()})
+            for region, ticks in per_region.items():
+                self._queues.regions[region].reserve(ticks)
+            self._overlay_batch(jb)
+            break
+        await pending.wait()
+
+    def _validate(self, given: list[Delta]) -> list[AnyDelta]:
+        batch: list[AnyDelta] = []
+        for i, item in enumerate(given):
+            if not isinstance(item, _DELTA_TYPES):
+                raise DeltaError(
+                    f"delta #{i}: expected one of {', '.join(t.__name__ for t in _DELTA_TYPES)}, "
+                    f"got {type(item).__name__}"
+                )
+            batch.append(item)
+        try:
+            # Round-trip through the typed decoder: Struct constructors do not check types,
+            # and a record the journal cannot decode again must never be acknowledged.
+            _BATCH_DECODER.decode(_BATCH_ENCODER.encode(batch))
+        except (msgspec.ValidationError, msgspec.EncodeError, TypeError, OverflowError) as err:
+            raise DeltaError(f"malformed delta in batch: {err}") from None
+        for i, d in enumerate(batch):
+            what = f"delta #{i} ({type(d).__name__}, tick {d.tick})"
+            if d.tick < 0:
+                raise DeltaError(f"{what}: tick must be >= 0")
+            if isinstance(d, EntityMove):
+                self._check_point(d.from_x, d.from_y, what)
+                self._check_point(d.to_x, d.to_y, what)
+                continue
+            self._check_point(*_delta_point(d), what)
+            if isinstance(d, TileSet) and not 0 <= d.tile <= 0xFFFF:
+                raise DeltaError(f"{what}: tile id {d.tile} is outside 0..65535")
+            if isinstance(d, StructureUpsert):
+                s = d.structure
+                self._check_point(s.x + s.w - 1, s.y + s.h - 1, what)
+        return batch
+
+    async def _sources_ready(self, moves: list[EntityMove]) -> bool:
+        """Load the source chunks of moves not resolvable from pending state; True if none
+        had to be loaded (so the caller can resolve without another await)."""
+        need = []
+        for m in moves:
+            if m.entity_id in self._overlay:
+                continue
+            key = chunk_of(m.from_x, m.from_y)
+            if self._cache.peek(key) is None:
+                need.append(key)
+        if not need:
+            return True
+        async with anyio.create_task_group() as tg:
+            for key in dict.fromkeys(need):
+                tg.start_soon(self._load_quiet, key)
+        return False
+
+    async def _load_quiet(self, key: ChunkKey) -> None:
+        await self._loader.get(key, _DIRECT_PRIORITY)
+
+    def _lookup_entity(
+        self, local: dict[str, Character | None], entity_id: str, x: int, y: int
+    ) -> Character | None:
+        if entity_id in local:
+            return local[entity_id]
+        entry = self._overlay.get(entity_id)
+        if entry is not None:
+            return entry[1]
+        chunk = self._cache.peek(chunk_of(x, y))
+        if chunk is None:
+            raise DeltaError(f"EntityMove: source chunk {chunk_of(x, y)} is not loaded")
+        for c in chunk.entities:
+            if c.id == entity_id:
+                return c
+        return None
+
+    def _expand(self, batch: list[AnyDelta]) -> list[ChunkDelta]:
+        """Split each EntityMove into remove (source) + upsert (target, moved record)."""
+        local: dict[str, Character | None] = {}
+        out: list[ChunkDelta] = []
+        for d in batch:
+            if isinstance(d, EntityMove):
+                ch = self._lookup_entity(local, d.entity_id, d.from_x, d.from_y)
+                if ch is None or chunk_of(ch.x, ch.y) != chunk_of(d.from_x, d.from_y):
+                    raise DeltaError(
+                        f"EntityMove at tick {d.tick}: entity {d.entity_id!r} is not in chunk "
+                        f"{chunk_of(d.from_x, d.from_y)} (from ({d.from_x}, {d.from_y}))"
+                    )
+                moved = msgspec.structs.replace(ch, x=d.to_x, y=d.to_y)
+                out.append(EntityRemove(tick=d.tick, entity_id=d.entity_id, x=ch.x, y=ch.y))
+                out.append(EntityUpsert(tick=d.tick, character=moved))
+                local[d.entity_id] = moved
+            else:
+                if isinstance(d, EntityUpsert):
+                    local[d.character.id] = d.character
+                elif isinstance(d, EntityRemove):
+                    local[d.entity_id] = None
+                out.append(d)
+        return out
+
+    def _overlay_batch(self, jb: JournalBatch) -> None:
+        for d in jb.deltas:
+            if isinstance(d, EntityUpsert):
+                self._overlay[d.character.id] = (jb.seq, d.character)
+            elif isinstance(d, EntityRemove):
+                self._overlay[d.entity_id] = (jb.seq, None)
+
+    def _clear_overlay(self, jb: JournalBatch) -> None:
+        for d in jb.deltas:
+            eid = d.character.id if isinstance(d, EntityUpsert) else None
+            if isinstance(d, EntityRemove):
+                eid = d.entity_id
+            if eid is not None:
+                entry = self._overlay.get(eid)
+                if entry is not None and entry[0] == jb.seq:
+                    del self._overlay[eid]
+
+    def _index_player(self, d: ChunkDelta, region: RegionKey) -> None:
+        if isinstance(d, EntityUpsert) and d.character.player_id is not None:
+            self._players.placed(d.character.id, d.character.player_id, region)
+        elif isinstance(d, EntityRemove):
+            self._players.removed(d.entity_id, region)
+
+    def _on_durable(self, batches: Sequence[JournalBatch]) -> None:
+        """Journal hook, in journal order: queue each batch and update cached chunks."""
+        for jb in batches:
+            touched: dict[ChunkKey, list[ChunkDelta]] = {}
+            regions: set[RegionKey] = set()
+            for delta in jb.deltas:
+                for region, chunk, d in self._route(delta):
+                    q = self._queues.regions[region]
+                    q.push(Queued(d.tick, chunk, d))
+                    regions.add(region)
+                    self._index_player(d, region)
+                    touched.setdefault(chunk, []).append(d)
+            for region in regions:
+                self._queues.regions[region].settle()
+            for key, ds in touched.items():
+                cached = self._cache.peek(key)
+                if cached is not None:
+                    self._cache.put(key, apply_to_chunk(cached, ds))
+                    self._cache.mark_dirty(key)
+            self._clear_overlay(jb)
+
+    def _on_failed(self, batches: Sequence[JournalBatch]) -> None:
+        for jb in batches:
+            for region in self._batch_ticks(jb):
+                q = self._queues.regions.get(region)
+                if q is not None and q.pending:
+                    q.settle()
+            self._clear_overlay(jb)
+
+    # -- flushing -------------------------------------------------------------------------
+
+    async def flush(self) -> None:
+        """Fold every acknowledged delta into its region file and drop passed journal segments.
+
+        Seals every tick queued so far (later deltas for those regions need higher ticks).
+
+        :raises StorageUnavailable, IntegrityError: a region could not be written; its deltas
+            stay journaled and queued, nothing is lost.
+        :raises WorldClosed: the world is closed.
+        """
+        self._check_open()
+        await self._flush_all()
+        await self._after_flush()
+
+    async def _flush_all(self) -> None:
+        journal = self._journal
+        assert journal is not None
+        await journal.barrier()
+        todo = [q for q in self._queues.regions.values() if q.entries]
+        seen = {q.key for q in todo}
+        for key, state in list(self._regions.items()):
+            if state.upgraded and key not in seen:
+                todo.append(self._queues.add(key, state.lpt))
+        async with anyio.create_task_group() as tg:
+            for q in todo:
+                tg.start_soon(self._flush_region, q, True)
+
+    async def _flush_region(self, q: RegionQueue, full: bool) -> bool:
+        """Fold what ``q`` may fold now into a new region file. True if a file was written."""
+        key = q.key
+        lock = self._flush_locks.setdefault(key, anyio.Lock())
+        async with lock, self._flush_limiter:
+            state = self._regions.get(key)
+            if state is None:
+                failed = await self._ensure_regions([key])
+                if failed:
+                    raise failed[key]
+                state = self._regions[key]
+            cutoff = q.cutoff(
+                full=full, idle_s=self._rt.flush_interval_ms / 1000, now=time.monotonic()
+            )
+            upgraded = frozenset(state.upgraded)
+            if cutoff is None and not upgraded:
+                return False
+            items = q.take(cutoff) if cutoff is not None else []
+            q.flushing = True
+            try:
+                gen, codec = self._gen, self._codec
+                assert gen is not None and codec is not None and self._manifest is not None
+                result = await anyio.to_thread.run_sync(
+                    partial(
+                        fold_region,
+                        state.chunks,
+                        key=key,
+                        generation=state.generation,
+                        lpt=state.lpt,
+                        items=items,
+                        upgraded=upgraded,
+                        codec=codec,
+                        gen=gen,
+                        writer=self._writer_id,
+                        encoding=self._manifest.encoding,
+                        region_size=self._region_size,
+                    ),
+                    limiter=self._cpu_limiter,
+                )
+                store = self._store
+                assert store is not None
+                await store.put_atomic(state.path, result.data)
+            finally:
+                q.flushing = False
+            # Installed only once the new file is durable; a cancelled or failed write leaves
+            # the queue as it was, so the next flush folds the same deltas again.
+            state.chunks = result.chunks
+            state.generation = result.generation
+            state.lpt = result.lpt
+            state.upgraded -= upgraded
+            state.checked |= result.changed
+            for chunk in q.folded(items, result.lpt):
+                self._cache.mark_clean(chunk)
+            self._flushes += 1
+            return True
+
+    async def _flush_one(self, q: RegionQueue, full: bool) -> None:
+        try:
+            await self._flush_region(q, full)
+        except Exception as err:
+            # The deltas stay journaled and queued; the region is retried after the interval.
+            self._flush_errors += 1
+            q.dirty_since = time.monotonic()
+            log.error("flush of region %s failed (will retry): %s", q.key, err, exc_info=True)
+            if isinstance(err, IntegrityError):
+                self._region_failed(q.key, err)
+
+    async def _after_flush(self) -> None:
+        journal = self._journal
+        store = self._store
+        assert journal is not None and store is not None
+
+        def lpt_of(region: RegionKey) -> int:
+            q = self._queues.regions.get(region)
+            # A region without a queue was clean when forgotten: it passed all it journaled.
+            return q.lpt if q is not None else sys.maxsize
+
+        await journal.collect(lpt_of)
+        if self._players.dirty:
+            version, data = self._players.snapshot()
+            await store.put_atomic(PLAYERS_KEY, data)
+            self._players.written(version)
+
+    async def _flush_scheduler(self) -> None:
+        interval = self._rt.flush_interval_ms / 1000
+        tick = min(max(interval / 4, 0.005), 0.25)
+        while True:
+            with anyio.move_on_after(tick):
+                await self._flush_wake.wait()
+            self._flush_wake = anyio.Event()
+            due = self._queues.due(time.monotonic(), interval)
+            due_keys = {q.key for q in due}
+            for key, state in list(self._regions.items()):
+                if state.upgraded and key not in due_keys:
+                    due.append(self._queues.add(key, state.lpt))
+            if not due:
+                continue
+            async with anyio.create_task_group() as tg:
+                for q in due:
+                    tg.start_soon(self._flush_one, q, q.urgent)
+            try:
+                await self._after_flush()
+            except StreamerError as err:
+                log.error("after-flush housekeeping failed (will retry): %s", err)
+
+    # -- players --------------------------------------------------------------------------
+
+    async def find_player(self, player_id: str) -> Character | None:
+        """The character of ``player_id`` (as of every acknowledged delta), or ``None``."""
+        self._check_open()
+        region = self._players.get(player_id)
+        if region is None:
+            return None
+        failed = await self._ensure_regions([region])
+        if failed:
+            raise failed[region]
+        state = self._regions[region]
+        q = self._queues.get(region)
+        keys = set(state.chunks) | (set(q.per_chunk) if q is not None else set())
+        found: list[Character] = []
+
+        async def look(key: ChunkKey) -> None:
+            chunk = await self.chunk(*key)
+            found.extend(c for c in chunk.entities if c.player_id == player_id)
+
+        async with anyio.create_task_group() as tg:
+            for key in sorted(keys):
+                tg.start_soon(look, key)
+        return found[0] if found else None
+
+    # -- metrics --------------------------------------------------------------------------
+
+    def stats(self) -> WorldStats:
+        journal = self._journal
+        cache = self._cache.stats()
+        loader = self._loader.stats()
+        js = (
+            journal.stats()
+            if journal is not None
+            else JournalStats(
+                pending=0,
+                commits=0,
+                fsyncs=0,
+                batches=0,
+                segments=0,
+                live_bytes=0,
+                segments_deleted=0,
+                torn_bytes=0,
+                unsynced_bytes=0,
+            )
+        )
+        lat = self._loader.latency_percentiles()
+        return WorldStats(
+            cache_bytes=cache.bytes,
+            cache_hits=cache.hits,
+            cache_misses=cache.misses,
+            cache_evictions=cache.evictions,
+            queue_depth=self._queues.depth(),
+            queue_max_depth=self._queues.max_depth(),
+            dirty_regions=len(self._queues.dirty()),
+            journal_lag_bytes=js.live_bytes,
+            journal_segments=js.segments,
+            journal_fsyncs=js.fsyncs,
+            journal_commits=js.commits,
+            flushes=self._flushes,
+            flush_errors=self._flush_errors,
+            replayed_deltas=self._replayed,
+            torn_bytes_discarded=self._torn,
+            load_p50_ms=lat.p50_ms if not math.isnan(lat.p50_ms) else 0.0,
+            load_p99_ms=lat.p99_ms if not math.isnan(lat.p99_ms) else 0.0,
+            regions_cached=len(self._regions),
+            cache=cache,
+            loader=loader,
+            journal=js,
+        )
+
+    @property
+    def manifest(self) -> WorldManifest:
+        if self._manifest is None:
+            raise WorldClosed("world is not open", path=str(self.path))
+        return self._manifest
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+
+def _generate(
+    gen: TerrainGenerator, keys: Sequence[ChunkKey], stored: set[ChunkKey], region_size: int
+) -> Mapping[ChunkKey, tuple[Tiles, ChunkDefaults | None]]:
+    """Worker-thread half of a load: terrain for every key and defaults for pristine chunks,
+    in one hop."""
+    out: dict[ChunkKey, tuple[Tiles, ChunkDefaults | None]] = {}
+    for (cx, cy), tiles in zip(keys, gen.chunks_tiles(list(keys)), strict=True):
+        defaults = None if (cx, cy) in stored else gen.chunk_defaults(cx, cy, region_size)
+        out[(cx, cy)] = (tiles, defaults)
+    return out

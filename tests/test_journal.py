@@ -1,0 +1,281 @@
+"""The write-ahead journal: group commit, torn tails, segment rotation/deletion, interval mode."""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from streamer.config import Config, RuntimeSettings, StorageSettings
+from streamer.errors import StorageUnavailable
+from streamer.format.region import decode_region, region_key
+from streamer.runtime.journal import JOURNAL_DIR, Journal, JournalBatch, segment_name
+from streamer.runtime.world import open_world
+from streamer.schema.deltas import TileSet
+from streamer.storage.faultfs import SimulatedFileSystem
+from streamer.storage.local import LocalStore
+from streamer.worlddir import create_world
+
+
+async def run_sync(fn: Callable[..., Any], *args: Any) -> Any:
+    return await anyio.to_thread.run_sync(fn, *args)
+
+
+def ticks_of(batch: JournalBatch) -> dict[tuple[int, int], int]:
+    out: dict[tuple[int, int], int] = {}
+    for d in batch.deltas:
+        assert isinstance(d, TileSet)
+        region = (d.x // 512, d.y // 512)
+        out[region] = max(out.get(region, -1), d.tick)
+    return out
+
+
+def batch(j: Journal, tick: int, x: int = 0, tile: int = 1) -> JournalBatch:
+    return JournalBatch(seq=j.next_seq(), deltas=[TileSet(tick=tick, x=x, y=0, tile=tile)])
+
+
+def fsyncs(fs: SimulatedFileSystem) -> int:
+    return sum(1 for op in fs.ops if op.name == "fsync")
+
+
+async def test_group_commit_shares_fsyncs() -> None:
+    fs = SimulatedFileSystem()
+    durable: list[int] = []
+    j = Journal(fs, run_sync, on_durable=lambda bs: durable.extend(b.seq for b in bs))
+    await j.open(ticks_of)
+
+    async def submit(i: int) -> None:
+        b = batch(j, i + 1, x=i)
+        await j.append(b, ticks_of(b)).wait()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(j.run)
+        async with anyio.create_task_group() as clients:
+            for i in range(100):
+                clients.start_soon(submit, i)
+        j.begin_close()
+    await j.aclose()
+    assert sorted(durable) == list(range(1, 101))
+    # One fsync per group commit (plus closing): concurrency collapses 100 into a handful.
+    assert j.stats().commits <= 10
+    assert fsyncs(fs) <= 11
+    replay = await Journal(fs.durable_image(), run_sync).open(ticks_of)
+    assert [b.seq for b in replay.batches] == durable
+
+
+async def test_acknowledged_batches_survive_power_loss_and_order_is_kept() -> None:
+    fs = SimulatedFileSystem()
+    j = Journal(fs, run_sync)
+    await j.open(ticks_of)
+    acked: list[int] = []
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(j.run)
+        for t in range(1, 21):
+            b = batch(j, t)
+            await j.append(b, ticks_of(b)).wait()
+            acked.append(b.seq)
+        # Power loss now: the writer never closes cleanly.
+        image = fs.durable_image()
+        j.begin_close()
+    replay = await Journal(image, run_sync).open(ticks_of)
+    assert [b.seq for b in replay.batches] == acked
+
+
+async def _write_batches(fs: SimulatedFileSystem, n: int) -> list[JournalBatch]:
+    j = Journal(fs, run_sync)
+    await j.open(ticks_of)
+    out = []
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(j.run)
+        for t in range(1, n + 1):
+            b = batch(j, t, tile=t)
+            await j.append(b, ticks_of(b)).wait()
+            out.append(b)
+        j.begin_close()
+    await j.aclose()
+    return out
+
+
+async def test_torn_tail_cut_at_every_offset_is_discarded_durably() -> None:
+    fs = SimulatedFileSystem()
+    written = await _write_batches(fs, 4)
+    seg = segment_name(1)
+    full = fs.read(seg)
+    last_start = len(full) - (len(full) // 4)  # frames have equal size here
+    assert len(full) % 4 == 0
+    for cut in range(last_start, len(full) + 1):
+        image = fs.durable_image()
+        image.truncate(seg, cut)
+        first = await Journal(image, run_sync).open(ticks_of)
+        expect = 4 if cut == len(full) else 3
+        assert [b.seq for b in first.batches] == [b.seq for b in written[:expect]]
+        assert first.torn_bytes == (0 if cut == len(full) else cut - last_start)
+        # The cut is durable: a second open (even after another power loss) sees no tail.
+        second = await Journal(image.durable_image(), run_sync).open(ticks_of)
+        assert [b.seq for b in second.batches] == [b.seq for b in first.batches]
+        assert second.torn_bytes == 0
+
+
+async def test_segments_rotate_and_are_deleted_once_regions_pass_them() -> None:
+    fs = SimulatedFileSystem()
+    j = Journal(fs, run_sync, segment_bytes=4096)
+    await j.open(ticks_of)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(j.run)
+        # Region A (x=0) and region B (x=600) interleaved; ~120-byte frames.
+        for t in range(1, 201):
+            b = batch(j, t, x=0 if t % 2 else 600)
+            await j.append(b, ticks_of(b)).wait()
+        segs = j.segment_seqs()
+        assert len(segs) >= 4
+        on_disk = fs.listdir(JOURNAL_DIR)
+        assert len(on_disk) == len(segs)
+
+        # A is folded completely, B only up to tick 100: segments holding B ticks > 100 stay.
+        lpt = {(0, 0): 200, (1, 0): 100}
+        deleted = await j.collect(lambda r: lpt[r])
+        assert 0 < deleted < len(segs)
+        remaining = await Journal(fs.durable_image(), run_sync).open(ticks_of)
+        kept_ticks = [
+            d.tick
+            for b in remaining.batches
+            for d in b.deltas
+            if isinstance(d, TileSet) and d.x == 600
+        ]
+        assert kept_ticks and min(kept_ticks) <= 101 and max(kept_ticks) == 200
+
+        lpt[(1, 0)] = 200
+        await j.collect(lambda r: lpt[r])
+        assert fs.listdir(JOURNAL_DIR) == []
+        j.begin_close()
+    await j.aclose()
+
+
+async def test_interval_mode_acknowledges_before_fsync_and_fsyncs_periodically() -> None:
+    fs = SimulatedFileSystem()
+    j = Journal(fs, run_sync, durability="interval", fsync_interval_ms=20)
+    await j.open(ticks_of)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(j.run)
+        for t in range(1, 11):
+            b = batch(j, t)
+            await j.append(b, ticks_of(b)).wait()
+        assert j.stats().batches == 10
+        # Written (a killed process keeps them) but mostly not fsynced yet.
+        assert len((await Journal(fs, run_sync).open(ticks_of)).batches) == 10
+        assert fsyncs(fs) < 10
+        with anyio.fail_after(5):
+            while j.stats().unsynced_bytes:
+                await anyio.sleep(0.005)
+        replay = await Journal(fs.durable_image(), run_sync).open(ticks_of)
+        assert len(replay.batches) == 10
+        j.begin_close()
+    await j.aclose()
+
+
+async def test_failed_write_fails_the_group_and_later_batches_still_commit() -> None:
+    fs = SimulatedFileSystem()
+    j = Journal(fs, run_sync)
+    await j.open(ticks_of)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(j.run)
+        b1 = batch(j, 1)
+        await j.append(b1, ticks_of(b1)).wait()
+        fs.inject("fsync", errno.EIO, path_contains=JOURNAL_DIR)
+        b2 = batch(j, 2)
+        with pytest.raises(StorageUnavailable):
+            await j.append(b2, ticks_of(b2)).wait()
+        b3 = batch(j, 3)
+        await j.append(b3, ticks_of(b3)).wait()
+        j.begin_close()
+    await j.aclose()
+    replay = await Journal(fs.durable_image(), run_sync).open(ticks_of)
+    assert [b.seq for b in replay.batches] == [b1.seq, b3.seq]
+
+
+async def test_world_replay_after_torn_tail_is_exactly_once_and_lpt_never_regresses(
+    tmp_path: Path,
+) -> None:
+    fs = SimulatedFileSystem()
+    cfg = Config(runtime=RuntimeSettings(flush_interval_ms=60_000))
+    store = await LocalStore.open(tmp_path, fs=fs)
+    await create_world(store, seed=3)
+    async with open_world(tmp_path, cfg, fs=fs) as world:
+        for t in range(1, 4):
+            await world.submit([TileSet(tick=t, x=t, y=0, tile=100 + t)])
+        await world.flush()
+        for t in range(4, 7):
+            await world.submit([TileSet(tick=t, x=t, y=0, tile=100 + t)])
+        base = fs.durable_image()
+        await world.flush()  # what happens to `fs` after the image no longer matters
+    [seg] = base.listdir(JOURNAL_DIR)
+    seg_path = f"{JOURNAL_DIR}/{seg}"
+    full = base.read(seg_path)
+    frame = len(full) // 3
+    assert len(full) == 3 * frame
+
+    def lpt(image: SimulatedFileSystem) -> int:
+        rf = decode_region(image.read(region_key(0, 0)), rx=0, ry=0, path="r")
+        return rf.header.last_processed_tick
+
+    for cut in range(2 * frame, len(full) + 1):
+        image = base.durable_image()
+        image.truncate(seg_path, cut)
+        expected = {t: 100 + t for t in range(1, 6 if cut < len(full) else 7)}
+        before = lpt(image)
+        for _ in range(2):
+            async with open_world(tmp_path, cfg, fs=image) as world:
+                row = (await world.chunk(0, 0)).tiles[0]
+                got = {t: int(row[t]) for t in range(1, 7) if int(row[t]) >= 100}
+                assert got == expected
+            after = lpt(image)
+            assert after >= before
+            before = after
+            image = image.durable_image()
+
+
+async def test_world_counts_fsyncs_through_one_group_commit(tmp_path: Path) -> None:
+    fs = SimulatedFileSystem()
+    store = await LocalStore.open(tmp_path, fs=fs)
+    await create_world(store, seed=3)
+    cfg = Config(
+        runtime=RuntimeSettings(flush_interval_ms=60_000), storage=StorageSettings(fsync=True)
+    )
+    async with open_world(tmp_path, cfg, fs=fs) as world:
+        before = fsyncs(fs)
+        async with anyio.create_task_group() as tg:
+            for i in range(100):
+                tg.start_soon(world.submit, [TileSet(tick=1, x=i, y=i, tile=7)])
+        journal_fsyncs = fsyncs(fs) - before
+        assert journal_fsyncs <= 10
+        assert world.stats().journal_fsyncs == journal_fsyncs
+
+
+async def test_replay_skips_records_a_region_already_folded(tmp_path: Path) -> None:
+    """A segment kept alive by a lagging region must not re-apply another region's old deltas
+    over newer state whose own segment is already gone (exactly-once, not just at-least-once)."""
+    fs = SimulatedFileSystem()
+    store = await LocalStore.open(tmp_path, fs=fs)
+    await create_world(store, seed=3)
+    conf = Config(runtime=RuntimeSettings(flush_interval_ms=60_000, journal_segment_bytes=4096))
+    async with open_world(tmp_path, conf, fs=fs) as world:
+        padding = [TileSet(tick=1, x=i % 64, y=1 + i // 64, tile=5) for i in range(400)]
+        # Segment 1: region A's old value, region B's delta, enough bytes to rotate.
+        await world.submit(
+            [TileSet(tick=1, x=0, y=0, tile=1), TileSet(tick=1, x=600, y=0, tile=9), *padding]
+        )
+        # Segment 2: region A's newer value.
+        await world.submit([TileSet(tick=2, x=0, y=0, tile=2)])
+        assert world.stats().journal_segments == 2
+        # Fold region A only: segment 2 is passed and deleted, segment 1 stays for region B.
+        await world._flush_region(world._queues.regions[(0, 0)], True)
+        await world._after_flush()
+        assert world.stats().journal_segments == 1
+        image = fs.durable_image()
+    async with open_world(tmp_path, conf, fs=image) as world:
+        assert int((await world.chunk(0, 0)).tiles[0, 0]) == 2
+        assert int((await world.chunk(9, 0)).tiles[0, 600 % 64]) == 9
