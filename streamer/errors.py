@@ -31,6 +31,7 @@ about: a path or key, a region, a record id.
     │   └── TickAlreadyProcessed
     ├── RegionInactive              region marked inactive after unrecoverable corruption
     ├── SnapshotError               unknown snapshot id, snapshot failed verification
+    │   └── UnknownSnapshot         no complete snapshot has that id (lists the ones there are)
     └── ProtocolError
         └── FrameTooLarge
 """
@@ -202,3 +203,13 @@ class ProtocolError(StreamerError):
 
 class FrameTooLarge(ProtocolError):
     pass
+
+
+class UnknownSnapshot(SnapshotError):
+    """No complete snapshot has this id; ``available`` lists the ids that do exist."""
+
+    def __init__(self, snapshot_id: str, available: list[str]) -> None:
+        listing = ", ".join(available) if available else "none"
+        super().__init__(f"no snapshot {snapshot_id!r} (available: {listing})")
+        self.snapshot_id = snapshot_id
+        self.available = available
