@@ -153,7 +153,9 @@ def _merge(base: dict[str, Any], over: Mapping[str, Mapping[str, Any]]) -> dict[
     return merged
 
 
-def load_config(path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None) -> Config:
+def load_config(
+    path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None
+) -> Config:
     """Load settings from ``path`` (TOML) with environment overrides applied on top.
 
     ``path=None`` uses only defaults and the environment.

@@ -43,8 +43,13 @@ async def create_world(
 
     :raises WorldExists: a manifest is already there.
     """
-    from streamer.worldgen import DEFAULT_PARAMS, GENERATOR_NAME, GENERATOR_VERSION
-    from streamer.worldgen import params_from_dict, params_to_dict
+    from streamer.worldgen import (
+        DEFAULT_PARAMS,
+        GENERATOR_NAME,
+        GENERATOR_VERSION,
+        params_from_dict,
+        params_to_dict,
+    )
 
     params = params_to_dict(
         DEFAULT_PARAMS if generator_params is None else params_from_dict(generator_params)
@@ -62,7 +67,9 @@ async def create_world(
     try:
         await store.put_if_match(MANIFEST_KEY, encode_manifest(manifest), None)
     except PreconditionFailed:
-        raise WorldExists("a world already exists here; refusing to overwrite it", path=where) from None
+        raise WorldExists(
+            "a world already exists here; refusing to overwrite it", path=where
+        ) from None
     return manifest
 
 

@@ -27,7 +27,7 @@ class UsageError(Exception):
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    from streamer.cli import bench_cmd, run_cmd, world_cmds
+    from streamer.cli import bench_cmd, migrate_cmd, run_cmd, snapshot_cmds, world_cmds
 
     parser = argparse.ArgumentParser(prog="streamer", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
@@ -38,6 +38,8 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     world_cmds.register(sub)
+    snapshot_cmds.register(sub)
+    migrate_cmd.register(sub)
     run_cmd.register(sub)
     bench_cmd.register(sub)
     return parser

@@ -14,7 +14,9 @@ from streamer.worlddir import create_world, read_manifest
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("run", help="main job: create the configured world if absent and serve it")
-    p.add_argument("--path", type=Path, default=None, help="world directory (default: [world].path)")
+    p.add_argument(
+        "--path", type=Path, default=None, help="world directory (default: [world].path)"
+    )
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_run)
 

@@ -16,6 +16,8 @@ from streamer.cli.main import EXIT_OK, EXIT_PROBLEMS, UsageError, run_async
 from streamer.errors import WorldExists
 from streamer.format.manifest import WorldManifest
 from streamer.recovery.check import check_world
+from streamer.recovery.incidents import check_incident_log
+from streamer.recovery.snapshots import snapshot_check
 from streamer.worlddir import create_world, read_manifest
 
 
@@ -63,8 +65,10 @@ def cmd_init(args: argparse.Namespace) -> int:
                 bound_tiles=cfg.world.bound_tiles,
                 where=str(path),
             )
-        print(f"created world {m.world_id} at {path} (seed {m.seed}, "
-              f"region {m.region_size}x{m.region_size} chunks, {m.encoding})")
+        print(
+            f"created world {m.world_id} at {path} (seed {m.seed}, "
+            f"region {m.region_size}x{m.region_size} chunks, {m.encoding})"
+        )
         return EXIT_OK
 
     return run_async(body)
@@ -117,7 +121,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     async def body() -> int:
         async with await open_local_store(path, cfg) as store:
-            report = await check_world(store, where=str(path))
+            extra = [check_incident_log, snapshot_check(cfg.snapshots.min_valid)]
+            report = await check_world(store, where=str(path), extra=extra)
         if args.json:
             out = msgspec.to_builtins(report)
             out["healthy"] = report.healthy
@@ -128,8 +133,9 @@ def cmd_check(args: argparse.Namespace) -> int:
             for p in report.problems:
                 print(f"{p.file}: {p.kind}: {p.fault}")
             status = "healthy" if report.healthy else f"{len(report.problems)} problem(s)"
-            print(f"checked {report.files_checked} files ({report.regions_checked} regions): "
-                  f"{status}")
+            print(
+                f"checked {report.files_checked} files ({report.regions_checked} regions): {status}"
+            )
         return EXIT_OK if report.healthy else EXIT_PROBLEMS
 
     return run_async(body)
