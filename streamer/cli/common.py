@@ -7,6 +7,10 @@ from pathlib import Path
 
 from streamer.cli.main import UsageError
 from streamer.config import Config, default_config_path, load_config
+from streamer.recovery.check import ExtraCheck
+from streamer.recovery.inactive import check_inactive
+from streamer.recovery.incidents import check_incident_log
+from streamer.recovery.snapshots import snapshot_check
 from streamer.storage.base import BlobStore
 from streamer.storage.local import LocalStore
 
@@ -29,3 +33,8 @@ def require_world_dir(path: Path) -> Path:
 
 async def open_local_store(path: Path, cfg: Config) -> BlobStore:
     return await LocalStore.open(path, fsync=cfg.storage.fsync)
+
+
+def world_checks(cfg: Config) -> list[ExtraCheck]:
+    """Verifiers `check` runs beyond regions and journal: snapshots, incident log, inactive list."""
+    return [snapshot_check(cfg.snapshots.min_valid), check_incident_log, check_inactive]

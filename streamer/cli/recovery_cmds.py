@@ -18,18 +18,17 @@ from typing import Any
 import anyio.to_thread
 import msgspec
 
-from streamer.cli.common import load_settings, open_local_store, require_world_dir
+from streamer.cli.common import load_settings, open_local_store, require_world_dir, world_checks
 from streamer.cli.main import EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, Handler, UsageError, run_async
 from streamer.config import Config
 from streamer.errors import NotFound
 from streamer.format.region import region_key
-from streamer.recovery.check import ExtraCheck
-from streamer.recovery.inactive import check_inactive, load_inactive
-from streamer.recovery.incidents import Incident, IncidentLog, check_incident_log
+from streamer.recovery.inactive import load_inactive
+from streamer.recovery.incidents import Incident, IncidentLog
 from streamer.recovery.rebuild import rebuild_region, regenerate_world, region_in_bounds
 from streamer.recovery.repair import RepairReport, repair_world
 from streamer.recovery.salvage import SALVAGE_NAME, salvage_files
-from streamer.recovery.snapshots import list_snapshots, snapshot_check
+from streamer.recovery.snapshots import list_snapshots
 from streamer.storage.base import BlobStore
 from streamer.worlddir import WorldLock, read_manifest
 
@@ -120,10 +119,6 @@ async def locked_world(path: Path, cfg: Config) -> AsyncIterator[BlobStore]:
         await anyio.to_thread.run_sync(lock.release)
 
 
-def _extra_checks(cfg: Config) -> list[ExtraCheck]:
-    return [snapshot_check(cfg.snapshots.min_valid), check_incident_log, check_inactive]
-
-
 # --- region rebuild ---------------------------------------------------------------------
 
 
@@ -212,8 +207,13 @@ def cmd_regenerate(args: argparse.Namespace) -> int:
             f"{res.inactive_cleared} inactive region(s) cleared"
         )
         print(f"previous world: snapshot {res.snapshot} (`streamer restore` brings it back)")
+        if res.quarantined:
+            print(
+                f"{len(res.quarantined)} damaged region file(s) could not go into the snapshot; "
+                "kept in quarantine for `streamer salvage`:"
+            )
         for key, q in sorted(res.quarantined.items()):
-            print(f"damaged {key} kept in {q}")
+            print(f"  {key} -> {q}")
         print(f"incident {res.incident}; notify players")
         return EXIT_OK
 
@@ -363,7 +363,7 @@ def cmd_check_repair(args: argparse.Namespace) -> int:
 
     async def body() -> int:
         async with locked_world(path, cfg) as store:
-            report = await repair_world(store, where=str(path), extra=_extra_checks(cfg))
+            report = await repair_world(store, where=str(path), extra=world_checks(cfg))
         if getattr(args, "json", False):
             out = msgspec.to_builtins(report)
             out["ok"] = report.ok

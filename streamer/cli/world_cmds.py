@@ -11,13 +11,12 @@ from typing import Any
 
 import msgspec
 
-from streamer.cli.common import load_settings, open_local_store, require_world_dir
+from streamer.cli.common import load_settings, open_local_store, require_world_dir, world_checks
 from streamer.cli.main import EXIT_OK, EXIT_PROBLEMS, UsageError, run_async
+from streamer.cli.recovery_cmds import add_repair_option
 from streamer.errors import WorldExists
 from streamer.format.manifest import WorldManifest
 from streamer.recovery.check import check_world
-from streamer.recovery.incidents import check_incident_log
-from streamer.recovery.snapshots import snapshot_check
 from streamer.worlddir import create_world, read_manifest
 
 
@@ -38,6 +37,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("path", type=Path)
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_check)
+    add_repair_option(p)
 
 
 def cmd_init(args: argparse.Namespace) -> int:
@@ -121,8 +121,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     async def body() -> int:
         async with await open_local_store(path, cfg) as store:
-            extra = [check_incident_log, snapshot_check(cfg.snapshots.min_valid)]
-            report = await check_world(store, where=str(path), extra=extra)
+            report = await check_world(store, where=str(path), extra=world_checks(cfg))
         if args.json:
             out = msgspec.to_builtins(report)
             out["healthy"] = report.healthy
