@@ -89,7 +89,7 @@ def decode_manifest(data: bytes, path: str = MANIFEST_KEY) -> WorldManifest:
     """
     try:
         raw = msgspec.json.decode(data)
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise MalformedFile(f"world manifest is not valid JSON: {exc}", path=path) from None
     if not isinstance(raw, dict) or raw.get("type") != "world":
         raise MalformedFile("not a world manifest (type != 'world')", path=path)

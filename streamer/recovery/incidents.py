@@ -134,11 +134,16 @@ def _encode_line(incident: Incident) -> bytes:
 def _parse_line(line: bytes) -> Incident | None:
     try:
         raw = msgspec.json.decode(line)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, UnicodeDecodeError):
         return None
     if not isinstance(raw, dict) or not isinstance(raw.get("checksum"), str):
         return None
     if raw["checksum"] != hex64(xxh3(_canonical(raw))):
+        return None
+    # The checksum covers the decoded record, not the bytes: a line with a duplicated key
+    # (two torn lines spliced together; JSON's last key wins) would verify as the second
+    # incident and silently swallow the first. Only the exact encoding we write is accepted.
+    if _ENCODER.encode(raw) != line:
         return None
     raw.pop("checksum")
     try:

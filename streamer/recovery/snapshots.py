@@ -227,7 +227,7 @@ def _seal(obj: msgspec.Struct) -> bytes:
 def _unseal(data: bytes, path: str, kind: str) -> dict[str, Any]:
     try:
         raw = msgspec.json.decode(data)
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise MalformedFile(f"{kind} is not valid JSON: {exc}", path=path) from None
     if not isinstance(raw, dict) or raw.get("type") != kind:
         raise MalformedFile(f"not a {kind} record (type != {kind!r})", path=path)

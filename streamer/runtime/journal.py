@@ -88,7 +88,7 @@ def decode_batch(payload: bytes, *, where: str) -> JournalBatch:
     """:raises MalformedFile: the frame verified but does not hold a JournalBatch v1."""
     try:
         batch = _DECODER.decode(payload)
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise MalformedFile(
             f"journal frame is not a valid journal batch: {exc}", path=where
         ) from None

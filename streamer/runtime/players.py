@@ -48,7 +48,7 @@ def decode_players(data: bytes, *, path: str = PLAYERS_KEY) -> dict[str, RegionK
         )
     try:
         return dict(_DECODER.decode(body))
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise MalformedFile(f"player index does not decode: {exc}", path=path) from None
 
 
