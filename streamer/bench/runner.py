@@ -14,13 +14,16 @@ Bench = Callable[[Path, bool], Awaitable[list[Figure]]]
 
 
 def _registry() -> dict[str, Bench]:
-    from streamer.bench import storage_bench
+    from streamer.bench import runtime_bench, storage_bench
     from streamer.migrate.bench import migration_bench
 
     return {
         "region-writes": storage_bench.region_writes,
         "chunk-reads": storage_bench.chunk_reads,
         "migrate": migration_bench,
+        "chunk-loads": runtime_bench.chunk_loads,
+        "durable-deltas": runtime_bench.durable_deltas,
+        "region-flushes": runtime_bench.region_flushes,
     }
 
 

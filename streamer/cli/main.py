@@ -27,7 +27,15 @@ class UsageError(Exception):
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    from streamer.cli import bench_cmd, migrate_cmd, run_cmd, snapshot_cmds, world_cmds
+    from streamer.cli import (
+        bench_cmd,
+        demo_cmd,
+        migrate_cmd,
+        recovery_cmds,
+        run_cmd,
+        snapshot_cmds,
+        world_cmds,
+    )
 
     parser = argparse.ArgumentParser(prog="streamer", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
@@ -40,7 +48,9 @@ def _build_parser() -> argparse.ArgumentParser:
     world_cmds.register(sub)
     snapshot_cmds.register(sub)
     migrate_cmd.register(sub)
+    recovery_cmds.register(sub)
     run_cmd.register(sub)
+    demo_cmd.register(sub)
     bench_cmd.register(sub)
     return parser
 

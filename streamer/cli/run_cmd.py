@@ -1,50 +1,36 @@
-"""`streamer run`: the main job on the embedded local store (what ./scripts/run starts)."""
+"""`streamer run`: the main job (what ./scripts/run starts).
+
+Creates the configured world if absent, then drives a modest demo load on it (simulated
+players walking, loading chunks and editing tiles; see ``streamer demo``) and prints what
+it measured.
+"""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from streamer.cli.common import load_settings, open_local_store
-from streamer.cli.main import EXIT_OK, run_async
-from streamer.cli.world_cmds import manifest_summary, print_summary
-from streamer.errors import WorldNotFound
-from streamer.worlddir import create_world, read_manifest
+from streamer.cli.common import load_settings
+from streamer.cli.demo_cmd import add_load_options, demo_options, run_demo
+from streamer.cli.main import UsageError
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("run", help="main job: create the configured world if absent and serve it")
+    p = sub.add_parser(
+        "run",
+        help="main job: create the configured world if absent and run a short demo load on it",
+    )
     p.add_argument(
         "--path", type=Path, default=None, help="world directory (default: [world].path)"
     )
-    p.add_argument("--json", action="store_true")
+    add_load_options(p, players=8, duration=10.0)
     p.set_defaults(handler=cmd_run)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    options = demo_options(args)
     cfg = load_settings(args)
     path: Path = args.path if args.path is not None else Path(cfg.world.path)
-
-    async def body() -> int:
-        path.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - CLI startup, loop idle
-        async with await open_local_store(path, cfg) as store:
-            try:
-                m = await read_manifest(store, where=str(path))
-                created = False
-            except WorldNotFound:
-                m = await create_world(
-                    store,
-                    seed=cfg.world.seed,
-                    region_size=cfg.world.region_size,
-                    encoding=cfg.world.encoding,
-                    bound_tiles=cfg.world.bound_tiles,
-                    where=str(path),
-                )
-                created = True
-            regions = len(await store.list("regions/"))
-        if not args.json:
-            print(f"{'created' if created else 'opened'} world at {path}")
-        print_summary(manifest_summary(path, m, regions), args.json)
-        return EXIT_OK
-
-    return run_async(body)
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{path}: exists and is not a directory")
+    return run_demo(path, cfg, options, as_json=args.json)

@@ -1,0 +1,551 @@
+"""Runtime benchmarks: the world as a shard server uses it, against this machine's limits.
+
+Each bench measures its limit and a SQLite baseline in the same run as the figure itself:
+
+- ``chunk_loads``: ``world.chunk`` on a cold chunk cache over page-cached region files of
+  edited chunks. Limit: terrain generation on one core (``TerrainGenerator.chunk_tiles``),
+  the one step a load cannot skip. Baseline: SQLite row per chunk (SELECT + decode + the
+  same terrain generation and apply).
+- ``durable_deltas``: many concurrent submitters, ``durability="sync"`` with fsync. Limit:
+  raw ``write`` + ``fsync`` of one batch-sized frame, times the batch size (what a journal
+  without group commit could do). Baseline: SQLite read-modify-write of each touched chunk's
+  record, one ``synchronous=FULL`` transaction per batch.
+- ``region_flushes``: dirty regions folded into new region files by ``world.flush``. Limit:
+  raw atomic replace of a file of the same size. Baseline: one SQLite transaction per region
+  rewriting its dirty chunk rows.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio
+import anyio.to_thread
+import msgspec
+
+from streamer.bench.limits import atomic_replace_per_s
+from streamer.bench.report import Figure
+from streamer.config import Config
+from streamer.coords import CHUNK_SIZE, local_index
+from streamer.format.region import decode_region
+from streamer.loadtest.stats import LatencyRecorder
+from streamer.runtime.regionstate import build_chunk
+from streamer.runtime.world import open_world
+from streamer.schema.codec import ChunkCodec, pack_tiles, unpack_tiles
+from streamer.schema.deltas import TileSet
+from streamer.schema.records import ChunkRecord
+from streamer.storage.local import LocalStore
+from streamer.worlddir import create_world, read_manifest
+from streamer.worldgen import TerrainGenerator, params_from_dict
+
+__all__ = ["chunk_loads", "durable_deltas", "region_flushes"]
+
+_SEED = 20261126
+_REGION = 8  # chunks per region side, the default
+_CODEC = ChunkCodec("msgpack")
+
+
+@dataclass(frozen=True)
+class LoadSizes:
+    regions: int
+    rounds: int
+    callers: int
+
+
+@dataclass(frozen=True)
+class DeltaSizes:
+    submitters: int
+    batch: int
+    seconds: float
+    probe_fsyncs: int
+    #: A second, lighter closed loop: what latency a shard sees when the journal is not
+    #: saturated (with 64 x 64 deltas always in flight, Little's law sets p99 >= 4096 / rate).
+    light_submitters: int = 8
+
+
+@dataclass(frozen=True)
+class FlushSizes:
+    regions: int
+    rounds: int
+    chunks_per_region: int
+
+
+def _config(*, fsync: bool = True, flush_interval_ms: int = 1000) -> Config:
+    cfg = Config()
+    rt = msgspec.structs.replace(
+        cfg.runtime, durability="sync", flush_interval_ms=flush_interval_ms
+    )
+    st = msgspec.structs.replace(cfg.storage, fsync=fsync)
+    return msgspec.structs.replace(cfg, runtime=rt, storage=st)
+
+
+async def _new_world(path: Path) -> TerrainGenerator:
+    await anyio.to_thread.run_sync(path.mkdir)
+    async with await LocalStore.open(path) as store:
+        await create_world(store, seed=_SEED, region_size=_REGION, where=str(path))
+        m = await read_manifest(store, where=str(path))
+    return TerrainGenerator(m.seed, params_from_dict(m.generator_params))
+
+
+def _region_chunks(rx: int, ry: int, count: int = _REGION * _REGION) -> list[tuple[int, int]]:
+    x0, y0 = rx * _REGION, ry * _REGION
+    return [(x0 + i % _REGION, y0 + i // _REGION) for i in range(count)]
+
+
+def _edits(cx: int, cy: int, tick: int, n: int, salt: int = 0) -> list[TileSet]:
+    """``n`` tile edits at distinct, scattered tiles of chunk ``(cx, cy)``."""
+    out = []
+    for k in range(n):
+        i = (k * 997 + salt * 131) % (CHUNK_SIZE * CHUNK_SIZE)
+        x, y = cx * CHUNK_SIZE + i % CHUNK_SIZE, cy * CHUNK_SIZE + i // CHUNK_SIZE
+        out.append(TileSet(tick=tick, x=x, y=y, tile=1 + (k + salt) % 60))
+    return out
+
+
+async def _populate(path: Path, keys: Sequence[tuple[int, int]], edits_per_chunk: int) -> int:
+    """Edit every chunk of ``keys`` and fold it into region files (no fsync: setup only).
+
+    Returns the last tick used: later deltas must be above it.
+    """
+    async with open_world(path, _config(fsync=False)) as world:
+        batch: list[TileSet] = []
+        tick = 1
+        for cx, cy in keys:
+            batch.extend(_edits(cx, cy, tick, edits_per_chunk))
+            if len(batch) >= 4096:
+                await world.submit(batch)
+                batch, tick = [], tick + 1
+        if batch:
+            await world.submit(batch)
+        await world.flush()
+    return tick
+
+
+def _sqlite(path: Path) -> sqlite3.Connection:
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=FULL")
+    db.execute(
+        "CREATE TABLE IF NOT EXISTS chunks (cx INTEGER NOT NULL, cy INTEGER NOT NULL, "
+        "data BLOB NOT NULL, PRIMARY KEY (cx, cy)) WITHOUT ROWID"
+    )
+    return db
+
+
+def _read_files(paths: Sequence[Path]) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for p in paths}
+
+
+def _region_files(world: Path) -> list[Path]:
+    return sorted((world / "regions").glob("*.region"))
+
+
+def _mean_size(paths: Sequence[Path]) -> int:
+    return sum(p.stat().st_size for p in paths) // max(1, len(paths))
+
+
+def _apply_tiles(rec: ChunkRecord, tiles: Sequence[TileSet], *, where: str) -> ChunkRecord:
+    """``rec`` with tile overrides set: the read-modify-write a per-chunk store must do."""
+    idx, val = unpack_tiles(rec.tile_idx, rec.tile_val, where=where)
+    merged = dict(zip(idx.tolist(), val.tolist(), strict=True))
+    for t in tiles:
+        merged[local_index(t.x, t.y)] = t.tile
+    keys = sorted(merged)
+    tile_idx, tile_val = pack_tiles(keys, [merged[k] for k in keys])
+    return msgspec.structs.replace(rec, tile_idx=tile_idx, tile_val=tile_val)
+
+
+def _terrain_per_s(gen: TerrainGenerator, keys: Sequence[tuple[int, int]]) -> float:
+    gen.chunk_tiles(keys[0][0], keys[0][1])  # first-call setup is not a rate
+    t0 = time.perf_counter()
+    for cx, cy in keys:
+        gen.chunk_tiles(cx, cy)
+    return len(keys) / (time.perf_counter() - t0)
+
+
+# -- (a) chunk loads ----------------------------------------------------------------------
+
+
+async def chunk_loads(work: Path, quick: bool, *, sizes: LoadSizes | None = None) -> list[Figure]:
+    s = sizes or (LoadSizes(4, 2, 16) if quick else LoadSizes(16, 3, 16))
+    world = work / "loads"
+    gen = await _new_world(world)
+    keys = [k for r in range(s.regions) for k in _region_chunks(r, 0)]
+    await _populate(world, keys, edits_per_chunk=32)
+    files = await anyio.to_thread.run_sync(_region_files, world)
+
+    total_loads = 0
+    elapsed = 0.0
+    latency = LatencyRecorder()
+    for _ in range(s.rounds):
+        # Page cache warm (read just now), chunk cache cold (a newly opened world).
+        await anyio.to_thread.run_sync(_read_files, files)
+        async with open_world(world, _config()) as w:
+
+            async def caller(mine: Sequence[tuple[int, int]]) -> None:
+                for cx, cy in mine:
+                    t = time.perf_counter()
+                    await w.chunk(cx, cy)
+                    latency.add(time.perf_counter() - t)
+
+            t0 = time.perf_counter()
+            async with anyio.create_task_group() as tg:
+                for i in range(s.callers):
+                    tg.start_soon(caller, keys[i :: s.callers])
+            elapsed += time.perf_counter() - t0
+            total_loads += w.stats().loader.loads
+    ours = total_loads / elapsed
+
+    limit = await anyio.to_thread.run_sync(
+        _terrain_per_s, gen, [(cx + 4096, cy) for cx, cy in keys]
+    )
+
+    db_path = work / "loads.sqlite"
+    blobs = await anyio.to_thread.run_sync(_read_files, files)
+
+    def sqlite_fill() -> None:
+        db = _sqlite(db_path)
+        db.execute("BEGIN")
+        for path, data in blobs.items():
+            rx, ry = (int(v) for v in path.name.split(".")[1:3])
+            rf = decode_region(data, rx=rx, ry=ry, path=str(path))
+            for (cx, cy), payload in rf.chunks.items():
+                db.execute("INSERT OR REPLACE INTO chunks VALUES (?, ?, ?)", (cx, cy, payload))
+        db.execute("COMMIT")
+        db.close()
+
+    def sqlite_loads() -> float:
+        done = 0
+        t0 = time.perf_counter()
+        for _ in range(s.rounds):
+            db = _sqlite(db_path)  # a fresh connection: SQLite's own page cache cold
+            for cx, cy in keys:
+                row = db.execute(
+                    "SELECT data FROM chunks WHERE cx = ? AND cy = ?", (cx, cy)
+                ).fetchone()
+                where = f"sqlite ({cx}, {cy})"
+                rec = _CODEC.decode(row[0], where=where).record
+                base = gen.chunk_tiles(cx, cy)
+                build_chunk(cx, cy, base, rec, None, (), where=where)
+                done += 1
+            db.close()
+        return done / (time.perf_counter() - t0)
+
+    await anyio.to_thread.run_sync(sqlite_fill)
+    baseline = await anyio.to_thread.run_sync(sqlite_loads)
+    return [
+        Figure(
+            name="chunk loads (cold cache, warm page cache)",
+            value=ours,
+            unit="chunks/s",
+            limit=limit,
+            limit_name="terrain gen, 1 core",
+            baseline=baseline,
+            baseline_name="sqlite row per chunk",
+            goal_ratio=0.7,
+            note=(
+                f"{len(keys)} edited chunks in {s.regions} region files, {s.callers} concurrent "
+                f"callers of world.chunk, {s.rounds} rounds; load p50 "
+                f"{latency.percentile_ms(50):.1f} ms, p99 {latency.percentile_ms(99):.1f} ms"
+            ),
+        )
+    ]
+
+
+# -- (b) durable deltas -------------------------------------------------------------------
+
+
+def _append_fsync_per_s(directory: Path, n: int, size: int) -> float:
+    """Serial ``write`` + ``fsync`` of ``size``-byte frames appended to one file, per second."""
+    payload = os.urandom(size)
+    fd = os.open(directory / "append.bin", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        os.write(fd, payload)
+        os.fsync(fd)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            os.write(fd, payload)
+            os.fsync(fd)
+        elapsed = time.perf_counter() - t0
+    finally:
+        os.close(fd)
+    return n / elapsed
+
+
+def _submitter_batch(task: int, seq: int, tick: int, size: int) -> list[TileSet]:
+    """Task ``task`` edits its own region: a 2x2 block of chunks that moves each batch."""
+    rx, ry = task % 8, task // 8
+    block = seq % 16
+    cx0 = rx * _REGION + (block % 4) * 2
+    cy0 = ry * _REGION + (block // 4) * 2
+    per = max(1, size // 4)
+    out: list[TileSet] = []
+    for j in range(4):
+        out.extend(_edits(cx0 + j % 2, cy0 + j // 2, tick, per, salt=seq))
+    return out[:size]
+
+
+async def _closed_loop(
+    submitters: int,
+    seconds: float,
+    submit: Callable[[int, int], Awaitable[int]],
+) -> tuple[float, LatencyRecorder]:
+    """Each submitter calls ``submit(task, seq)`` back to back until time is up."""
+    latency = LatencyRecorder()
+    acked = 0
+
+    async def run(task: int) -> None:
+        nonlocal acked
+        seq = 0
+        while time.perf_counter() < deadline:
+            t = time.perf_counter()
+            n = await submit(task, seq)
+            latency.add(time.perf_counter() - t)
+            acked += n  # not `acked += await ...`: that reads acked before the await
+            seq += 1
+
+    t0 = time.perf_counter()
+    deadline = t0 + seconds
+    async with anyio.create_task_group() as tg:
+        for task in range(submitters):
+            tg.start_soon(run, task)
+    return acked / (time.perf_counter() - t0), latency
+
+
+async def durable_deltas(
+    work: Path, quick: bool, *, sizes: DeltaSizes | None = None
+) -> list[Figure]:
+    s = sizes or (DeltaSizes(64, 64, 2.0, 300) if quick else DeltaSizes(64, 64, 6.0, 2000))
+    world = work / "deltas"
+    gen = await _new_world(world)
+
+    frame = len(msgspec.msgpack.encode(_submitter_batch(0, 0, 1 << 40, s.batch))) + 64
+    fsyncs = await anyio.to_thread.run_sync(_append_fsync_per_s, work, s.probe_fsyncs, frame)
+
+    async with open_world(world, _config()) as w:
+        # Regions loaded and the journal segment created before the clock starts.
+        async with anyio.create_task_group() as tg:
+            for task in range(s.submitters):
+                tg.start_soon(w.submit, _submitter_batch(task, 0, 1, 1))
+        base = w.stats()
+
+        tick0 = 2
+
+        async def submit(task: int, seq: int) -> int:
+            batch = _submitter_batch(task, seq, tick0 + seq, s.batch)
+            await w.submit(batch)
+            return len(batch)
+
+        ours, lat = await _closed_loop(s.submitters, s.seconds, submit)
+        after = w.stats()
+        tick0 = 1 << 40  # above every tick of the first loop, in every region
+        light, light_lat = await _closed_loop(s.light_submitters, s.seconds / 2, submit)
+    commits = after.journal_commits - base.journal_commits
+    batches = after.journal.batches - base.journal.batches
+
+    db_path = work / "deltas.sqlite"
+    db = _sqlite(db_path)
+    touched = {
+        (t.x // CHUNK_SIZE, t.y // CHUNK_SIZE)
+        for task in range(s.submitters)
+        for seq in range(16)
+        for t in _submitter_batch(task, seq, 0, s.batch)
+    }
+
+    def sqlite_fill() -> None:
+        db.execute("BEGIN")
+        for cx, cy in sorted(touched):
+            rec = ChunkRecord(
+                cx=cx,
+                cy=cy,
+                generator=gen.name,
+                generator_version=gen.version,
+                base_fingerprint=0,
+            )
+            db.execute("INSERT INTO chunks VALUES (?, ?, ?)", (cx, cy, _CODEC.encode(rec)))
+        db.execute("COMMIT")
+
+    def sqlite_batch(batch: list[TileSet]) -> None:
+        per_chunk: dict[tuple[int, int], list[TileSet]] = {}
+        for t in batch:
+            per_chunk.setdefault((t.x // CHUNK_SIZE, t.y // CHUNK_SIZE), []).append(t)
+        db.execute("BEGIN")
+        try:
+            for (cx, cy), tiles in per_chunk.items():
+                row = db.execute(
+                    "SELECT data FROM chunks WHERE cx = ? AND cy = ?", (cx, cy)
+                ).fetchone()
+                where = f"sqlite ({cx}, {cy})"
+                rec = _apply_tiles(_CODEC.decode(row[0], where=where).record, tiles, where=where)
+                db.execute(
+                    "UPDATE chunks SET data = ? WHERE cx = ? AND cy = ?",
+                    (_CODEC.encode(rec), cx, cy),
+                )
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    await anyio.to_thread.run_sync(sqlite_fill)
+    # One connection, one writer at a time (as SQLite allows): submitters queue for it, so
+    # their latency includes that wait, as a shard server's would.
+    sqlite_lock = anyio.Lock()
+
+    async def sqlite_submit(task: int, seq: int) -> int:
+        batch = _submitter_batch(task, seq, 2 + seq, s.batch)
+        async with sqlite_lock:
+            await anyio.to_thread.run_sync(sqlite_batch, batch)
+        return len(batch)
+
+    baseline, base_lat = await _closed_loop(s.submitters, s.seconds, sqlite_submit)
+    _, base_light_lat = await _closed_loop(s.light_submitters, s.seconds / 2, sqlite_submit)
+    db.close()
+
+    inflight = s.submitters * s.batch
+    label = f"{s.submitters} submitters x {s.batch}"
+    light_label = f"{s.light_submitters} submitters x {s.batch}"
+    return [
+        Figure(
+            name=f"durable deltas ({label}, sync)",
+            value=ours,
+            unit="deltas/s",
+            limit=fsyncs * s.batch,
+            limit_name=f"append+fsync {fsyncs:,.0f}/s x {s.batch}",
+            baseline=baseline,
+            baseline_name="sqlite RMW txn per batch",
+            goal_min=200_000,
+            note=(
+                f"{batches:,} batches in {commits:,} group commits "
+                f"({batches / max(1, commits):.1f} batches per fsync); {s.seconds:g} s closed loop"
+            ),
+        ),
+        Figure(
+            name=f"ack latency p99 ({label}, sync)",
+            value=lat.percentile_ms(99),
+            unit="ms",
+            limit=1000.0 / fsyncs,
+            limit_name="one append+fsync",
+            baseline=base_lat.percentile_ms(99),
+            baseline_name="sqlite RMW txn per batch",
+            goal_min=5.0,
+            lower_is_better=True,
+            note=(
+                f"p50 {lat.percentile_ms(50):.2f} ms; closed loop keeps {inflight:,} deltas in "
+                f"flight, so p99 >= {inflight:,} / throughput (Little's law): "
+                f"{inflight / ours * 1000:.1f} ms at the measured rate"
+            ),
+        ),
+        Figure(
+            name=f"ack latency p99 ({light_label}, sync)",
+            value=light_lat.percentile_ms(99),
+            unit="ms",
+            limit=1000.0 / fsyncs,
+            limit_name="one append+fsync",
+            baseline=base_light_lat.percentile_ms(99),
+            baseline_name="sqlite RMW txn per batch",
+            goal_min=5.0,
+            lower_is_better=True,
+            note=(
+                f"p50 {light_lat.percentile_ms(50):.2f} ms at {light:,.0f} deltas/s "
+                f"({s.seconds / 2:g} s closed loop, same world)"
+            ),
+        ),
+    ]
+
+
+# -- (c) region flushes -------------------------------------------------------------------
+
+
+async def region_flushes(
+    work: Path, quick: bool, *, sizes: FlushSizes | None = None
+) -> list[Figure]:
+    s = sizes or (FlushSizes(16, 3, 6) if quick else FlushSizes(64, 8, 6))
+    world = work / "flushes"
+    await _new_world(world)
+    regions = [(r % 8, r // 8) for r in range(s.regions)]
+    keys = [k for rx, ry in regions for k in _region_chunks(rx, ry, s.chunks_per_region)]
+    first = await _populate(world, keys, edits_per_chunk=64) + 1
+    files = await anyio.to_thread.run_sync(_region_files, world)
+    file_size = await anyio.to_thread.run_sync(_mean_size, files)
+
+    flushed = 0
+    elapsed = 0.0
+    # The timer never flushes on its own here: every flush measured is one world.flush() asks.
+    async with open_world(world, _config(flush_interval_ms=3_600_000)) as w:
+        async with anyio.create_task_group() as tg:
+            for rx, ry in regions:
+                tg.start_soon(w.submit, _edits(rx * _REGION, ry * _REGION, first, 1))
+        await w.flush()
+        for rnd in range(s.rounds):
+            tick = first + 1 + rnd
+            await w.submit(
+                [t for rx, ry in regions for t in _edits(rx * _REGION, ry * _REGION, tick, 1, rnd)]
+            )
+            before = w.stats().flushes
+            t0 = time.perf_counter()
+            await w.flush()
+            elapsed += time.perf_counter() - t0
+            flushed += w.stats().flushes - before
+    ours = flushed / elapsed
+
+    n_probe = max(50, s.regions * s.rounds)
+    limit = await anyio.to_thread.run_sync(atomic_replace_per_s, work, n_probe, file_size)
+
+    db_path = work / "flushes.sqlite"
+    blobs = await anyio.to_thread.run_sync(_read_files, files)
+
+    def sqlite_run() -> float:
+        db = _sqlite(db_path)
+        db.execute("BEGIN")
+        for path, data in blobs.items():
+            rx, ry = (int(v) for v in path.name.split(".")[1:3])
+            for (cx, cy), payload in decode_region(
+                data, rx=rx, ry=ry, path=str(path)
+            ).chunks.items():
+                db.execute("INSERT OR REPLACE INTO chunks VALUES (?, ?, ?)", (cx, cy, payload))
+        db.execute("COMMIT")
+        done = 0
+        t0 = time.perf_counter()
+        for rnd in range(s.rounds):
+            for rx, ry in regions:
+                cx, cy = rx * _REGION, ry * _REGION
+                where = f"sqlite ({cx}, {cy})"
+                db.execute("BEGIN")
+                row = db.execute(
+                    "SELECT data FROM chunks WHERE cx = ? AND cy = ?", (cx, cy)
+                ).fetchone()
+                rec = _CODEC.decode(row[0], where=where).record
+                rec = _apply_tiles(rec, _edits(cx, cy, 3 + rnd, 1, rnd), where=where)
+                db.execute(
+                    "UPDATE chunks SET data = ? WHERE cx = ? AND cy = ?",
+                    (_CODEC.encode(rec), cx, cy),
+                )
+                db.execute("COMMIT")
+                done += 1
+        rate = done / (time.perf_counter() - t0)
+        db.close()
+        return rate
+
+    baseline = await anyio.to_thread.run_sync(sqlite_run)
+    return [
+        Figure(
+            name="region flushes (world.flush)",
+            value=ours,
+            unit="regions/s",
+            limit=limit,
+            limit_name=f"raw atomic replace, {file_size / 1024:.0f} KiB",
+            baseline=baseline,
+            baseline_name="sqlite txn per region",
+            goal_ratio=0.8,
+            note=(
+                f"{s.regions} dirty regions ({s.chunks_per_region} edited chunks, ~{file_size:,} B "
+                f"each) per flush, {s.rounds} rounds; fold + atomic write, flush_concurrency "
+                f"{Config().runtime.flush_concurrency}"
+            ),
+        )
+    ]
