@@ -24,6 +24,16 @@ from streamer.errors import (
     WorldNotFound,
 )
 from streamer.runtime.chunk import Chunk
+from streamer.runtime.events import (
+    AnyEvent,
+    Event,
+    EventStream,
+    PlayerRelocated,
+    RegionInactiveEvent,
+    RegionRestored,
+    ScrubAlert,
+    SnapshotTaken,
+)
 from streamer.runtime.world import World, WorldStats, open_world
 from streamer.schema.deltas import (
     AnyDelta,
@@ -42,6 +52,14 @@ from streamer.schema.records import Character, Feature, ItemStack, Society, Stru
 
 __all__ = [
     "AnyDelta",
+    "AnyEvent",
+    "Event",
+    "EventStream",
+    "PlayerRelocated",
+    "RegionInactiveEvent",
+    "RegionRestored",
+    "ScrubAlert",
+    "SnapshotTaken",
     "Character",
     "Chunk",
     "Config",

@@ -44,7 +44,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeAlias
+from typing import Any, TypeAlias, cast
 
 import anyio
 import anyio.abc
@@ -66,13 +66,22 @@ from streamer.errors import (
 )
 from streamer.format.manifest import WorldManifest
 from streamer.format.region import region_key
+from streamer.recovery.snapshots import SnapshotInfo
 from streamer.runtime.cache import CacheStats, ChunkCache
 from streamer.runtime.chunk import Chunk, ChunkKey
+from streamer.runtime.events import EventStream
 from streamer.runtime.interest import InterestTracker
-from streamer.runtime.journal import Journal, JournalBatch, JournalStats, RegionTicks
+from streamer.runtime.journal import (
+    Journal,
+    JournalBatch,
+    JournalStats,
+    RegionTicks,
+    encode_batch_raw,
+)
 from streamer.runtime.loader import ChunkLoader, LoaderStats
 from streamer.runtime.players import PLAYERS_KEY, PlayerIndex, decode_players
 from streamer.runtime.queues import ChunkDelta, DeltaQueues, Queued, RegionKey, RegionQueue
+from streamer.runtime.recovery_hooks import RecoveryHooks, RecoveryStats
 from streamer.runtime.regionstate import (
     RegionState,
     apply_to_chunk,
@@ -81,6 +90,8 @@ from streamer.runtime.regionstate import (
     fold_region,
     region_state_from_bytes,
 )
+from streamer.runtime.scrubber import Scrubber
+from streamer.runtime.snapshotter import Snapshotter
 from streamer.schema.codec import ChunkCodec
 from streamer.schema.deltas import (
     AnyDelta,
@@ -129,8 +140,32 @@ _DELTA_TYPES = (
     StructureRemove,
     SocietyUpdate,
 )
+_DELTA_TYPE_SET = frozenset(_DELTA_TYPES)
+#: Exact delta types that involve no entity: a batch of only these needs no move resolution,
+#: no entity overlay and no player index, so it is routed once, before the journal.
+_PLAIN_TYPES = frozenset(
+    {TileSet, FeatureAdd, FeatureRemove, StructureUpsert, StructureRemove, SocietyUpdate}
+)
+_TILES_ONLY = frozenset({TileSet})
+_CHUNK_SHIFT = CHUNK_SIZE.bit_length() - 1
+assert 1 << _CHUNK_SHIFT == CHUNK_SIZE  # x >> shift is x // CHUNK_SIZE, negatives included
 _BATCH_DECODER = msgspec.msgpack.Decoder(list[AnyDelta])
 _BATCH_ENCODER = msgspec.msgpack.Encoder()
+
+
+class _Part:
+    """The deltas of one batch for one region, in batch order, with their ticks and chunks."""
+
+    __slots__ = ("chunks", "deltas", "ticks")
+
+    def __init__(self, ticks: list[int], chunks: list[ChunkKey], deltas: list[ChunkDelta]) -> None:
+        self.ticks = ticks
+        self.chunks = chunks
+        self.deltas = deltas
+
+
+#: A batch routed once (at submit): its parts per region, in order of first appearance.
+_Routed: TypeAlias = dict[RegionKey, _Part]
 
 
 class WorldStats(msgspec.Struct, frozen=True, kw_only=True):
@@ -157,6 +192,7 @@ class WorldStats(msgspec.Struct, frozen=True, kw_only=True):
     cache: CacheStats
     loader: LoaderStats
     journal: JournalStats
+    recovery: RecoveryStats = msgspec.field(default_factory=RecoveryStats)
 
 
 def open_world(
@@ -178,6 +214,8 @@ def open_world(
 
 
 def _delta_point(d: ChunkDelta) -> tuple[int, int]:
+    if type(d) is TileSet:
+        return d.x, d.y
     match d:
         case TileSet(x=x, y=y) | EntityRemove(x=x, y=y) | FeatureRemove(x=x, y=y):
             return x, y
@@ -235,8 +273,17 @@ class World:
         #: Entity state as of batches accepted but not yet durable: id → (batch seq, record or
         #: None if removed). EntityMove resolves its character here first.
         self._overlay: dict[str, tuple[int, Character | None]] = {}
+        #: Routing of batches accepted but not yet durable or failed, by journal seq: computed
+        #: once in ``submit``, used by ``_on_durable``. Value: (parts, no entity deltas).
+        self._routing: dict[int, tuple[_Routed, bool]] = {}
         #: Regions refused after unrecoverable corruption (the recovery ladder fills this).
         self._inactive: set[RegionKey] = set()
+        # Recovery integration lives in its own modules (runtime/recovery_hooks.py etc.).
+        self._recovery = RecoveryHooks(self)
+        self._snapshotter = Snapshotter(self, config.snapshots)
+        self._scrubber = Scrubber(
+            self, config.scrub, min_valid_snapshots=config.snapshots.min_valid
+        )
 
         self._flushes = 0
         self._flush_errors = 0
@@ -262,6 +309,11 @@ class World:
         tg.start_soon(self._journal.run, name="journal-writer")
         self._loader.run(tg)
         tg.start_soon(self._flush_scheduler, name="flush-scheduler")
+        self._recovery.start(tg)
+        if self.config.scrub.interval_s > 0:
+            tg.start_soon(self._scrubber.run, name="scrubber")
+        if self.config.snapshots.interval_s > 0:
+            tg.start_soon(self._snapshotter.run, name="snapshotter")
         return self
 
     async def __aexit__(
@@ -299,6 +351,7 @@ class World:
                     # would wrap it in an ExceptionGroup. Errors of our tasks still surface.
                     await tg.__aexit__(None, None, None)
                 finally:
+                    self._recovery.hub.close()
                     with anyio.CancelScope(shield=True):
                         await self._release()
         if flush_error is not None and _exc is None:
@@ -344,6 +397,10 @@ class World:
         limiter = anyio.CapacityLimiter(self.config.storage.io_threads)
         store = await LocalStore.open(self.path, fs=self._fs_override, fsync=fsync, limiter=limiter)
         self._store = store
+        # Before anything reads a region: a restore interrupted by a crash is finished first
+        # (it may replace world.json too), and inactive regions are known before replay.
+        if await self._recovery.open(store):
+            manifest = await read_manifest(store, where=where)
         self._manifest = manifest
         self._region_size = manifest.region_size
         self._bound = manifest.bound_tiles
@@ -382,11 +439,19 @@ class World:
         for batch in batches:
             regions.update(self._batch_ticks(batch))
         failed = await self._ensure_regions(regions)
-        for key, err in failed.items():
-            self._region_failed(key, err)
+        for err in failed.values():
+            if not isinstance(err, RegionInactive):
+                raise err  # unreadable and not recovered: replaying around it would lose deltas
+        dropped = 0
         for batch in batches:
             for delta in batch.deltas:
                 for region, chunk, d in self._route(delta):
+                    if region in failed:
+                        # Part of the inactive region's lost state (its data_loss incident);
+                        # player characters among them are remembered for relocation.
+                        self._recovery.note_dropped(region, d)
+                        dropped += 1
+                        continue
                     q = self._queues.regions[region]
                     if d.tick <= q.lpt:
                         continue  # already in the region file
@@ -396,6 +461,13 @@ class World:
                     self._replayed += 1
         if self._replayed:
             log.info("%s: replayed %d journaled deltas", self.path, self._replayed)
+        if dropped:
+            log.warning(
+                "%s: dropped %d journaled deltas of inactive regions %s",
+                self.path,
+                dropped,
+                sorted(failed),
+            )
 
     def _check_open(self) -> None:
         if self._closed or self._closing:
@@ -417,6 +489,38 @@ class World:
             raise DeltaError("EntityMove must be resolved before routing")
         region, chunk = self._region_of_point(*_delta_point(delta))
         return [(region, chunk, delta)]
+
+    def _route_batch(self, deltas: Sequence[AnyDelta], *, tiles_only: bool = False) -> _Routed:
+        """Route a batch of resolved deltas at once: per region, its deltas in batch order.
+
+        ``tiles_only``: every delta is exactly a ``TileSet`` (checked by the caller).
+        """
+        chunks: list[ChunkKey]
+        if tiles_only:
+            sh = _CHUNK_SHIFT
+            chunks = [(d.x >> sh, d.y >> sh) for d in cast(Sequence[TileSet], deltas)]
+        else:
+            chunks = []
+            for d in deltas:
+                if isinstance(d, EntityMove):
+                    raise DeltaError("EntityMove must be resolved before routing")
+                chunks.append(chunk_of(*_delta_point(d)))
+        ticks = [d.tick for d in deltas]
+        rs = self._region_size
+        region_of = {c: region_of_chunk(c[0], c[1], rs) for c in set(chunks)}
+        regions = set(region_of.values())
+        if len(regions) == 1:
+            return {regions.pop(): _Part(ticks, chunks, cast(list[ChunkDelta], list(deltas)))}
+        parts: _Routed = {}
+        for t, c, d in zip(ticks, chunks, cast(Sequence[ChunkDelta], deltas), strict=True):
+            region = region_of[c]
+            part = parts.get(region)
+            if part is None:
+                part = parts[region] = _Part([], [], [])
+            part.ticks.append(t)
+            part.chunks.append(c)
+            part.deltas.append(d)
+        return parts
 
     def _batch_ticks(self, batch: JournalBatch) -> RegionTicks:
         ticks: dict[RegionKey, int] = {}
@@ -549,6 +653,10 @@ class World:
         failed: dict[RegionKey, Exception] = {}
         wanted = set(keys)
         while True:
+            for k in wanted & self._inactive:
+                # Its file is quarantined (or gone): loading it would read as pristine.
+                if k not in self._regions:
+                    failed.setdefault(k, RegionInactive(*k))
             missing = [k for k in wanted if k not in self._regions and k not in failed]
             waiting = [self._region_loading[k] for k in missing if k in self._region_loading]
             mine = [k for k in missing if k not in self._region_loading]
@@ -569,6 +677,9 @@ class World:
                             failed[k] = bad
                             continue
                         self._install_region(state)
+                    # Still holding the loading slots: concurrent loaders wait for the
+                    # ladder's outcome instead of running it again.
+                    await self._recovery.recover_loaded(failed, mine)
                 except StreamerError as unreadable:
                     for k in mine:
                         if k not in self._regions:
@@ -585,11 +696,9 @@ class World:
         return failed
 
     def _region_failed(self, key: RegionKey, err: Exception) -> None:
-        """Hook for the recovery ladder: a region file failed verification or could not be read.
-
-        For now the error reaches the caller; the recovery engineer restores from a snapshot
-        here, or marks the region inactive (``self._inactive``).
-        """
+        """A region could not be loaded even after the recovery ladder (runtime/recovery_hooks)."""
+        if isinstance(err, RegionInactive):
+            return  # refused by design; logged and recorded when it became inactive
         log.error("region %s could not be loaded: %s", key, err)
 
     def _install_region(self, state: RegionState) -> None:
@@ -685,14 +794,20 @@ class World:
         :raises WorldClosed: the world is closed.
         """
         self._check_open()
-        batch = self._validate(list(deltas))
+        batch, encoded, kinds = self._validate(list(deltas))
         if not batch:
             return
         journal = self._journal
         assert journal is not None
         regions: dict[RegionKey, int] = {}
         moves: list[EntityMove] = []
-        for d in batch:
+        plain = kinds <= _PLAIN_TYPES
+        routed: _Routed | None = None
+        if plain:
+            # Nothing to resolve: route every delta once, here, for the whole write path.
+            routed = self._route_batch(batch, tiles_only=kinds == _TILES_ONLY)
+            regions = {r: len(part.ticks) for r, part in routed.items()}
+        for d in batch if not plain else ():
             if isinstance(d, EntityMove):
                 moves.append(d)
                 points = [(d.from_x, d.from_y), (d.to_x, d.to_y)]
@@ -725,36 +840,52 @@ class World:
             # tick checks, move resolution and journal order all see the same state.
             if any(r not in self._queues.regions for r in regions):
                 continue
-            expanded = self._expand(batch)
-            per_region: dict[RegionKey, list[int]] = {}
-            for d in expanded:
-                for region, _, part in self._route(d):
-                    per_region.setdefault(region, []).append(part.tick)
-            for region, ticks in per_region.items():
-                self._queues.regions[region].check_ticks(ticks)
-            jb = JournalBatch(seq=journal.next_seq(), deltas=list(expanded))
-            pending = journal.append(jb, {r: max(t) for r, t in per_region.items()})
-            for region, ticks in per_region.items():
-                self._queues.regions[region].reserve(ticks)
-            self._overlay_batch(jb)
+            if routed is None:
+                expanded: list[AnyDelta] = list(self._expand(batch))
+                parts = self._route_batch(expanded)
+            else:
+                expanded, parts = batch, routed
+            for region, part in parts.items():
+                self._queues.regions[region].check_ticks(part.ticks)
+            seq = journal.next_seq()
+            jb = JournalBatch(seq=seq, deltas=expanded)
+            # Without moves the journaled deltas are the validated ones: reuse that encoding.
+            payload = encode_batch_raw(seq, encoded) if len(expanded) == len(batch) else None
+            pending = journal.append(
+                jb, {r: max(part.ticks) for r, part in parts.items()}, payload=payload
+            )
+            self._routing[seq] = (parts, plain)
+            for region, part in parts.items():
+                self._queues.regions[region].reserve(part.ticks)
+            if not plain:
+                self._overlay_batch(jb)
             break
         await pending.wait()
 
-    def _validate(self, given: list[Delta]) -> list[AnyDelta]:
-        batch: list[AnyDelta] = []
-        for i, item in enumerate(given):
-            if not isinstance(item, _DELTA_TYPES):
-                raise DeltaError(
-                    f"delta #{i}: expected one of {', '.join(t.__name__ for t in _DELTA_TYPES)}, "
-                    f"got {type(item).__name__}"
-                )
-            batch.append(item)
+    def _validate(self, given: list[Delta]) -> tuple[list[AnyDelta], bytes, set[type]]:
+        """Check a batch; return it, its msgpack encoding and the exact types in it.
+
+        :raises DeltaError: the first bad delta, in batch order.
+        """
+        kinds: set[type] = set(map(type, given))
+        if not kinds <= _DELTA_TYPE_SET:
+            for i, item in enumerate(given):
+                if not isinstance(item, _DELTA_TYPES):
+                    raise DeltaError(
+                        f"delta #{i}: expected one of "
+                        f"{', '.join(t.__name__ for t in _DELTA_TYPES)}, got {type(item).__name__}"
+                    )
+        batch = cast(list[AnyDelta], given)
         try:
             # Round-trip through the typed decoder: Struct constructors do not check types,
             # and a record the journal cannot decode again must never be acknowledged.
-            _BATCH_DECODER.decode(_BATCH_ENCODER.encode(batch))
+            encoded = _BATCH_ENCODER.encode(batch)
+            _BATCH_DECODER.decode(encoded)
         except (msgspec.ValidationError, msgspec.EncodeError, TypeError, OverflowError) as err:
             raise DeltaError(f"malformed delta in batch: {err}") from None
+        if kinds == _TILES_ONLY and self._tiles_valid(cast(list[TileSet], batch)):
+            return batch, encoded, kinds
+        # The general checks; they also name the first bad delta the fast check found.
         for i, d in enumerate(batch):
             what = f"delta #{i} ({type(d).__name__}, tick {d.tick})"
             if d.tick < 0:
@@ -769,7 +900,18 @@ class World:
             if isinstance(d, StructureUpsert):
                 s = d.structure
                 self._check_point(s.x + s.w - 1, s.y + s.h - 1, what)
-        return batch
+        return batch, encoded, kinds
+
+    def _tiles_valid(self, batch: list[TileSet]) -> bool:
+        """Whether every tile edit passes the checks of ``_validate`` (one cheap pass)."""
+        limit = self._bound if self._bound > 0 else _I32 * CHUNK_SIZE // 2
+        low = -limit
+        for d in batch:
+            if d.tick < 0 or not (
+                low < d.x < limit and low < d.y < limit and 0 <= d.tile <= 0xFFFF
+            ):
+                return False
+        return True
 
     async def _sources_ready(self, moves: list[EntityMove]) -> bool:
         """Load the source chunks of moves not resolvable from pending state; True if none
@@ -856,28 +998,45 @@ class World:
 
     def _on_durable(self, batches: Sequence[JournalBatch]) -> None:
         """Journal hook, in journal order: queue each batch and update cached chunks."""
+        queues = self._queues.regions
         for jb in batches:
-            touched: dict[ChunkKey, list[ChunkDelta]] = {}
-            regions: set[RegionKey] = set()
-            for delta in jb.deltas:
-                for region, chunk, d in self._route(delta):
-                    q = self._queues.regions[region]
-                    q.push(Queued(d.tick, chunk, d))
-                    regions.add(region)
-                    self._index_player(d, region)
-                    touched.setdefault(chunk, []).append(d)
-            for region in regions:
-                self._queues.regions[region].settle()
-            for key, ds in touched.items():
-                cached = self._cache.peek(key)
-                if cached is not None:
-                    self._cache.put(key, apply_to_chunk(cached, ds))
-                    self._cache.mark_dirty(key)
-            self._clear_overlay(jb)
+            routed = self._routing.pop(jb.seq, None)
+            parts, plain = routed if routed is not None else (self._route_batch(jb.deltas), False)
+            for region, part in parts.items():
+                queues[region].extend(part.ticks, part.chunks, part.deltas)
+            if not plain:
+                for delta in jb.deltas:  # in batch order: a move removes, then places
+                    for region, _, d in self._route(delta):
+                        self._index_player(d, region)
+            for region in parts:
+                queues[region].settle()
+            for part in parts.values():
+                self._apply_cached(part)
+            if not plain:
+                self._clear_overlay(jb)
+
+    def _apply_cached(self, part: _Part) -> None:
+        """Apply a batch's deltas to the cached chunks they touch, one new chunk per chunk."""
+        cache = self._cache
+        hits = [key for key in dict.fromkeys(part.chunks) if key in cache]
+        if not hits:
+            return
+        groups: dict[ChunkKey, list[ChunkDelta]] = {key: [] for key in hits}
+        for c, d in zip(part.chunks, part.deltas, strict=True):
+            group = groups.get(c)
+            if group is not None:
+                group.append(d)
+        for key, ds in groups.items():
+            cached = cache.peek(key)  # again: putting an earlier chunk may have evicted it
+            if cached is not None:
+                cache.put(key, apply_to_chunk(cached, ds))
+                cache.mark_dirty(key)
 
     def _on_failed(self, batches: Sequence[JournalBatch]) -> None:
         for jb in batches:
-            for region in self._batch_ticks(jb):
+            routed = self._routing.pop(jb.seq, None)
+            regions = routed[0] if routed is not None else self._batch_ticks(jb)
+            for region in regions:
                 q = self._queues.regions.get(region)
                 if q is not None and q.pending:
                     q.settle()
@@ -907,9 +1066,24 @@ class World:
         for key, state in list(self._regions.items()):
             if state.upgraded and key not in seen:
                 todo.append(self._queues.add(key, state.lpt))
+        errors: list[Exception] = []
+
+        async def one(q: RegionQueue) -> None:
+            # One region's failure must neither cancel the others' flushes nor reach the
+            # caller wrapped in an ExceptionGroup (flush() documents plain errors).
+            try:
+                await self._flush_region(q, True)
+            except Exception as err:
+                self._flush_errors += 1
+                errors.append(err)
+
         async with anyio.create_task_group() as tg:
             for q in todo:
-                tg.start_soon(self._flush_region, q, True)
+                tg.start_soon(one, q)
+        for err in errors[1:]:
+            log.error("flush of a region failed too: %s", err)
+        if errors:
+            raise errors[0]
 
     async def _flush_region(self, q: RegionQueue, full: bool) -> bool:
         """Fold what ``q`` may fold now into a new region file. True if a file was written."""
@@ -1041,6 +1215,40 @@ class World:
                 tg.start_soon(look, key)
         return found[0] if found else None
 
+    # -- recovery -------------------------------------------------------------------------
+
+    def events(self, *, buffer: int = 256, history: bool = True) -> EventStream:
+        """Subscribe to runtime events (``streamer.RegionRestored``, ``PlayerRelocated``, ...).
+
+        Use as ``async with world.events() as events: async for ev in events: ...``. Each
+        subscriber has its own ``buffer``; a full one drops its oldest event (counted in
+        ``EventStream.dropped``) rather than slow the runtime down. ``history`` starts the
+        stream with the events retained so far, including those of the world's opening.
+        See ``runtime/events.py``.
+        """
+        return self._recovery.hub.subscribe(buffer=buffer, history=history)
+
+    async def snapshot(self, reason: str = "manual") -> SnapshotInfo:
+        """Flush everything, then take a verified snapshot with writes paused; rotate.
+
+        :raises SnapshotError: a file failed verification or kept changing.
+        :raises WorldClosed: the world is closed.
+        """
+        self._check_open()
+        return await self._snapshotter.snapshot(reason=reason)
+
+    async def terrain(self, cx: int, cy: int) -> Tiles:
+        """The generated terrain of chunk ``(cx, cy)`` without edits; works in inactive regions."""
+        self._check_open()
+        self._check_chunk(cx, cy)
+        gen = self._gen
+        assert gen is not None
+        return await anyio.to_thread.run_sync(gen.chunk_tiles, cx, cy, limiter=self._cpu_limiter)
+
+    @property
+    def inactive_regions(self) -> frozenset[RegionKey]:
+        return frozenset(self._inactive)
+
     # -- metrics --------------------------------------------------------------------------
 
     def stats(self) -> WorldStats:
@@ -1085,6 +1293,7 @@ class World:
             cache=cache,
             loader=loader,
             journal=js,
+            recovery=self._recovery.stats(),
         )
 
     @property

@@ -1,0 +1,750 @@
+"""The runtime's side of recovery: what ``World`` does when a region file fails verification.
+
+The recovery ladder itself (``recovery/ladder.py``) decides and records: restore the newest
+valid snapshot copy, or quarantine the file and mark the region inactive. This module makes
+the running world consistent with that decision.
+
+**Restored.** The snapshot copy is older than the damaged file: its lastProcessedTick ``S``
+is below what the region had folded. Every acknowledged delta of the region with
+``tick > S`` that is still in the journal is re-applied: at open, replay does it by itself
+(it keeps the records above the installed region's lpt); while running, the live journal
+segments are read back and the region's records in ``(S, old lpt]`` are queued in front of
+whatever is queued, before the region becomes visible to other tasks (so no new delta can
+slip in between and break the tick order). The queue's lpt is lowered to ``S`` first, so
+journal collection keeps those segments until the region is folded past them again.
+Deltas whose segments were already deleted are gone: when the damaged file's header still
+names a higher tick than the journal covers, a ``data_loss`` incident says which ticks.
+Cached chunks of the region are dropped, so nothing is served that storage no longer holds.
+
+**Inactive.** The region joins ``World._inactive``; ``chunk``/``submit`` refuse it with
+``RegionInactive``; its journal records are dropped at replay. Player characters indexed in
+it are relocated by a worker in the world's task group (:meth:`RecoveryHooks.run`): to the
+spawn point of the nearest active region (square rings outward), else the world spawn, with
+an ``EntityUpsert`` submitted like any delta (journaled, so durable and replayed), and a
+``PlayerRelocated`` event. The record moved is the newest copy found: the journal, then
+cached chunks, then what salvage reads from the quarantined file; failing all of that a
+fresh character is created (``reason`` says ``record_lost``).
+
+**Scrub found a damaged file of a region held in memory.** The runtime holds that region's
+verified content (what it last read or wrote), so the damaged bytes are quarantined and the
+file is rewritten from memory as a new generation: nothing is lost, nothing is regenerated.
+Regions not in memory go through the ladder exactly as a chunk load would.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from functools import partial
+from typing import TYPE_CHECKING, Any, Final
+
+import anyio
+import anyio.abc
+import anyio.to_thread
+import msgspec
+
+from streamer.coords import region_chunks
+from streamer.errors import (
+    DeltaError,
+    IntegrityError,
+    NotFound,
+    RegionInactive,
+    StreamerError,
+    WorldClosed,
+)
+from streamer.format.journal import scan_frames
+from streamer.format.region import decode_region, region_key
+from streamer.recovery.inactive import load_inactive
+from streamer.recovery.incidents import IncidentLog
+from streamer.recovery.ladder import RecoveryOutcome, recover_region
+from streamer.recovery.quarantine import quarantine_bytes
+from streamer.recovery.rebuild import region_in_bounds
+from streamer.recovery.salvage import salvage_bytes
+from streamer.recovery.snapshots import finish_interrupted_restore
+from streamer.runtime.events import (
+    EventHub,
+    PlayerRelocated,
+    RegionInactiveEvent,
+    RegionRestored,
+)
+from streamer.runtime.journal import JournalBatch, decode_batch
+from streamer.runtime.queues import ChunkDelta, Queued, RegionKey
+from streamer.runtime.regionstate import RegionState, fold_region, region_state_from_bytes
+from streamer.schema.deltas import EntityRemove, EntityUpsert
+from streamer.schema.records import Character
+from streamer.storage.local import LocalStore
+
+if TYPE_CHECKING:
+    from streamer.runtime.world import World
+
+__all__ = ["RecoveryCounters", "RecoveryHooks", "RecoveryStats"]
+
+log = logging.getLogger(__name__)
+
+#: Rings of regions searched for an active landing region before the world spawn is used.
+LANDING_RINGS: Final = 8
+#: Attempts to find a tick the landing region accepts (concurrent submits may move it).
+_TICK_ATTEMPTS: Final = 8
+#: A relocation that failed (storage trouble) is retried after this long.
+RELOCATE_RETRY_S: Final = 5.0
+_JOURNAL_BATCH: Final = 16
+
+
+class RecoveryStats(msgspec.Struct, frozen=True, kw_only=True):
+    """Recovery metrics in ``WorldStats.recovery``."""
+
+    regions_restored: int = 0
+    regions_rewritten_from_memory: int = 0
+    regions_inactive: int = 0
+    regions_inactivated: int = 0
+    players_relocated: int = 0
+    journal_reapplied: int = 0
+    scrub_passes: int = 0
+    regions_scrubbed: int = 0
+    scrub_alerts: int = 0
+    alert_command_failures: int = 0
+    snapshots_taken: int = 0
+    snapshot_errors: int = 0
+    events_emitted: int = 0
+    events_dropped: int = 0
+
+
+@dataclass
+class RecoveryCounters:
+    regions_restored: int = 0
+    regions_rewritten_from_memory: int = 0
+    regions_inactivated: int = 0
+    players_relocated: int = 0
+    journal_reapplied: int = 0
+    scrub_passes: int = 0
+    regions_scrubbed: int = 0
+    scrub_alerts: int = 0
+    alert_command_failures: int = 0
+    snapshots_taken: int = 0
+    snapshot_errors: int = 0
+
+
+def _now_iso() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _journal_items(
+    segments: Sequence[tuple[str, bytes]],
+    route: Any,
+    region: RegionKey,
+    after: int,
+    upto: float,
+) -> list[Queued]:
+    """The region's journaled deltas with ``after < tick <= upto``, in journal order.
+
+    Worker-thread half of :meth:`RecoveryHooks._read_journal` (CPU only).
+    """
+    out: list[Queued] = []
+    for name, data in segments:
+        for payload in scan_frames(data).payloads:
+            try:
+                batch: JournalBatch = decode_batch(payload, where=name)
+            except StreamerError as exc:
+                # Replay at open refused such a frame already; it can hold nothing acknowledged.
+                log.warning("%s: skipping an undecodable journal frame: %s", name, exc)
+                continue
+            for delta in batch.deltas:
+                for r, chunk, d in route(delta):
+                    if r == region and after < d.tick <= upto:
+                        out.append(Queued(d.tick, chunk, d))
+    return out
+
+
+def _salvage_players(data: bytes, source: str, region: RegionKey) -> dict[str, Character]:
+    """Player characters whose chunk frames still verify in a quarantined region file."""
+    records, _, _ = salvage_bytes(data, source=source)
+    found: dict[str, Character] = {}
+    for rec in records:
+        if rec.region != region or rec.type != "character":
+            continue
+        pid = rec.record.get("player_id")
+        if not isinstance(pid, str):
+            continue
+        try:
+            found[pid] = msgspec.convert(rec.record, Character)
+        except msgspec.ValidationError:
+            continue  # an older schema version: salvage still lists it for the operator
+    return found
+
+
+def _write_blocking(
+    state_chunks: Mapping[tuple[int, int], bytes], **kw: Any
+) -> tuple[bytes, int, dict[tuple[int, int], bytes]]:
+    res = fold_region(state_chunks, items=[], upgraded=(), **kw)
+    return res.data, res.generation, res.chunks
+
+
+class RecoveryHooks:
+    """Recovery state and work of one ``World`` (see the module docstring)."""
+
+    def __init__(self, world: World) -> None:
+        self._world = world
+        self.hub = EventHub()
+        self.counters = RecoveryCounters()
+        self._incidents: IncidentLog | None = None
+        # Regions whose players must be moved out, and the worker's wake-up.
+        self._relocate: set[RegionKey] = set()
+        self._relocate_wake = anyio.Event()
+        # Newest known player characters of inactive regions (from the journal): player id
+        # -> character, or None once the journal removed that entity from the region.
+        self._last_known: dict[RegionKey, dict[str, Character | None]] = {}
+        self._quarantined: dict[RegionKey, str] = {}
+        self.outcomes: dict[RegionKey, RecoveryOutcome] = {}
+
+    # -- open -----------------------------------------------------------------------------
+
+    async def open(self, store: LocalStore) -> bool:
+        """Finish an interrupted restore, then load the inactive regions.
+
+        Runs before anything reads a region. True if a restore was finished (the caller then
+        re-reads the manifest, which the restore may have replaced).
+
+        :raises SnapshotError: an interrupted restore cannot be finished.
+        :raises IntegrityError: ``state/inactive.json`` is damaged (fail closed: serving an
+            inactive region as pristine would bury the operator's evidence under new edits;
+            ``streamer check --repair`` rebuilds it).
+        """
+        self._incidents = IncidentLog(store)
+        finished = await finish_interrupted_restore(store)
+        if finished is not None:
+            log.warning(
+                "%s: finished the interrupted restore of snapshot %s (incident %s)",
+                self._world.path,
+                finished.snapshot,
+                finished.incident,
+            )
+        inactive = await load_inactive(store)
+        self._world._inactive.update(inactive)
+        self._relocate.update(inactive)
+        for (rx, ry), entry in sorted(inactive.items()):
+            log.warning(
+                "region (%d, %d) is inactive since %s (incident %s): %s",
+                rx,
+                ry,
+                entry.since,
+                entry.incident,
+                entry.reason,
+            )
+        return finished is not None
+
+    @property
+    def incidents(self) -> IncidentLog:
+        assert self._incidents is not None, "RecoveryHooks.open() not called"
+        return self._incidents
+
+    def note_dropped(self, region: RegionKey, d: ChunkDelta) -> None:
+        """Replay dropped ``d`` because ``region`` is inactive: remember player characters."""
+        known = self._last_known.setdefault(region, {})
+        if isinstance(d, EntityUpsert) and d.character.player_id is not None:
+            known[d.character.player_id] = d.character
+        elif isinstance(d, EntityRemove):
+            for pid, ch in list(known.items()):
+                if ch is not None and ch.id == d.entity_id:
+                    known[pid] = None
+
+    # -- load failures --------------------------------------------------------------------
+
+    async def recover_loaded(
+        self, failed: dict[RegionKey, Exception], keys: Iterable[RegionKey]
+    ) -> None:
+        """Run the ladder for every region of ``keys`` that failed verification.
+
+        Called by ``World._ensure_regions`` while it still holds those regions' loading
+        slots, so concurrent loaders wait for the outcome instead of racing it. Restored
+        regions are installed and leave ``failed``; inactive ones get ``RegionInactive``.
+        """
+        world = self._world
+        store = world._store
+        manifest = world._manifest
+        assert store is not None and manifest is not None
+        for key in keys:
+            err = failed.get(key)
+            if not isinstance(err, IntegrityError):
+                continue
+            outcome = await recover_region(
+                store, key[0], key[1], err, manifest=manifest, incidents=self.incidents
+            )
+            self.outcomes[key] = outcome
+            if outcome.action == "inactive":
+                failed[key] = await self._inactivated(key, outcome)
+                continue
+            try:
+                blob = await store.get(region_key(*key))
+                data: bytes | None = blob.data
+            except NotFound:
+                data = None
+            try:
+                state = await anyio.to_thread.run_sync(
+                    region_state_from_bytes, data, key, limiter=world._cpu_limiter
+                )
+            except StreamerError as still_bad:
+                failed[key] = still_bad
+                continue
+            await self._install_restored(state, outcome)
+            del failed[key]
+
+    async def _read_journal(self, region: RegionKey, after: int, upto: float) -> list[Queued]:
+        store = self._world._store
+        assert store is not None
+        names = sorted(k for k in await store.list("journal/") if k.endswith(".wal"))
+        segments: list[tuple[str, bytes]] = []
+        for i in range(0, len(names), _JOURNAL_BATCH):
+            batch = names[i : i + _JOURNAL_BATCH]
+            for name, blob in zip(batch, await store.get_many(batch), strict=True):
+                if blob is not None:  # collected meanwhile: it held nothing above any lpt
+                    segments.append((name, blob.data))
+        return await anyio.to_thread.run_sync(
+            _journal_items, segments, self._world._route, region, after, upto
+        )
+
+    async def _install_restored(self, state: RegionState, outcome: RecoveryOutcome) -> None:
+        # Shielded: once the queue's lpt is lowered, stopping before the region is installed
+        # would leave the next load unable to tell which journal records to re-apply.
+        with anyio.CancelScope(shield=True):
+            await self._install_restored_shielded(state, outcome)
+
+    async def _install_restored_shielded(
+        self, state: RegionState, outcome: RecoveryOutcome
+    ) -> None:
+        world = self._world
+        key = state.key
+        q = world._queues.get(key)
+        upto: float = math.inf if q is None else q.lpt
+        q = world._queues.add(key, state.lpt)
+        # Lowered before reading the journal: collection must now keep every segment holding
+        # this region's records above the restored tick.
+        q.lpt = state.lpt
+        items = await self._read_journal(key, state.lpt, upto)
+        opening = world._tg is None
+        # No await from here on: the region becomes visible with its queue complete.
+        world._install_region(state)
+        if not opening:
+            # At open, replay queues these itself (it keeps every record above the lpt).
+            rest = list(q.entries)
+            q.entries.clear()
+            q.per_chunk.clear()
+            q.dirty_since = None
+            for item in [*items, *rest]:
+                q.push(item)
+            if items:
+                q.hwm = max(q.hwm, items[-1].tick)
+                world._flush_wake.set()
+        self._drop_cached(key)
+        self.counters.regions_restored += 1
+        self.counters.journal_reapplied += len(items)
+        lost = await self._journal_gap(key, outcome, state.lpt, items)
+        log.warning(
+            "region %s restored from snapshot %s (lpt %d); %d journaled delta(s) re-applied%s",
+            key,
+            outcome.snapshot,
+            state.lpt,
+            len(items),
+            f"; lost: {lost}" if lost else "",
+        )
+        self.hub.emit(
+            RegionRestored(
+                region=key,
+                source="snapshot",
+                snapshot=outcome.snapshot,
+                quarantine=outcome.quarantine,
+                reapplied=len(items),
+                lost=lost,
+                incidents=list(outcome.incidents),
+            )
+        )
+
+    async def _journal_gap(
+        self, key: RegionKey, outcome: RecoveryOutcome, restored: int, items: list[Queued]
+    ) -> str:
+        """Record what the journal could not give back; "" when nothing is known lost."""
+        if outcome.action != "restored":
+            return ""
+        damaged_tick: int | None = None
+        for inc in (await self.incidents.read()).incidents:
+            if inc.id in outcome.incidents:
+                v = inc.details.get("damaged_last_processed_tick")
+                if isinstance(v, int):
+                    damaged_tick = v
+        covered = max([restored, *(i.tick for i in items)])
+        if damaged_tick is None or damaged_tick <= covered:
+            return ""
+        lost = (
+            f"deltas of region {key} with ticks {covered} < t <= {damaged_tick}: folded into "
+            f"the damaged file after snapshot {outcome.snapshot}, and the journal segments "
+            "holding them were already deleted"
+        )
+        await self.incidents.record(
+            "data_loss",
+            region=key,
+            file=region_key(*key),
+            details={
+                "lost": lost,
+                "snapshot": outcome.snapshot,
+                "snapshot_last_processed_tick": restored,
+                "damaged_last_processed_tick": damaged_tick,
+                "journal_reapplied": len(items),
+                "journal_high_tick": covered,
+                "quarantine": outcome.quarantine,
+                "restore_incidents": list(outcome.incidents),
+            },
+            action=(
+                f"`streamer salvage {outcome.quarantine} --out DIR` extracts the damaged "
+                "file's intact records; tell the players of this region"
+            ),
+        )
+        return lost
+
+    async def _inactivated(self, key: RegionKey, outcome: RecoveryOutcome) -> RegionInactive:
+        world = self._world
+        world._inactive.add(key)
+        q = world._queues.regions.get(key)
+        if q is not None and q.clean:
+            del world._queues.regions[key]
+        self._drop_cached(key)
+        if outcome.quarantine is not None:
+            self._quarantined[key] = outcome.quarantine
+        try:
+            # Read now: once the region has no queue, journal collection may delete these.
+            for item in await self._read_journal(key, -1, math.inf):
+                self.note_dropped(key, item.delta)
+        except StreamerError as exc:
+            log.warning("region %s: cannot read the journal for its players: %s", key, exc)
+        self.counters.regions_inactivated += 1
+        self.hub.emit(
+            RegionInactiveEvent(
+                region=key,
+                reason=outcome.message,
+                quarantine=outcome.quarantine,
+                incidents=list(outcome.incidents),
+            )
+        )
+        self._relocate.add(key)
+        self._relocate_wake.set()
+        return RegionInactive(key[0], key[1], outcome.message)
+
+    def _drop_cached(self, key: RegionKey) -> None:
+        world = self._world
+        for ck in region_chunks(key[0], key[1], world._region_size):
+            world._cache.invalidate(ck)
+
+    # -- scrub findings -------------------------------------------------------------------
+
+    async def repair_after_scrub(
+        self, key: RegionKey, err: IntegrityError, data: bytes
+    ) -> dict[str, Any]:
+        """A scrub read ``data`` for region ``key`` and it failed with ``err``: repair.
+
+        Returns what was done, for the alert.
+        """
+        world = self._world
+        if key in world._regions:
+            return await self._rewrite_from_memory(key, err, data)
+        failed = await world._ensure_regions([key])
+        outcome = self.outcomes.get(key)
+        if key in failed:
+            return {
+                "action": "inactive" if key in world._inactive else "failed",
+                "error": str(failed[key]),
+                "incidents": [] if outcome is None else list(outcome.incidents),
+                "quarantine": None if outcome is None else outcome.quarantine,
+            }
+        return {
+            "action": "restored" if outcome is not None else "verifies_on_reread",
+            "snapshot": None if outcome is None else outcome.snapshot,
+            "incidents": [] if outcome is None else list(outcome.incidents),
+            "quarantine": None if outcome is None else outcome.quarantine,
+        }
+
+    async def _rewrite_from_memory(
+        self, key: RegionKey, err: IntegrityError, data: bytes
+    ) -> dict[str, Any]:
+        world = self._world
+        store = world._store
+        gen, codec, manifest = world._gen, world._codec, world._manifest
+        assert store is not None and gen is not None and codec is not None and manifest
+        path = region_key(*key)
+        lock = world._flush_locks.setdefault(key, anyio.Lock())
+        async with lock, world._flush_limiter:
+            state = world._regions.get(key)
+            if state is None:
+                return {"action": "none", "note": "region left memory meanwhile; next load checks"}
+            try:
+                current = (await store.get(path)).data
+            except NotFound:
+                current = None
+            if current is not None and current != data:
+                try:
+                    await anyio.to_thread.run_sync(_decode_quiet, current, key, path)
+                except IntegrityError:
+                    data = current
+                else:
+                    # A flush replaced the damaged file meanwhile; keep the evidence anyway.
+                    qkey = await quarantine_bytes(store, path, data)
+                    return {"action": "replaced_by_flush", "quarantine": qkey}
+            qkey = await quarantine_bytes(store, path, data)
+            new, generation, chunks = await anyio.to_thread.run_sync(
+                partial(
+                    _write_blocking,
+                    state.chunks,
+                    key=key,
+                    generation=state.generation,
+                    lpt=state.lpt,
+                    codec=codec,
+                    gen=gen,
+                    writer=world._writer_id,
+                    encoding=manifest.encoding,
+                    region_size=world._region_size,
+                ),
+                limiter=world._cpu_limiter,
+            )
+            await store.put_atomic(path, new)
+            state.generation = generation
+            state.chunks = chunks
+        when = _now_iso()
+        inc = await self.incidents.record(
+            "checksum_failure",
+            region=key,
+            file=path,
+            details={
+                "detected_at": when,
+                "detected_by": "scrub",
+                "expected": err.expected,
+                "actual": err.actual,
+                "error": str(err),
+                "quarantine": qkey,
+                "rewritten_generation": generation,
+                "last_processed_tick": state.lpt,
+            },
+            action=(
+                f"the runtime held region {key}'s verified content in memory and rewrote "
+                f"{path} from it (generation {generation}); nothing lost; damaged bytes kept "
+                f"in {qkey}"
+            ),
+        )
+        self.counters.regions_rewritten_from_memory += 1
+        log.error(
+            "checksum failure on %s at %s (expected %s, actual %s); rewritten from memory, "
+            "damaged bytes in %s",
+            path,
+            when,
+            err.expected,
+            err.actual,
+            qkey,
+        )
+        self.hub.emit(
+            RegionRestored(region=key, source="memory", quarantine=qkey, incidents=[inc.id])
+        )
+        return {"action": "rewritten_from_memory", "quarantine": qkey, "incidents": [inc.id]}
+
+    # -- player relocation ----------------------------------------------------------------
+
+    def start(self, tg: anyio.abc.TaskGroup) -> None:
+        tg.start_soon(self.run, name="recovery-relocator")
+
+    async def run(self) -> None:
+        """Relocate players out of inactive regions until the world closes."""
+        while True:
+            if not self._relocate:
+                await self._relocate_wake.wait()
+            self._relocate_wake = anyio.Event()
+            todo, self._relocate = sorted(self._relocate), set()
+            retry: set[RegionKey] = set()
+            for region in todo:
+                try:
+                    await self.relocate_players(region)
+                except WorldClosed:
+                    return
+                except StreamerError as exc:
+                    log.error(
+                        "relocating players out of inactive region %s failed (retrying in "
+                        "%.0f s): %s",
+                        region,
+                        RELOCATE_RETRY_S,
+                        exc,
+                    )
+                    retry.add(region)
+            if retry:
+                self._relocate |= retry
+                await anyio.sleep(RELOCATE_RETRY_S)
+
+    async def relocate_players(self, region: RegionKey) -> list[PlayerRelocated]:
+        """Move every player indexed in ``region`` out of it (idempotent)."""
+        world = self._world
+        # PlayerIndex has no iteration API; the map is read, never changed, here.
+        players = sorted(p for p, r in world._players._regions.items() if r == region)
+        done: list[PlayerRelocated] = []
+        if not players:
+            return done
+        salvaged = await self._salvaged_players(region)
+        for pid in players:
+            if world._players.get(pid) != region:
+                continue  # moved meanwhile
+            ev = await self._relocate_one(region, pid, salvaged)
+            done.append(ev)
+        return done
+
+    async def _salvaged_players(self, region: RegionKey) -> dict[str, Character]:
+        store = self._world._store
+        assert store is not None
+        qkey = self._quarantined.get(region)
+        if qkey is None:
+            qkey = await self._quarantine_from_incidents(region)
+        if qkey is None:
+            return {}
+        try:
+            data = (await store.get(qkey)).data
+        except StreamerError as exc:
+            log.warning("region %s: cannot read quarantined %s: %s", region, qkey, exc)
+            return {}
+        return await anyio.to_thread.run_sync(_salvage_players, data, qkey, region)
+
+    async def _quarantine_from_incidents(self, region: RegionKey) -> str | None:
+        found: str | None = None
+        for inc in (await self.incidents.read()).incidents:
+            if inc.region == region and inc.kind in ("data_loss", "region_inactive"):
+                q = inc.details.get("quarantine")
+                if isinstance(q, str):
+                    found = q
+        return found
+
+    def _known_character(
+        self, region: RegionKey, pid: str, salvaged: dict[str, Character]
+    ) -> Character | None:
+        world = self._world
+        known = self._last_known.get(region, {})
+        if pid in known:
+            return known[pid]
+        for ck in region_chunks(region[0], region[1], world._region_size):
+            chunk = world._cache.peek(ck)
+            if chunk is None:
+                continue
+            for c in chunk.entities:
+                if c.player_id == pid:
+                    return c
+        return salvaged.get(pid)
+
+    async def _relocate_one(
+        self, region: RegionKey, pid: str, salvaged: dict[str, Character]
+    ) -> PlayerRelocated:
+        world = self._world
+        found = self._known_character(region, pid, salvaged)
+        reason = "region_inactive"
+        if found is None:
+            # Learned from upserts applied this session; otherwise a stable made-up id.
+            eid = next((e for e, p in world._players._entities.items() if p == pid), None)
+            found = Character(id=eid or f"player:{pid}", x=0, y=0, player_id=pid)
+            reason += ",record_lost"
+            from_pos = None
+        else:
+            from_pos = (found.x, found.y)
+        for _ in range(_TICK_ATTEMPTS):
+            target, (x, y) = await self._landing(region)
+            q = world._queues.get(target)
+            if q is None:
+                continue  # evicted between choosing and here: choose again
+            tick = max(q.hwm, q.floor + 1, 0)
+            moved = msgspec.structs.replace(found, x=x, y=y)
+            try:
+                await world.submit([EntityUpsert(tick=tick, character=moved)])
+            except RegionInactive:
+                continue
+            except DeltaError:
+                continue  # another submit moved the region's ticks on: pick again
+            break
+        else:
+            raise DeltaError(f"player {pid}: no landing region accepted the relocation")
+        self._last_known.get(region, {}).pop(pid, None)
+        self.counters.players_relocated += 1
+        ev = PlayerRelocated(
+            player_id=pid,
+            entity_id=moved.id,
+            from_region=region,
+            from_pos=from_pos,
+            to=(x, y),
+            to_region=target,
+            reason=reason,
+        )
+        log.warning(
+            "player %s (entity %s) relocated from inactive region %s to %s in region %s%s",
+            pid,
+            moved.id,
+            region,
+            (x, y),
+            target,
+            " (character record lost: created afresh)" if from_pos is None else "",
+        )
+        self.hub.emit(ev)
+        return ev
+
+    async def _landing(self, origin: RegionKey) -> tuple[RegionKey, tuple[int, int]]:
+        """The nearest active region's spawn point (rings outward), else the world spawn."""
+        world = self._world
+        gen, manifest = world._gen, world._manifest
+        assert gen is not None and manifest is not None
+        rs = world._region_size
+        ox, oy = origin
+        for ring in range(1, LANDING_RINGS + 1):
+            ring_keys = [
+                (ox + dx, oy + dy)
+                for dy in range(-ring, ring + 1)
+                for dx in range(-ring, ring + 1)
+                if max(abs(dx), abs(dy)) == ring
+            ]
+            ring_keys.sort(key=lambda k: ((k[0] - ox) ** 2 + (k[1] - oy) ** 2, k[1], k[0]))
+            for cand in ring_keys:
+                if cand in world._inactive or not region_in_bounds(manifest, *cand):
+                    continue
+                defaults = await anyio.to_thread.run_sync(
+                    gen.region_defaults, cand[0], cand[1], rs, limiter=world._cpu_limiter
+                )
+                spawn = defaults.spawn
+                land = world._region_of_point(*spawn)[0]
+                if land in world._inactive or not self._in_world(*spawn):
+                    continue
+                if not await world._ensure_regions([land]):
+                    return land, spawn
+        spawn = await anyio.to_thread.run_sync(gen.world_spawn, limiter=world._cpu_limiter)
+        land = world._region_of_point(*spawn)[0]
+        if land in world._inactive or await world._ensure_regions([land]):
+            raise RegionInactive(*land, "no active region near enough, and not the world spawn's")
+        return land, spawn
+
+    def _in_world(self, x: int, y: int) -> bool:
+        try:
+            self._world._check_point(x, y, "spawn")
+        except DeltaError:
+            return False
+        return True
+
+    # -- stats ----------------------------------------------------------------------------
+
+    def stats(self) -> RecoveryStats:
+        c = self.counters
+        return RecoveryStats(
+            regions_restored=c.regions_restored,
+            regions_rewritten_from_memory=c.regions_rewritten_from_memory,
+            regions_inactive=len(self._world._inactive),
+            regions_inactivated=c.regions_inactivated,
+            players_relocated=c.players_relocated,
+            journal_reapplied=c.journal_reapplied,
+            scrub_passes=c.scrub_passes,
+            regions_scrubbed=c.regions_scrubbed,
+            scrub_alerts=c.scrub_alerts,
+            alert_command_failures=c.alert_command_failures,
+            snapshots_taken=c.snapshots_taken,
+            snapshot_errors=c.snapshot_errors,
+            events_emitted=self.hub.emitted,
+            events_dropped=self.hub.dropped,
+        )
+
+
+def _decode_quiet(data: bytes, key: RegionKey, path: str) -> None:
+    decode_region(data, rx=key[0], ry=key[1], path=path)
