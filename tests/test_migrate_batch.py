@@ -27,6 +27,7 @@ from streamer.migrate import (
     migrate_world,
     read_checkpoint,
 )
+from streamer.migrate.batch import Workers
 from streamer.migrate.synth import character_raw, chunk_raw, write_world
 from streamer.migrate.verify import record_census, tree_digests
 from streamer.recovery.incidents import IncidentLog
@@ -478,3 +479,178 @@ def test_lock_is_released_after_the_run(tmp_path: Path) -> None:
     lock.acquire()
     lock.release()
     assert os.path.exists(world / ".lock")
+
+
+# -- worker processes ----------------------------------------------------------------------
+
+
+def _chunk_payloads(world: Path) -> dict[tuple[str, tuple[int, int]], bytes]:
+    out = {}
+    for path in sorted((world / "regions").iterdir()):
+        key = f"regions/{path.name}"
+        rx, ry = (int(p) for p in path.name.split(".")[1:3])
+        rf = decode_region(path.read_bytes(), rx=rx, ry=ry, path=key)
+        out.update({(key, ck): payload for ck, payload in rf.chunks.items()})
+    return out
+
+
+@pytest.mark.parametrize("fixture", ["world-v1", "world-v2"])
+async def test_processes_and_threads_migrate_identically(tmp_path: Path, fixture: str) -> None:
+    worlds = {}
+    reports = {}
+    workers: Workers
+    for workers in ("processes", "threads"):
+        world = worlds[workers] = tmp_path / workers / fixture
+        shutil.copytree(FIXTURES / fixture, world)
+        async with await LocalStore.open(world) as store:
+            reports[workers] = await migrate_world(store, jobs=2, workers=workers)
+    a, b = reports["processes"], reports["threads"]
+    assert a.ok and b.ok
+    assert msgspec.structs.replace(a, elapsed_s=0, snapshot_id=None, world="") == (
+        msgspec.structs.replace(b, elapsed_s=0, snapshot_id=None, world="")
+    )
+    assert _chunk_payloads(worlds["processes"]) == _chunk_payloads(worlds["threads"])
+
+
+async def test_processes_dry_run_counts_match_threads(tmp_path: Path) -> None:
+    world = tmp_path / "w"
+    await anyio.to_thread.run_sync(
+        lambda: write_world(world, regions=6, chunks_per_region=3, characters_per_chunk=2)
+    )
+    before = all_files(world)
+    async with await LocalStore.open(world) as store:
+        by_proc = await migrate_world(store, dry_run=True, workers="processes")
+        by_thread = await migrate_world(store, dry_run=True, workers="threads")
+    assert by_proc.status == by_thread.status == "dry_run"
+    assert (
+        by_proc.counts
+        == by_thread.counts
+        == {
+            "character": {1: 36},
+            "chunk": {1: 18},
+            "feature": {1: 36},
+            "society": {1: 6},
+        }
+    )
+    assert by_proc.records_upgraded == by_thread.records_upgraded == 42
+    assert all_files(world) == before
+
+
+async def test_processes_refused_for_a_registry_that_cannot_be_sent(tmp_path: Path) -> None:
+    from streamer.schema.migrations import MigrationRegistry
+
+    def wrap(fn: Any) -> Any:
+        def step(rec: dict[str, Any]) -> dict[str, Any]:  # a closure: cannot be pickled
+            return fn(rec)  # type: ignore[no-any-return]
+
+        return step
+
+    reg = MigrationRegistry()
+    for (rtype, v), fn in _shipped_steps().items():
+        reg.register(rtype, v, wrap(fn))
+    world = copy_fixture(tmp_path, "world-v1")
+    before = all_files(world)
+    async with await LocalStore.open(world) as store:
+        with pytest.raises(ValueError, match="cannot be sent to a worker process"):
+            await migrate_world(store, registry=reg, workers="processes")
+        assert all_files(world) == before
+        # "auto" falls back to threads for it, whatever the world's size.
+        report = await migrate_world(store, registry=reg)
+    assert report.ok and report.regions_rewritten == 3
+
+
+def _shipped_steps() -> dict[tuple[str, int], Any]:
+    from streamer.schema.upgrades import (
+        character_v1_to_v2,
+        character_v2_to_v3,
+        society_v1_to_v2,
+    )
+
+    return {
+        ("character", 1): character_v1_to_v2,
+        ("character", 2): character_v2_to_v3,
+        ("society", 1): society_v1_to_v2,
+    }
+
+
+def test_auto_uses_processes_only_for_big_worlds() -> None:
+    from streamer.migrate import batch
+    from streamer.schema.migrations import REGISTRY
+
+    small = batch.PROCESS_MIN_REGIONS - 1
+    assert batch._worker_processes("auto", REGISTRY, 2, small) == 0
+    assert batch._worker_processes("auto", REGISTRY, 2, batch.PROCESS_MIN_REGIONS) >= 1
+    assert batch._worker_processes("threads", REGISTRY, 2, 10_000) == 0
+    assert batch._worker_processes("processes", REGISTRY, 2, 1) >= 1
+    assert batch._worker_processes("processes", REGISTRY, 64, 1) <= (os.cpu_count() or 1)
+
+
+def test_library_default_is_threads_so_unguarded_scripts_stay_safe() -> None:
+    """Worker processes follow multiprocessing's rules (a caller's ``__main__`` is re-imported),
+    so only callers that opt in (the CLI passes ``workers="auto"``) get them."""
+    import inspect
+
+    from streamer.migrate import batch
+
+    default = inspect.signature(batch.migrate_world).parameters["workers"].default
+    assert default == "threads"
+
+
+def _current_char(rid: str) -> dict[str, Any]:
+    return character_raw(rid, 0, 0, 3)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        chunk_raw(0, 0, characters=[_current_char("a")]),  # no record_versions stored
+        {**chunk_raw(0, 0, characters=[_current_char("a")]), "record_versions": {"character": 3}},
+        {**chunk_raw(0, 0, characters=[]), "record_versions": {}},
+        {**chunk_raw(0, 0, characters=[]), "features": [], "record_versions": {}},
+        {**chunk_raw(0, 0, characters=[_current_char("a")]), "record_versions": {"character": 1}},
+        {
+            **chunk_raw(0, 0, characters=[_current_char("a")]),
+            "record_versions": {"character": 3, "feature": 1},
+        },
+        {
+            **chunk_raw(0, 0, characters=[character_raw("b", 0, 0, 2)]),
+            "record_versions": {"character": 3, "feature": 1},
+        },
+        {
+            **chunk_raw(0, 0, characters=[], features=0),
+            "characters": [],
+            "record_versions": {},
+        },
+        {
+            # A feature filed under characters: current versions, but not what upgrade keeps.
+            **chunk_raw(0, 0, characters=[], features=1),
+            "characters": [{"type": "feature", "schemaVersion": 1}],
+            "record_versions": {"character": 1, "feature": 1},
+        },
+    ],
+)
+@pytest.mark.parametrize("encoding", ["msgpack", "json"])
+def test_peek_finds_current_exactly_when_upgrade_changes_nothing(
+    raw: dict[str, Any], encoding: Any
+) -> None:
+    """Chunks the peek judges current are kept verbatim without the registry seeing them."""
+    from collections import Counter
+
+    from streamer.errors import SchemaError
+    from streamer.migrate import batch
+    from streamer.schema.migrations import REGISTRY
+
+    codec = ChunkCodec(encoding)
+    enc = msgspec.msgpack if encoding == "msgpack" else msgspec.json
+    payload = enc.encode(raw)
+    heads = batch._PEEKERS[encoding].decode(payload)
+    counts: Counter[tuple[str, int]] = Counter()
+    current = batch._peek_heads(heads, batch._current_heads(REGISTRY.current_versions), counts)
+    try:
+        _, changed = REGISTRY.upgrade_chunk(codec.decode_raw(payload, where="t"), where="t")
+    except SchemaError:
+        changed = True  # the full path reports it: never current
+    assert current == (not changed)
+    full: Counter[tuple[str, int]] = Counter()
+    batch._count(codec.decode_raw(payload, where="t"), full)
+    assert counts == full

@@ -10,6 +10,7 @@ manifest, every other file: byte-identical.
 from __future__ import annotations
 
 import errno
+import os
 import random
 import shutil
 import subprocess
@@ -139,6 +140,91 @@ async def test_fault_at_each_record_step_rolls_back_byte_identical(
         fixed = await migrate_world(store, jobs=jobs, registry=REGISTRY)
         assert fixed.ok and fixed.regions_rewritten == fixed.regions_total
     assert_fully_migrated(world, before)
+
+
+class FaultyStep:
+    """A shipped step that raises for one record; module level, so it pickles by value and a
+    registry of them can be sent to worker processes (a closure cannot)."""
+
+    def __init__(self, fn: StepFn, rtype: str, version: int, fault: tuple[str, str, int]) -> None:
+        self.fn, self.rtype, self.version, self.fault = fn, rtype, version, fault
+
+    def __call__(self, rec: RawRecord) -> RawRecord:
+        if (rec.get("id"), self.rtype, self.version) == self.fault:
+            raise ValueError(f"injected fault in {self.rtype} v{self.version}->v{self.version + 1}")
+        return self.fn(rec)
+
+
+def picklable_faulty_registry(record_id: str, rtype: str, from_version: int) -> MigrationRegistry:
+    reg = MigrationRegistry()
+    for (t, v), fn in SHIPPED.items():
+        reg.register(t, v, FaultyStep(fn, t, v, (record_id, rtype, from_version)))
+    return reg
+
+
+@pytest.mark.parametrize(
+    ("fixture", "step"), STEP_CASES, ids=[f"{n}-{s[0]}-v{s[2]}" for n, s in STEP_CASES]
+)
+async def test_fault_in_a_worker_process_rolls_back_byte_identical(
+    tmp_path: Path, fixture: str, step: tuple[str, str, int]
+) -> None:
+    """The same guarantees when the failing step runs in a worker process: the failure
+    crosses the process boundary with the record's id, type and schemaVersion."""
+    record_id, rtype, version = step
+    world = tmp_path / fixture
+    shutil.copytree(FIXTURES / fixture, world)
+    before_files = tree_digests(world)
+    async with await LocalStore.open(world) as store:
+        report = await migrate_world(
+            store,
+            jobs=2,
+            registry=picklable_faulty_registry(record_id, rtype, version),
+            workers="processes",
+        )
+        assert report.status == "failed" and report.rolled_back
+        (fail,) = report.failures
+        assert (fail.record_id, fail.record_type, fail.schema_version) == (
+            record_id,
+            rtype,
+            version,
+        )
+        assert fail.error_type == "MigrationFailed" and "injected fault" in fail.error
+        assert tree_digests(world) == before_files
+        assert await read_checkpoint(store) is None
+        (inc,) = [
+            i for i in (await IncidentLog(store).read()).incidents if i.kind == "migration_failed"
+        ]
+        assert (inc.details["record_id"], inc.details["schema_version"]) == (record_id, version)
+
+
+class DieStep:
+    """A step that kills the worker process running it (picklable, see ``FaultyStep``)."""
+
+    def __init__(self, fn: StepFn) -> None:
+        self.fn = fn
+
+    def __call__(self, rec: RawRecord) -> RawRecord:
+        if rec.get("id") == "c-8-0-1":
+            os._exit(3)
+        return self.fn(rec)
+
+
+async def test_a_worker_process_that_dies_fails_its_region_and_rolls_back(
+    tmp_path: Path,
+) -> None:
+    world = tmp_path / "w"
+    await anyio.to_thread.run_sync(lambda: write_world(world, regions=3, chunks_per_region=2))
+    before_files = tree_digests(world)
+    reg = MigrationRegistry()
+    for (t, v), fn in SHIPPED.items():
+        reg.register(t, v, DieStep(fn))
+    async with await LocalStore.open(world) as store:
+        report = await migrate_world(store, jobs=2, registry=reg, workers="processes")
+    assert report.status == "failed" and report.rolled_back
+    (fail,) = report.failures
+    assert fail.error_type == "BrokenExecutor" and fail.file == "regions/r.1.0.region"
+    assert "died" in fail.error
+    assert tree_digests(world) == before_files
 
 
 # -- a fault at every region step ----------------------------------------------------------

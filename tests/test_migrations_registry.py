@@ -296,6 +296,52 @@ def test_upgrade_protects_input_from_a_mutating_step() -> None:
     assert out == {"type": "widget", "schemaVersion": 2, "tags": ["a", "x"], "new": 1}
 
 
+def test_consume_gives_the_same_result_without_copying() -> None:
+    pure, changed = REGISTRY.upgrade(copy.deepcopy(CHAR_V1), where="t")
+    handed_over = copy.deepcopy(CHAR_V1)
+    consumed, changed2 = REGISTRY.upgrade(handed_over, where="t", consume=True)
+    assert changed and changed2 and consumed == pure
+    # Current records are returned as they are either way.
+    cur, changed3 = REGISTRY.upgrade(pure, where="t", consume=True)
+    assert cur is pure and not changed3
+
+
+def test_consume_names_the_record_even_if_a_step_mangles_it() -> None:
+    reg = MigrationRegistry({"widget": 2})
+
+    def mangle_then_fail(rec: dict[str, Any]) -> dict[str, Any]:
+        rec.pop("id")
+        raise ValueError("boom")
+
+    reg.register("widget", 1, mangle_then_fail)
+    with pytest.raises(MigrationFailed, match="boom") as ei:
+        reg.upgrade({"type": "widget", "schemaVersion": 1, "id": "w-1"}, where="t", consume=True)
+    assert ei.value.record_id == "w-1" and ei.value.schema_version == 1
+
+
+def test_upgrade_chunk_consume_matches_pure() -> None:
+    current_char = msgspec.to_builtins(Character(id="c", x=0, y=0))
+    raw = _chunk(
+        characters=[current_char, CHAR_V1],
+        societies=[
+            {
+                "type": "society",
+                "schemaVersion": 1,
+                "id": "s",
+                "name": "s",
+                "x": 0,
+                "y": 0,
+                "allies": ["t"],
+            }
+        ],
+        record_versions={"character": 1},
+    )
+    pure, changed = REGISTRY.upgrade_chunk(copy.deepcopy(raw), where="t")
+    consumed, changed2 = REGISTRY.upgrade_chunk(copy.deepcopy(raw), where="t", consume=True)
+    assert changed and changed2 and consumed == pure
+    assert pure["record_versions"] == {"character": 3, "society": 2}
+
+
 @settings(deadline=None)
 @given(
     name=st.text(max_size=20),

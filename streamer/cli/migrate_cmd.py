@@ -230,6 +230,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
                         progress=progress,
                         where=str(path),
                         snapshot_keep=cfg.snapshots.keep,
+                        workers="auto",
                     )
                 except CheckpointError as exc:
                     raise UsageError(str(exc)) from None

@@ -23,8 +23,16 @@ Why it is safe to interrupt and to rerun:
   before the run; only bookkeeping differs (``snapshots/``, ``incidents.log``, ``state/``).
 
 Memory is bounded by ``jobs`` regions: a worker holds one region (old and new bytes) at a
-time. Decoding and encoding run in worker threads, one hop per region, so the event loop
-never blocks on a region's CPU work.
+time. A region's CPU work (verify, decode, upgrade, encode) is one hop per region, so the
+event loop never blocks on it: to worker processes (``workers``; ``"auto"`` picks them for
+worlds of ``PROCESS_MIN_REGIONS`` regions or more) so that it runs on up to ``jobs`` cores
+and leaves this process's GIL to the I/O, else to worker threads. Either way all I/O stays
+in this process; a process gets region bytes and returns the new file's bytes.
+
+Per chunk the work is kept small: a C-level peek at the record heads counts the records and
+finds chunks that are already current, whose bytes are reused without decoding them; old
+chunks are decoded once, handed to the registry without a defensive copy (``consume``: the
+plain data is ours and dropped afterwards), validated once as ``ChunkRecord`` and encoded.
 
 A dry run reads everything and writes nothing: no snapshot, no checkpoint, no incident.
 """
@@ -33,11 +41,20 @@ from __future__ import annotations
 
 import logging
 import math
+import multiprocessing
+import multiprocessing.process
+import os
+import pickle
+import struct
 import time
+import traceback
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from concurrent.futures import BrokenExecutor
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from operator import attrgetter
 from typing import Any, Final, Literal, Protocol
 
 import anyio
@@ -54,7 +71,7 @@ from streamer.errors import (
     UnsupportedFormat,
 )
 from streamer.format.checksum import hex64, xxh3
-from streamer.format.manifest import MANIFEST_KEY, encode_manifest
+from streamer.format.manifest import MANIFEST_KEY, WorldManifest, encode_manifest
 from streamer.format.region import decode_region, encode_region, parse_region_key
 from streamer.schema.codec import ChunkCodec, Encoding
 from streamer.schema.migrations import CHUNK_NESTED_FIELDS, REGISTRY, MigrationRegistry, RawRecord
@@ -73,10 +90,12 @@ __all__ = [
     "MigrationProgress",
     "MigrationReport",
     "NoCheckpoint",
+    "PROCESS_MIN_REGIONS",
     "RecordFailure",
     "RecoverySnapshots",
     "RollbackFailed",
     "SnapshotOps",
+    "Workers",
     "is_bookkeeping",
     "migrate_world",
     "read_checkpoint",
@@ -346,6 +365,11 @@ class _RegionFailed(Exception):
         self.failure = failure
         self.cause = cause
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Raised in a worker process and re-raised here: rebuild from the failure, not from
+        # the formatted message. The cause pickles as its type, message and attributes.
+        return (type(self), (self.failure, self.cause))
+
 
 @dataclass
 class _RegionResult:
@@ -382,8 +406,8 @@ def _failure(
     )
 
 
-def _count(raw: RawRecord, targets: Mapping[str, int], res: _RegionResult) -> None:
-    """Tally the chunk and its nested records by ``(type, schemaVersion)``."""
+def _count(raw: RawRecord, counts: Counter[tuple[str, int]]) -> None:
+    """Tally the chunk and its nested records by ``(type, schemaVersion)`` (full path)."""
     items: list[Any] = [raw]
     for fname in CHUNK_NESTED_FIELDS:
         nested = raw.get(fname)
@@ -395,13 +419,85 @@ def _count(raw: RawRecord, targets: Mapping[str, int], res: _RegionResult) -> No
         rtype, version = item.get("type"), item.get("schemaVersion")
         if not isinstance(rtype, str) or type(version) is not int:
             continue  # upgrade_chunk names the malformed record
-        res.counts[(rtype, version)] += 1
-        res.records += 1
+        counts[(rtype, version)] += 1
+
+
+def _tally(res: _RegionResult, targets: Mapping[str, int]) -> None:
+    """Derive the record totals from a region's counts: once per region, not per record."""
+    for (rtype, version), n in res.counts.items():
+        res.records += n
         if version < targets.get(rtype, version):
-            res.records_upgraded += 1
+            res.records_upgraded += n
+
+
+class _Head(msgspec.Struct):
+    """``type`` and ``schemaVersion`` of a record; msgspec skips its other fields unbuilt."""
+
+    type: str
+    schemaVersion: int
+
+
+#: A chunk's own head, its ``record_versions`` and the heads of its nested records: enough to
+#: count a chunk's records and to see that it needs no migration, decoded in C without
+#: building the chunk. Fields follow ``CHUNK_NESTED_FIELDS``, so a new nested list is peeked
+#: too. A payload it cannot decode (malformed, or a ``null`` list) takes the full path, which
+#: gives the authoritative answer.
+_ChunkHeads: Final[type[msgspec.Struct]] = msgspec.defstruct(
+    "_ChunkHeads",
+    [
+        ("type", str),
+        ("schemaVersion", int),
+        ("record_versions", dict[str, int], msgspec.field(default_factory=dict)),
+        *(
+            (fname, list[_Head], msgspec.field(default_factory=list))
+            for fname in CHUNK_NESTED_FIELDS
+        ),
+    ],
+)
+_HEAD: Final = attrgetter("type", "schemaVersion")
+
+
+def _current_heads(
+    targets: Mapping[str, int],
+) -> tuple[tuple[str, int | None], tuple[tuple[str, tuple[str, int | None]], ...]]:
+    """The chunk's head when current, and per nested field the head each record must have."""
+    return ("chunk", targets.get("chunk")), tuple(
+        (fname, (ftype, targets.get(ftype))) for fname, ftype in CHUNK_NESTED_FIELDS.items()
+    )
+
+
+def _peek_heads(
+    heads: Any,
+    current: tuple[tuple[str, int | None], tuple[tuple[str, tuple[str, int | None]], ...]],
+    counts: Counter[tuple[str, int]],
+) -> bool:
+    """Count a peeked chunk's records; True when the chunk is current as stored.
+
+    "Current" is exactly what makes ``upgrade_chunk`` return it unchanged: the chunk and every
+    nested record at its type's current version, with a ``record_versions`` naming precisely
+    the types present (each at its current version).
+    """
+    chunk_head, fields = current
+    keys = [_HEAD(heads)]
+    is_current = keys[0] == chunk_head
+    expected_rv: dict[str, int | None] = {}
+    for fname, want in fields:
+        items = getattr(heads, fname)
+        if items:
+            fkeys = list(map(_HEAD, items))
+            keys += fkeys
+            if is_current and fkeys.count(want) != len(fkeys):
+                is_current = False
+            expected_rv[want[0]] = want[1]
+    counts.update(keys)
+    return is_current and bool(heads.record_versions == expected_rv)
 
 
 _CODECS: Final[dict[str, ChunkCodec]] = {}
+_PEEKERS: Final[dict[str, msgspec.msgpack.Decoder[Any] | msgspec.json.Decoder[Any]]] = {
+    "msgpack": msgspec.msgpack.Decoder(_ChunkHeads),
+    "json": msgspec.json.Decoder(_ChunkHeads),
+}
 
 
 def _codec(encoding: Encoding) -> ChunkCodec:
@@ -461,27 +557,42 @@ def migrate_region_bytes(
         raise _RegionFailed(_failure(key, region, None, exc), exc) from exc
     header = rf.header
     codec = _codec(header.encoding)
+    peek = _PEEKERS[header.encoding].decode
     targets = registry.current_versions
+    current = _current_heads(targets)
+    counts = res.counts
     out: dict[tuple[int, int], bytes] = {}
     for ck in sorted(rf.chunks):
         payload = rf.chunks[ck]
-        where = f"{key} chunk {ck}"
         res.chunks += 1
+        try:
+            heads = peek(payload)
+        except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError, RecursionError):
+            heads = None  # counted and judged on the full path below
+        if heads is not None and _peek_heads(heads, current, counts):
+            out[ck] = payload  # current: kept verbatim, never decoded
+            continue
+        where = f"{key} chunk {ck}"
         raw: RawRecord | None = None
+        chunk_type: object = None
         try:
             raw = codec.decode_raw(payload, where=where)
-            _count(raw, targets, res)
-            up, changed = registry.upgrade_chunk(raw, where=where)
+            chunk_type = raw.get("type")
+            if heads is None:
+                _count(raw, counts)
+            # Decoded here and dropped after encoding: the steps may run on it uncopied.
+            up, changed = registry.upgrade_chunk(raw, where=where, consume=True)
             if changed:
                 payload = _encode_upgraded(codec, up, where)
                 res.chunks_upgraded += 1
         except (SchemaError, IntegrityError) as exc:
-            fail = _failure(key, region, ck, exc, raw)
+            fail = _failure(key, region, ck, exc, {"type": chunk_type})
             if not collect_failures:
                 raise _RegionFailed(fail, exc) from exc
             res.failures.append(fail)
             continue
         out[ck] = payload
+    _tally(res, targets)
     if res.chunks_upgraded == 0 or res.failures:
         return res
     res.new_data = encode_region(
@@ -498,6 +609,258 @@ def migrate_region_bytes(
     return res
 
 
+# -- worker processes ----------------------------------------------------------------------
+
+#: Where a region's CPU work (verify, decode, upgrade, encode) runs. ``"auto"``: worker
+#: processes for a world of at least ``PROCESS_MIN_REGIONS`` regions whose registry can be
+#: sent to a process, else threads.
+Workers = Literal["auto", "processes", "threads"]
+
+#: ``workers="auto"`` uses processes from this many regions on. Below it, starting them
+#: costs more than the second core can gain: forking the workers takes ~10-20 ms, and the
+#: first start in a process also starts the fork server (a fresh interpreter importing
+#: streamer, 0.3-0.7 s on the 2-core bench machine), against at most ~1 ms per full region.
+PROCESS_MIN_REGIONS: Final = 64
+
+#: The registry a worker process migrates with; set by ``_worker_main``.
+_WORKER_REGISTRY: list[MigrationRegistry] = [REGISTRY]
+
+
+def _migrate_in_worker(
+    data: bytes, key: str, rx: int, ry: int, collect_failures: bool
+) -> _RegionResult:
+    return migrate_region_bytes(
+        data,
+        key=key,
+        rx=rx,
+        ry=ry,
+        registry=_WORKER_REGISTRY[0],
+        collect_failures=collect_failures,
+    )
+
+
+# One message each way per region, framed as an 8-byte length and a pickle. Our own framing
+# (not ``Connection.send``) so the parent can do its side without blocking the event loop.
+_FRAME_LEN: Final = struct.Struct("<Q")
+
+
+def _read_exact_blocking(fd: int, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        part = os.read(fd, n - len(buf))
+        if not part:
+            raise EOFError
+        buf += part
+    return bytes(buf)
+
+
+def _write_all_blocking(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _worker_main(conn: Connection, registry: MigrationRegistry | None) -> None:
+    """A worker process: region in, result (or the failure, pickled) out, until EOF.
+
+    EOF comes when the parent closes its end or dies (it holds the only other end), so a
+    worker never outlives a parent killed with SIGKILL by more than its current region.
+    """
+    if registry is not None:  # None: the shipped REGISTRY, already built by the import
+        _WORKER_REGISTRY[0] = registry
+    fd = conn.fileno()
+    while True:
+        try:
+            (n,) = _FRAME_LEN.unpack(_read_exact_blocking(fd, _FRAME_LEN.size))
+            args = pickle.loads(_read_exact_blocking(fd, n))
+        except EOFError:
+            return
+        try:
+            reply: tuple[Any, ...] = (True, _migrate_in_worker(*args), None)
+        except _RegionFailed as exc:
+            reply = (False, exc, traceback.format_exc())
+        except Exception as exc:  # a bug: re-raised in the parent, like a thread's would be
+            reply = (False, RuntimeError(f"worker process: {exc!r}"), traceback.format_exc())
+        try:
+            out = pickle.dumps(reply, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception:  # an unpicklable cause: keep the failure, drop the object
+            failed = reply[1]
+            if isinstance(failed, _RegionFailed):
+                failed = _RegionFailed(failed.failure)
+            else:
+                failed = RuntimeError(f"worker process: {failed!r}")
+            out = pickle.dumps((False, failed, reply[2]), protocol=pickle.HIGHEST_PROTOCOL)
+        _write_all_blocking(fd, _FRAME_LEN.pack(len(out)) + out)
+
+
+class _RemoteTraceback(Exception):
+    """The traceback of a failure in a worker process, as text, chained as its cause."""
+
+    def __str__(self) -> str:
+        return f'\n"""\n{self.args[0]}"""'
+
+
+def _worker_processes(
+    workers: Workers, registry: MigrationRegistry, jobs: int, regions: int
+) -> int:
+    """How many worker processes to use (0: threads).
+
+    :raises ValueError: ``workers="processes"`` but processes cannot be used here.
+    """
+    if workers == "threads" or (workers == "auto" and regions < PROCESS_MIN_REGIONS):
+        return 0
+    why = None
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        why = "this platform has no forkserver start method"
+    elif registry is not REGISTRY:
+        try:
+            # Steps pickle by module and name; a worker imports their modules, not __main__.
+            if b"__main__" in pickle.dumps(registry):
+                why = "the migration registry has steps defined in __main__"
+        except (pickle.PicklingError, AttributeError, TypeError) as exc:
+            why = f"the migration registry cannot be sent to a worker process ({exc})"
+    if why is not None:
+        if workers == "processes":
+            raise ValueError(f"workers='processes' is not possible: {why}")
+        log.debug("migrating in threads: %s", why)
+        return 0
+    return max(1, min(jobs, os.cpu_count() or 1))
+
+
+@dataclass
+class _Worker:
+    process: multiprocessing.process.BaseProcess
+    conn: Connection
+
+
+class _ProcessWorkers:
+    """Region CPU work in worker processes: region bytes in, new region bytes and counts out.
+
+    All I/O stays in this process, on the event loop side; a worker only computes, so a
+    worker that dies (or one left behind by a killed parent, until its region is done) can
+    never write to the world. Each worker has its own socket pair; this side sends and
+    receives on the event loop without blocking it, so a region costs two wake-ups (worker,
+    loop), as a thread does. Workers are forked from a fork server, never from this process:
+    a fork here would inherit its open descriptors (the world lock's among them) and any
+    lock another thread holds at that instant. ``_RegionFailed`` pickles, so a failing
+    record halts and rolls back exactly as with threads; a worker that dies is a failure of
+    its region.
+    """
+
+    def __init__(self, processes: int, registry: MigrationRegistry) -> None:
+        self.processes = processes
+        self._registry = None if registry is REGISTRY else registry
+        self._idle: list[_Worker] = []
+        self._all: list[_Worker] = []
+        self._slots = anyio.Semaphore(processes)
+        self._started = anyio.Event()
+        #: Set when the workers could not be started: the run falls back to threads.
+        self.broken: BaseException | None = None
+
+    async def start(self) -> None:
+        """Start the workers (in a thread: the first start of a process launches the fork
+        server, which imports streamer). Never raises; on failure the run uses threads."""
+        try:
+            await anyio.to_thread.run_sync(self._start_sync)
+        except Exception as exc:  # nothing was submitted yet: threads take over
+            self.broken = exc
+            log.warning("worker processes unavailable (%r); migrating in threads", exc)
+        finally:
+            self._started.set()
+
+    def _start_sync(self) -> None:
+        ctx = multiprocessing.get_context("forkserver")
+        # Only takes effect when this process starts its fork server; the fork server then
+        # imports streamer once and every worker forked from it starts ready.
+        ctx.set_forkserver_preload([__name__])
+        for _ in range(self.processes):
+            parent_conn, child_conn = ctx.Pipe(duplex=True)
+            proc = ctx.Process(
+                target=_worker_main,
+                args=(child_conn, self._registry),
+                name="streamer-migrate-worker",
+                daemon=True,
+            )
+            worker = _Worker(proc, parent_conn)
+            self._all.append(worker)
+            proc.start()
+            child_conn.close()  # the worker's end lives in the worker only: EOF on our death
+            os.set_blocking(parent_conn.fileno(), False)
+            self._idle.append(worker)
+
+    async def ready(self) -> bool:
+        await self._started.wait()
+        return self.broken is None
+
+    async def migrate(
+        self, data: bytes, key: str, rx: int, ry: int, collect_failures: bool
+    ) -> _RegionResult:
+        request = pickle.dumps((data, key, rx, ry, collect_failures), pickle.HIGHEST_PROTOCOL)
+        async with self._slots:
+            worker = self._idle.pop()
+            fd = worker.conn.fileno()
+            try:
+                await _write_all(fd, _FRAME_LEN.pack(len(request)) + request)
+                (n,) = _FRAME_LEN.unpack(await _read_exact(fd, _FRAME_LEN.size))
+                ok, value, remote_tb = pickle.loads(await _read_exact(fd, n))
+            except (EOFError, OSError) as exc:
+                # The worker died (killed, out of memory); it is not put back.
+                await anyio.to_thread.run_sync(worker.process.join, 5.0)
+                died = BrokenExecutor(
+                    f"worker process {worker.process.pid} died (exit code "
+                    f"{worker.process.exitcode}) while migrating this region"
+                )
+                raise _RegionFailed(_failure(key, (rx, ry), None, died), died) from exc
+            except BaseException:
+                worker.process.kill()  # cancelled mid-message: the worker is out of step
+                raise
+            self._idle.append(worker)
+        if ok:
+            assert isinstance(value, _RegionResult)
+            return value
+        assert isinstance(value, BaseException)
+        remote = _RemoteTraceback(remote_tb)
+        if isinstance(value, _RegionFailed) and value.cause is not None:
+            value.cause.__cause__ = remote  # the chain did not cross the process boundary
+        raise value from remote
+
+    async def aclose(self) -> None:
+        with anyio.CancelScope(shield=True):
+            for worker in self._all:
+                worker.conn.close()  # EOF: the worker exits after its current region
+            await anyio.to_thread.run_sync(self._join_sync)
+
+    def _join_sync(self) -> None:
+        for worker in self._all:
+            worker.process.join(5.0)
+            if worker.process.exitcode is None:
+                worker.process.kill()
+                worker.process.join()
+
+
+async def _read_exact(fd: int, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        try:
+            part = os.read(fd, n - len(buf))
+        except BlockingIOError:
+            await anyio.wait_readable(fd)
+            continue
+        if not part:
+            raise EOFError
+        buf += part
+    return bytes(buf)
+
+
+async def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[os.write(fd, view) :]
+        except BlockingIOError:
+            await anyio.wait_writable(fd)
+
+
 # -- the engine ----------------------------------------------------------------------------
 
 
@@ -512,6 +875,7 @@ class _Run:
     checkpointer: _Checkpointer | None
     max_failures: int
     cpu: anyio.CapacityLimiter
+    processes: _ProcessWorkers | None = None
     counts: Counter[tuple[str, int]] = field(default_factory=Counter)
     halted: RecordFailure | None = None
     halted_cause: BaseException | None = None
@@ -543,9 +907,7 @@ class _Run:
                     return  # deleted since listing (region rebuild): nothing left to migrate
                 except StorageError as exc:
                     raise _RegionFailed(_failure(key, (rx, ry), None, exc), exc) from exc
-                res = await anyio.to_thread.run_sync(
-                    self._migrate_sync, blob.data, key, rx, ry, limiter=self.cpu
-                )
+                res = await self._migrate(blob.data, key, rx, ry)
                 if res.new_data is None or self.dry_run:
                     break
                 try:
@@ -572,6 +934,13 @@ class _Run:
                 raise _RegionFailed(_failure(CHECKPOINT_KEY, None, None, exc), exc) from exc
         if self.progress is not None:
             self.progress.advance(regions=1, chunks=res.chunks)
+
+    async def _migrate(self, data: bytes, key: str, rx: int, ry: int) -> _RegionResult:
+        pool = self.processes
+        async with self.cpu:
+            if pool is not None and await pool.ready():
+                return await pool.migrate(data, key, rx, ry, self.dry_run)
+            return await anyio.to_thread.run_sync(self._migrate_sync, data, key, rx, ry)
 
     def _migrate_sync(self, data: bytes, key: str, rx: int, ry: int) -> _RegionResult:
         return migrate_region_bytes(
@@ -608,6 +977,67 @@ async def _region_keys(store: BlobStore) -> list[tuple[str, int, int]]:
     return keys
 
 
+async def _prepare(
+    store: BlobStore,
+    *,
+    resume: bool,
+    where: str,
+    manifest: WorldManifest,
+    targets: dict[str, int],
+    keys: list[tuple[str, int, int]],
+    report: MigrationReport,
+    snaps: SnapshotOps,
+    checkpoint_interval: float,
+) -> _Checkpointer | None:
+    """Check the checkpoint, take the pre-migration snapshot, write the first checkpoint.
+
+    ``None``: an interrupted rollback was found and finished; there is nothing to migrate.
+    """
+    cp = await read_checkpoint(store)
+    if resume and cp is None:
+        raise NoCheckpoint(
+            f"{where or 'world'}: nothing to resume (no {CHECKPOINT_KEY}); "
+            "run without --resume to start a migration"
+        )
+    if not resume and cp is not None:
+        raise MigrationInProgress(
+            f"{where or 'world'}: an interrupted migration is recorded in {CHECKPOINT_KEY} "
+            f"({len(cp.done)} of {len(keys)} regions done, pre-migration snapshot "
+            f"{cp.snapshot_id}); rerun with --resume to finish it"
+        )
+    if cp is not None:
+        if cp.world_id != manifest.world_id:
+            raise MalformedFile(
+                f"migration checkpoint belongs to world {cp.world_id}, not {manifest.world_id}",
+                path=CHECKPOINT_KEY,
+            )
+        report.snapshot_id = cp.snapshot_id
+        if cp.status == "rolling_back":
+            await _rollback(store, snaps, cp, report, None, resumed_rollback=True)
+            return None
+        if cp.target_versions != targets:
+            log.warning(
+                "checkpoint targets %s, this code %s; finished regions are rechecked",
+                cp.target_versions,
+                targets,
+            )
+            cp.target_versions = targets
+            cp.done = []
+    else:
+        snapshot_id = await snaps.create(store)
+        report.snapshot_id = snapshot_id
+        log.info("pre-migration snapshot %s", snapshot_id)
+        cp = Checkpoint(
+            world_id=manifest.world_id,
+            snapshot_id=snapshot_id,
+            target_versions=targets,
+            started_at=time.time(),
+        )
+    checkpointer = _Checkpointer(store, cp, checkpoint_interval)
+    await checkpointer.write()
+    return checkpointer
+
+
 async def migrate_world(
     store: BlobStore,
     *,
@@ -622,6 +1052,7 @@ async def migrate_world(
     hooks: LiveHooks | None = None,
     max_failures: int = 10,
     checkpoint_interval: float = 0.25,
+    workers: Workers = "threads",
 ) -> MigrationReport:
     """Migrate every record of the world in ``store`` to ``registry``'s current versions.
 
@@ -630,11 +1061,22 @@ async def migrate_world(
     a dry run, that failures were found). ``registry`` and ``snapshots`` are injectable for
     tests and for the runtime.
 
+    ``workers`` says where the per-region CPU work runs: ``"processes"`` (forkserver
+    workers, ``min(jobs, cpu_count)`` of them; the registry is sent to them, so its steps
+    must be importable functions or picklable objects), ``"threads"``, or ``"auto"``:
+    processes for at least ``PROCESS_MIN_REGIONS`` regions when the registry can be sent,
+    else threads. Results and failure handling are the same either way. The default is
+    threads: worker processes follow multiprocessing's rules (the caller's ``__main__`` is
+    re-imported in each worker), so a script must run under an ``if __name__ ==
+    "__main__"`` guard to opt in; the CLI does, with ``"auto"``.
+
     :raises WorldNotFound: ``store`` holds no world.
     :raises NoCheckpoint: ``resume`` but no interrupted run is recorded.
     :raises MigrationInProgress: not ``resume`` but an interrupted run is recorded.
     :raises MalformedFile: the checkpoint is damaged.
     :raises RollbackFailed: the migration failed and the restore failed too.
+    :raises ValueError: ``jobs < 1``, or ``workers="processes"`` where processes cannot be
+        used (no forkserver, or a registry that cannot be sent to a process).
     :raises StorageError: the snapshot or the first checkpoint could not be written (nothing
         was migrated yet).
     """
@@ -650,70 +1092,57 @@ async def migrate_world(
     keys = await _region_keys(store)
     report.regions_total = len(keys)
 
-    checkpointer: _Checkpointer | None = None
-    if not dry_run:
-        cp = await read_checkpoint(store)
-        if resume and cp is None:
-            raise NoCheckpoint(
-                f"{where or 'world'}: nothing to resume (no {CHECKPOINT_KEY}); "
-                "run without --resume to start a migration"
-            )
-        if not resume and cp is not None:
-            raise MigrationInProgress(
-                f"{where or 'world'}: an interrupted migration is recorded in {CHECKPOINT_KEY} "
-                f"({len(cp.done)} of {len(keys)} regions done, pre-migration snapshot "
-                f"{cp.snapshot_id}); rerun with --resume to finish it"
-            )
-        if cp is not None:
-            if cp.world_id != manifest.world_id:
-                raise MalformedFile(
-                    f"migration checkpoint belongs to world {cp.world_id}, not {manifest.world_id}",
-                    path=CHECKPOINT_KEY,
-                )
-            report.snapshot_id = cp.snapshot_id
-            if cp.status == "rolling_back":
-                await _rollback(store, snaps, cp, report, None, resumed_rollback=True)
-                report.elapsed_s = time.perf_counter() - t0
-                return report
-            if cp.target_versions != targets:
-                log.warning(
-                    "checkpoint targets %s, this code %s; finished regions are rechecked",
-                    cp.target_versions,
-                    targets,
-                )
-                cp.target_versions = targets
-                cp.done = []
-        else:
-            snapshot_id = await snaps.create(store)
-            report.snapshot_id = snapshot_id
-            log.info("pre-migration snapshot %s", snapshot_id)
-            cp = Checkpoint(
-                world_id=manifest.world_id,
-                snapshot_id=snapshot_id,
-                target_versions=targets,
-                started_at=time.time(),
-            )
-        checkpointer = _Checkpointer(store, cp, checkpoint_interval)
-        await checkpointer.write()
+    nproc = _worker_processes(workers, registry, jobs, len(keys))
+    pool = _ProcessWorkers(nproc, registry) if nproc else None
+    try:
+        checkpointer: _Checkpointer | None = None
+        prepare_error: Exception | None = None
+        async with anyio.create_task_group() as tg:
+            if pool is not None:
+                tg.start_soon(pool.start)  # overlaps the snapshot; never raises
+            if not dry_run:
+                try:
+                    checkpointer = await _prepare(
+                        store,
+                        resume=resume,
+                        where=where,
+                        manifest=manifest,
+                        targets=targets,
+                        keys=keys,
+                        report=report,
+                        snaps=snaps,
+                        checkpoint_interval=checkpoint_interval,
+                    )
+                except Exception as exc:
+                    prepare_error = exc  # raised below as itself, not in an ExceptionGroup
+        if prepare_error is not None:
+            raise prepare_error
+        if not dry_run and checkpointer is None:
+            report.elapsed_s = time.perf_counter() - t0
+            return report
 
-    done = set(checkpointer.cp.done) if checkpointer is not None else set()
-    pending = [k for k in keys if k[0] not in done]
-    report.regions_skipped = len(keys) - len(pending)
-    if progress is not None:
-        progress.start(total_regions=len(keys), skipped_regions=report.regions_skipped)
+        done = set(checkpointer.cp.done) if checkpointer is not None else set()
+        pending = [k for k in keys if k[0] not in done]
+        report.regions_skipped = len(keys) - len(pending)
+        if progress is not None:
+            progress.start(total_regions=len(keys), skipped_regions=report.regions_skipped)
 
-    run = _Run(
-        store=store,
-        registry=registry,
-        report=report,
-        dry_run=dry_run,
-        hooks=hooks or LiveHooks(),
-        progress=progress,
-        checkpointer=checkpointer,
-        max_failures=max_failures,
-        cpu=anyio.CapacityLimiter(jobs),
-    )
-    await run.run_pool(pending, jobs)
+        run = _Run(
+            store=store,
+            registry=registry,
+            report=report,
+            dry_run=dry_run,
+            hooks=hooks or LiveHooks(),
+            progress=progress,
+            checkpointer=checkpointer,
+            max_failures=max_failures,
+            cpu=anyio.CapacityLimiter(jobs),
+            processes=pool,
+        )
+        await run.run_pool(pending, jobs)
+    finally:
+        if pool is not None:
+            await pool.aclose()
     report.counts = _nest_counts(run.counts)
 
     if dry_run:

@@ -17,6 +17,7 @@ naming ``where``, which is the caller's description of the bytes (region path + 
 
 from __future__ import annotations
 
+from operator import attrgetter
 from typing import Any, Final, Literal, NamedTuple
 
 import msgspec
@@ -54,6 +55,7 @@ _CURRENT_NESTED: Final = {t: CURRENT_VERSIONS[t] for t in CHUNK_NESTED_FIELDS.va
 # Item views compare as sets in C: `rv.items() <= _CURRENT_NESTED_ITEMS` is "every listed
 # type is known and current" without a Python-level loop.
 _CURRENT_NESTED_ITEMS: Final = _CURRENT_NESTED.items()
+_SCHEMA_VERSION: Final = attrgetter("schemaVersion")
 _NESTED_ATTRS: Final = tuple(
     (field, rtype, CURRENT_VERSIONS[rtype]) for field, rtype in CHUNK_NESTED_FIELDS.items()
 )
@@ -131,7 +133,7 @@ class ChunkCodec:
         for field, rtype, _ in _NESTED_ATTRS:
             items: list[Record] = getattr(rec, field)
             if items:
-                rv[rtype] = min(r.schemaVersion for r in items)
+                rv[rtype] = min(map(_SCHEMA_VERSION, items))
         if rv != rec.record_versions:
             rec = msgspec.structs.replace(rec, record_versions=rv)
         return self._enc.encode(rec)
@@ -196,12 +198,17 @@ class ChunkCodec:
         return obj
 
     def _decode_slow(self, payload: bytes, *, where: str) -> DecodedChunk:
-        rec, changed = self._from_raw(self.decode_raw(payload, where=where), where=where)
+        # The plain data was decoded here and is dropped after conversion: hand it over to the
+        # registry (``consume``) instead of having every old record deep-copied first.
+        raw = self.decode_raw(payload, where=where)
+        rec, changed = self._from_raw(raw, where=where, consume=True)
         return DecodedChunk(rec, changed)
 
-    def _from_raw(self, raw: RawRecord, *, where: str) -> tuple[ChunkRecord, bool]:
+    def _from_raw(
+        self, raw: RawRecord, *, where: str, consume: bool = False
+    ) -> tuple[ChunkRecord, bool]:
         try:
-            up, changed = REGISTRY.upgrade_chunk(raw, where=where)
+            up, changed = REGISTRY.upgrade_chunk(raw, where=where, consume=consume)
         except MalformedRecord as exc:
             raise MalformedFile(str(exc), path=where) from exc
         except RecursionError as exc:

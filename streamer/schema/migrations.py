@@ -78,7 +78,10 @@ def _short(value: Any) -> str:
 
 
 def _record_id(raw: Mapping[str, Any]) -> str | None:
-    rid = raw.get("id")
+    return _id_text(raw.get("id"))
+
+
+def _id_text(rid: Any) -> str | None:
     if rid is None:
         return None
     return rid[:200] if isinstance(rid, str) else _short(rid)
@@ -89,6 +92,9 @@ def _step_name(fn: StepFn) -> str:
     name = getattr(fn, "__qualname__", None) or repr(fn)
     return f"{module}.{name}" if module else name
 
+
+#: The record types that live in a chunk's lists.
+_NESTED_TYPES: Final = frozenset(CHUNK_NESTED_FIELDS.values())
 
 _COPY_ENC: Final = msgspec.msgpack.Encoder()
 _COPY_DEC: Final = msgspec.msgpack.Decoder()
@@ -242,11 +248,20 @@ class MigrationRegistry:
         assert self._chains is not None
         return self._chains.get(record_type)
 
-    def upgrade(self, raw: RawRecord, *, where: str) -> tuple[RawRecord, bool]:
+    def upgrade(
+        self, raw: RawRecord, *, where: str, consume: bool = False
+    ) -> tuple[RawRecord, bool]:
         """Bring one record (plain data) to its current version.
 
         Pure: ``raw`` is never mutated. Returns ``(raw, False)`` — the same object — when it is
         already current, else ``(new_dict, True)``.
+
+        Purity is the registry's job, not the steps': the first step receives a private deep
+        copy of ``raw``, so even a step that edits its argument cannot reach the caller's data.
+        A caller that hands ``raw`` over with ``consume=True`` (it was just decoded, nothing
+        else refers to it, and the caller never reads it again) skips that copy: the steps
+        then run on ``raw`` itself, which may be left modified. The batch migration and the
+        codec's lazy decode do this; the result is the same either way.
 
         :raises MalformedRecord: no ``type`` string or no int ``schemaVersion`` >= 1.
         :raises UnknownSchemaVersion: the type is unknown, or the version is newer than current
@@ -284,20 +299,30 @@ class MigrationRegistry:
                 schema_version=version,
                 where=where,
             )
+        return self._run_chain(raw, rtype, version, current, where=where, consume=consume), True
+
+    def _run_chain(
+        self, raw: RawRecord, rtype: str, version: int, current: int, *, where: str, consume: bool
+    ) -> RawRecord:
+        """Steps ``version`` → ``current`` on a record already checked by :meth:`upgrade`."""
         chain = self._chain(rtype)
         assert chain is not None  # validate() guarantees a full chain for every version < current
-        # Steps are meant to be pure, but the caller's data (a dry-run diff, a rollback copy)
-        # must survive even a step that edits its argument in place.
-        try:
-            out: RawRecord = _deep_copy(raw)
-        except RecursionError as exc:
-            raise MalformedRecord(
-                "record is nested too deeply to migrate",
-                record_type=rtype,
-                record_id=_record_id(raw),
-                schema_version=version,
-                where=where,
-            ) from exc
+        # Read before any step runs: a step that edits a consumed record must not blur which
+        # record an error names.
+        rid = raw.get("id")
+        if consume:
+            out = raw
+        else:
+            try:
+                out = _deep_copy(raw)
+            except RecursionError as exc:
+                raise MalformedRecord(
+                    "record is nested too deeply to migrate",
+                    record_type=rtype,
+                    record_id=_id_text(rid),
+                    schema_version=version,
+                    where=where,
+                ) from exc
         for v in range(version, current):
             fn = chain[v - 1]
             try:
@@ -306,7 +331,7 @@ class MigrationRegistry:
                 raise MigrationFailed(
                     f"migration step {_step_name(fn)} (v{v}→v{v + 1}) failed: {exc!r}",
                     record_type=rtype,
-                    record_id=_record_id(raw),
+                    record_id=_id_text(rid),
                     schema_version=v,
                     where=where,
                 ) from exc
@@ -315,22 +340,26 @@ class MigrationRegistry:
                     f"migration step {_step_name(fn)} (v{v}→v{v + 1}) returned "
                     f"{type(nxt).__name__} that is not a {rtype!r} record",
                     record_type=rtype,
-                    record_id=_record_id(raw),
+                    record_id=_id_text(rid),
                     schema_version=v,
                     where=where,
                 )
             nxt["type"] = rtype
             nxt["schemaVersion"] = v + 1
             out = nxt
-        return out, True
+        return out
 
-    def upgrade_chunk(self, raw_chunk: RawRecord, *, where: str) -> tuple[RawRecord, bool]:
+    def upgrade_chunk(
+        self, raw_chunk: RawRecord, *, where: str, consume: bool = False
+    ) -> tuple[RawRecord, bool]:
         """Upgrade a chunk record and every record nested in its lists; fix ``record_versions``.
 
         The chunk itself is upgraded first, so nested lists are read under the current chunk
         layout. ``changed`` is True when anything was rewritten, including a stale or missing
         ``record_versions`` (the stored bytes must be rewritten either way). Pure, like
-        :meth:`upgrade`; returns the same object when nothing changed.
+        :meth:`upgrade`; returns the same object when nothing changed. ``consume=True`` hands
+        ``raw_chunk`` over as in :meth:`upgrade`: no copies are made, and ``raw_chunk`` (and
+        the records in it) may be left modified or be the returned object.
 
         :raises MalformedRecord: a nested list is not a list of records of its type.
         :raises UnknownSchemaVersion: a record, or ``record_versions``, names a newer version or
@@ -342,7 +371,7 @@ class MigrationRegistry:
         if not isinstance(raw_chunk, dict) or raw_chunk.get("type") != "chunk":
             got = raw_chunk.get("type") if isinstance(raw_chunk, dict) else raw_chunk
             raise MalformedRecord(f"expected a chunk record, got {_short(got)}", where=where)
-        chunk, changed = self.upgrade(raw_chunk, where=where)
+        chunk, changed = self.upgrade(raw_chunk, where=where, consume=consume)
         stored_rv = chunk.get("record_versions", {})
         if not isinstance(stored_rv, dict):
             raise MalformedRecord(
@@ -350,11 +379,10 @@ class MigrationRegistry:
                 record_type="chunk",
                 where=where,
             )
-        known = set(CHUNK_NESTED_FIELDS.values())
         for rtype, v in stored_rv.items():
             current = self._current.get(rtype) if isinstance(rtype, str) else None
             # Dropping an entry we do not understand would drop the records it describes.
-            if rtype not in known or current is None:
+            if rtype not in _NESTED_TYPES or current is None:
                 raise UnknownSchemaVersion(
                     f"record_versions names a record type this code does not know: {_short(rtype)}",
                     record_type="chunk",
@@ -369,6 +397,9 @@ class MigrationRegistry:
                 )
 
         new_lists: dict[str, list[Any]] = {}
+        # Lowest version per nested type present: after the loop every record is current
+        # (or the loop raised), so this is what ``nested_record_versions`` would compute.
+        fresh_rv: dict[str, int] = {}
         for field, rtype in CHUNK_NESTED_FIELDS.items():
             items = chunk.get(field)
             if items is None:
@@ -379,6 +410,9 @@ class MigrationRegistry:
                     record_type="chunk",
                     where=where,
                 )
+            if not items:
+                continue
+            current = self._current.get(rtype)
             new_items: list[Any] | None = None
             for i, item in enumerate(items):
                 if not isinstance(item, dict) or item.get("type") != rtype:
@@ -389,23 +423,36 @@ class MigrationRegistry:
                         record_id=_record_id(item) if isinstance(item, dict) else None,
                         where=where,
                     )
-                up, item_changed = self.upgrade(item, where=where)
-                if item_changed:
-                    if new_items is None:
-                        new_items = list(items[:i])
-                    new_items.append(up)
-                elif new_items is not None:
-                    new_items.append(up)
+                v = item.get("schemaVersion")
+                if type(v) is int and current is not None and 1 <= v <= current:
+                    if v == current:
+                        # Current: exactly what upgrade() would find, without the call.
+                        if new_items is not None:
+                            new_items.append(item)
+                        continue
+                    # Old: upgrade()'s checks are the ones just made.
+                    up = self._run_chain(item, rtype, v, current, where=where, consume=consume)
+                else:
+                    up, _ = self.upgrade(item, where=where, consume=consume)  # raises
+                if consume:
+                    items[i] = up
+                    changed = True
+                    continue
+                if new_items is None:
+                    new_items = list(items[:i])
+                new_items.append(up)
             if new_items is not None:
                 new_lists[field] = new_items
+            assert current is not None  # else upgrade() raised for the first record
+            fresh_rv[rtype] = current
 
         if new_lists or changed:
-            chunk = dict(chunk) if chunk is raw_chunk else chunk
+            if chunk is raw_chunk and not consume:
+                chunk = dict(chunk)
             chunk.update(new_lists)
             changed = True
-        fresh_rv = nested_record_versions(chunk)
         if fresh_rv != stored_rv:
-            if chunk is raw_chunk:
+            if chunk is raw_chunk and not consume:
                 chunk = dict(chunk)
             chunk["record_versions"] = fresh_rv
             changed = True
