@@ -429,3 +429,159 @@ async def test_stats_and_exports(tmp_path: Path) -> None:
 
 def test_region_file_key_layout() -> None:
     assert region_key(0, -3) == "regions/r.0.-3.region"
+
+
+# -- write-path fast paths (batch routing, tile fast checks, queue segments) ---------------
+
+
+async def test_tile_batch_fast_checks_match_the_general_ones(tmp_path: Path) -> None:
+    await new_world(tmp_path, bound_tiles=1000)
+    async with open_world(tmp_path, cfg()) as world:
+        ok = TileSet(tick=1, x=1, y=1, tile=1)
+        for bad in (
+            TileSet(tick=True, x=1, y=1, tile=1),
+            TileSet(tick=1, x=1.0, y=1, tile=1),  # type: ignore[arg-type]
+            TileSet(tick=1, x=1, y="1", tile=1),  # type: ignore[arg-type]
+            TileSet(tick=1, x=1, y=1, tile=1 << 64),
+        ):
+            with pytest.raises(DeltaError, match="malformed"):
+                await world.submit([ok, bad])
+        with pytest.raises(DeltaError, match=r"delta #1 .*tick must be >= 0"):
+            await world.submit([ok, TileSet(tick=-1, x=1, y=1, tile=1)])
+        with pytest.raises(DeltaError, match=r"delta #2 .*65535"):
+            await world.submit([ok, ok, TileSet(tick=1, x=1, y=1, tile=1 << 16)])
+        with pytest.raises(DeltaError, match=r"delta #1 .*\(-1000, 5\)"):
+            await world.submit([ok, TileSet(tick=1, x=-1000, y=5, tile=1)])
+        assert world.stats().queue_depth == 0  # nothing of a refused batch was queued
+        await world.submit([ok, TileSet(tick=1, x=-999, y=999, tile=65535)])
+        assert int((await world.chunk(-16, 15)).tiles[999 % 64, -999 % 64]) == 65535
+
+
+async def test_batch_routed_once_keeps_order_per_region_and_survives_replay(
+    tmp_path: Path,
+) -> None:
+    await new_world(tmp_path)
+    # Interleaved regions, negative coordinates, one tile edited twice (the later edit wins),
+    # and a cached chunk that must get the edits applied in place.
+    batch = [
+        TileSet(tick=3, x=-1, y=-1, tile=10),
+        TileSet(tick=3, x=600, y=5, tile=11),
+        TileSet(tick=3, x=-1, y=-1, tile=12),
+        TileSet(tick=4, x=-513, y=0, tile=13),
+        TileSet(tick=4, x=601, y=5, tile=14),
+        FeatureAdd(tick=4, feature=Feature(id="f-ore", kind="ore", x=602, y=6)),
+    ]
+    async with open_world(tmp_path, cfg()) as world:
+        before = await world.chunk(-1, -1)  # cached
+        await world.submit(batch)
+        cached = await world.chunk(-1, -1)
+        assert cached is not before and int(cached.tiles[63, 63]) == 12
+        q = world._queues.regions
+        assert [e.delta for e in q[(-1, -1)].entries] == [batch[0], batch[2]]
+        assert [e.delta for e in q[(1, 0)].entries] == [batch[1], batch[4], batch[5]]
+        assert [e.delta for e in q[(-2, 0)].entries] == [batch[3]]
+        assert q[(1, 0)].per_chunk[(9, 0)] == 3
+        with pytest.raises(DeltaError, match="backwards"):
+            await world.submit(
+                [TileSet(tick=5, x=0, y=-1, tile=1), TileSet(tick=3, x=600, y=5, tile=1)]
+            )
+        # Simulate a crash: nothing folded, the journal is the truth.
+        world._journal.begin_close()  # type: ignore[union-attr]
+        world._closed = True
+        world._closing = True
+        tg, world._tg = world._tg, None
+        assert tg is not None
+        tg.cancel_scope.cancel()
+        await tg.__aexit__(None, None, None)
+        await world._release()
+    async with open_world(tmp_path, cfg()) as world:
+        assert world.stats().replayed_deltas == len(batch)
+        assert int((await world.chunk(-1, -1)).tiles[63, 63]) == 12
+        c = await world.chunk(9, 0)
+        assert [int(c.tiles[5, 600 % 64]), int(c.tiles[5, 601 % 64])] == [11, 14]
+        assert "f-ore" in {f.id for f in c.features}
+        assert int((await world.chunk(-9, 0)).tiles[0, -513 % 64]) == 13
+
+
+def test_queue_segments_take_and_fold_across_batches() -> None:
+    from streamer.runtime.queues import Queued, RegionQueue
+
+    q = RegionQueue((0, 0), lpt=0)
+    ts = [TileSet(tick=t, x=i, y=0, tile=1) for i, t in enumerate([1, 1, 2, 2, 3])]
+    q.extend([1, 1, 2], [(0, 0), (0, 0), (0, 0)], ts[:3])
+    q.push(Queued(2, (1, 0), ts[3]))
+    q.extend([3], [(0, 0)], ts[4:])
+    assert len(q.entries) == 5 and q.entries[0].delta is ts[0] and q.entries[-1].tick == 3
+    assert q.entries[3].chunk == (1, 0)
+    assert q.for_chunk((1, 0)) == [ts[3]]
+    with pytest.raises(TickAlreadyProcessed):
+        q.check_ticks([0])
+    with pytest.raises(DeltaError, match="backwards"):
+        q.check_ticks([3, 2])
+    q.check_ticks([3, 3, 4])
+    taken = q.take(1)  # cuts the first segment in the middle
+    assert [e.delta for e in taken] == ts[:2] and q.floor == 1
+    assert q.folded(taken, 1) == []
+    assert [e.delta for e in q.entries] == ts[2:] and q.per_chunk[(0, 0)] == 2
+    taken = q.take(2)
+    assert [e.delta for e in taken] == ts[2:4]
+    assert q.folded(taken, 2) == [(1, 0)]
+    assert [e.delta for e in q.entries] == ts[4:] and q.dirty_since is not None
+    assert q.folded(q.take(3), 3) == [(0, 0)]
+    assert not q.entries and q.clean and q.lpt == 3
+
+
+def test_journal_payload_reuse_is_byte_identical() -> None:
+    import msgspec
+
+    from streamer.runtime.journal import JournalBatch, encode_batch, encode_batch_raw
+
+    deltas: list[TileSet | FeatureAdd] = [
+        TileSet(tick=(1 << 64) - 1, x=-(1 << 40), y=3, tile=65535),
+        FeatureAdd(tick=2, feature=Feature(id="f", kind="tree", x=1, y=2)),
+    ]
+    for seq in (1, 1 << 40):
+        raw = encode_batch_raw(seq, msgspec.msgpack.encode(deltas))
+        assert raw == encode_batch(JournalBatch(seq=seq, deltas=list(deltas)))
+
+
+def test_chunk_edit_packed_merge_matches_a_dict_merge() -> None:
+    import random
+
+    from streamer.runtime.regionstate import ChunkEdit
+    from streamer.schema.codec import pack_tiles
+    from streamer.schema.records import ChunkRecord
+
+    rng = random.Random(7)
+    for n, m in [(1, 0), (5, 3), (300, 300), (4096, 50), (10, 4096)]:
+        idx = sorted(rng.sample(range(4096), n))
+        val = [rng.randrange(65536) for _ in idx]
+        ti, tv = pack_tiles(idx, val)
+        rec = ChunkRecord(
+            cx=-1,
+            cy=2,
+            generator="g",
+            generator_version=1,
+            base_fingerprint=0,
+            tile_idx=ti,
+            tile_val=tv,
+        )
+        edits = [
+            TileSet(
+                tick=1,
+                x=-64 + rng.randrange(64),
+                y=128 + rng.randrange(64),
+                tile=rng.randrange(65536),
+            )
+            for _ in range(m)
+        ]
+        expect = dict(zip(idx, val, strict=True))
+        for e in edits:
+            expect[(e.y % 64) * 64 + e.x % 64] = e.tile
+        keys = sorted(expect)
+        edit = ChunkEdit.from_record(rec, where="t")
+        edit.apply_all(edits)
+        assert edit.packed_tiles() == pack_tiles(keys, [expect[k] for k in keys])
+        edit = ChunkEdit.from_record(rec, where="t")
+        edit.apply_all(edits)
+        assert edit.tiles == expect

@@ -9,7 +9,11 @@ Each bench measures its limit and a SQLite baseline in the same run as the figur
 - ``durable_deltas``: many concurrent submitters, ``durability="sync"`` with fsync. Limit:
   raw ``write`` + ``fsync`` of one batch-sized frame, times the batch size (what a journal
   without group commit could do). Baseline: SQLite read-modify-write of each touched chunk's
-  record, one ``synchronous=FULL`` transaction per batch.
+  record, one ``synchronous=FULL`` transaction per batch. Throughput is measured at
+  saturation (64 submitters x 64 deltas); acknowledgement latency at the load where meeting
+  the latency goal means sustaining the throughput goal (16 x 64, ~1,000 deltas in flight:
+  by Little's law p99 <= 5 ms there needs > 200,000 deltas/s), since at saturation Little's
+  law alone puts p99 above 4,096 / throughput; and at a light load (8 x 64).
 - ``region_flushes``: dirty regions folded into new region files by ``world.flush``. Limit:
   raw atomic replace of a file of the same size. Baseline: one SQLite transaction per region
   rewriting its dirty chunk rows.
@@ -66,6 +70,9 @@ class DeltaSizes:
     #: A second, lighter closed loop: what latency a shard sees when the journal is not
     #: saturated (with 64 x 64 deltas always in flight, Little's law sets p99 >= 4096 / rate).
     light_submitters: int = 8
+    #: The closed loop the latency goal is judged at: ``goal_submitters x batch`` deltas in
+    #: flight, so p99 <= 5 ms there implies >= in-flight / 5 ms deltas/s (~205,000 for 16 x 64).
+    goal_submitters: int = 16
 
 
 @dataclass(frozen=True)
@@ -326,15 +333,26 @@ async def durable_deltas(
 
     frame = len(msgspec.msgpack.encode(_submitter_batch(0, 0, 1 << 40, s.batch))) + 64
     fsyncs = await anyio.to_thread.run_sync(_append_fsync_per_s, work, s.probe_fsyncs, frame)
+    tasks = max(s.submitters, s.goal_submitters, s.light_submitters)
+    touched = {
+        (t.x // CHUNK_SIZE, t.y // CHUNK_SIZE)
+        for task in range(tasks)
+        for seq in range(16)
+        for t in _submitter_batch(task, seq, 0, s.batch)
+    }
+    # Every chunk the submitters edit has a stored record already, as every one has a row in
+    # the SQLite baseline: the loops measure the steady state, not each chunk's first edit
+    # (which also generates its region's default features once).
+    first = await _populate(world, sorted(touched), edits_per_chunk=1) + 1
 
     async with open_world(world, _config()) as w:
         # Regions loaded and the journal segment created before the clock starts.
         async with anyio.create_task_group() as tg:
             for task in range(s.submitters):
-                tg.start_soon(w.submit, _submitter_batch(task, 0, 1, 1))
+                tg.start_soon(w.submit, _submitter_batch(task, 0, first, 1))
         base = w.stats()
 
-        tick0 = 2
+        tick0 = first + 1
 
         async def submit(task: int, seq: int) -> int:
             batch = _submitter_batch(task, seq, tick0 + seq, s.batch)
@@ -343,19 +361,19 @@ async def durable_deltas(
 
         ours, lat = await _closed_loop(s.submitters, s.seconds, submit)
         after = w.stats()
+        # Each lighter loop starts from empty queues, not from the backlog the one before
+        # left to fold (flushing is not timed).
+        await w.flush()
         tick0 = 1 << 40  # above every tick of the first loop, in every region
+        at_goal, goal_lat = await _closed_loop(s.goal_submitters, s.seconds / 2, submit)
+        await w.flush()
+        tick0 = 2 << 40  # and of the second
         light, light_lat = await _closed_loop(s.light_submitters, s.seconds / 2, submit)
     commits = after.journal_commits - base.journal_commits
     batches = after.journal.batches - base.journal.batches
 
     db_path = work / "deltas.sqlite"
     db = _sqlite(db_path)
-    touched = {
-        (t.x // CHUNK_SIZE, t.y // CHUNK_SIZE)
-        for task in range(s.submitters)
-        for seq in range(16)
-        for t in _submitter_batch(task, seq, 0, s.batch)
-    }
 
     def sqlite_fill() -> None:
         db.execute("BEGIN")
@@ -402,12 +420,15 @@ async def durable_deltas(
             await anyio.to_thread.run_sync(sqlite_batch, batch)
         return len(batch)
 
-    baseline, base_lat = await _closed_loop(s.submitters, s.seconds, sqlite_submit)
+    baseline, _ = await _closed_loop(s.submitters, s.seconds, sqlite_submit)
+    _, base_goal_lat = await _closed_loop(s.goal_submitters, s.seconds / 2, sqlite_submit)
     _, base_light_lat = await _closed_loop(s.light_submitters, s.seconds / 2, sqlite_submit)
     db.close()
 
     inflight = s.submitters * s.batch
+    goal_inflight = s.goal_submitters * s.batch
     label = f"{s.submitters} submitters x {s.batch}"
+    goal_label = f"{s.goal_submitters} submitters x {s.batch}"
     light_label = f"{s.light_submitters} submitters x {s.batch}"
     return [
         Figure(
@@ -420,24 +441,31 @@ async def durable_deltas(
             baseline_name="sqlite RMW txn per batch",
             goal_min=200_000,
             note=(
-                f"{batches:,} batches in {commits:,} group commits "
-                f"({batches / max(1, commits):.1f} batches per fsync); {s.seconds:g} s closed loop"
+                f"throughput at saturation: {batches:,} batches in {commits:,} group commits "
+                f"({batches / max(1, commits):.1f} batches per fsync); {s.seconds:g} s closed "
+                f"loop. Its latency (p50 {lat.percentile_ms(50):.1f} ms, p99 "
+                f"{lat.percentile_ms(99):.1f} ms) is not judged against the 5 ms goal: with "
+                f"{inflight:,} deltas always in flight Little's law puts the mean at "
+                f"{inflight:,} / throughput = {inflight / ours * 1000:.1f} ms here, and 5 ms "
+                f"would need {inflight / 0.005:,.0f} deltas/s; see the {goal_label} row"
             ),
         ),
         Figure(
-            name=f"ack latency p99 ({label}, sync)",
-            value=lat.percentile_ms(99),
+            name=f"ack latency p99 ({goal_label}, sync)",
+            value=goal_lat.percentile_ms(99),
             unit="ms",
             limit=1000.0 / fsyncs,
             limit_name="one append+fsync",
-            baseline=base_lat.percentile_ms(99),
+            baseline=base_goal_lat.percentile_ms(99),
             baseline_name="sqlite RMW txn per batch",
             goal_min=5.0,
             lower_is_better=True,
             note=(
-                f"p50 {lat.percentile_ms(50):.2f} ms; closed loop keeps {inflight:,} deltas in "
-                f"flight, so p99 >= {inflight:,} / throughput (Little's law): "
-                f"{inflight / ours * 1000:.1f} ms at the measured rate"
+                f"the latency goal's load: {goal_inflight:,} deltas in flight, so p99 <= 5 ms "
+                f"here needs >= {goal_inflight / 0.005:,.0f} deltas/s sustained (Little's "
+                f"law): both goals at once. Measured {at_goal:,.0f} deltas/s, p50 "
+                f"{goal_lat.percentile_ms(50):.2f} ms ({s.seconds / 2:g} s closed loop, same "
+                "world)"
             ),
         ),
         Figure(

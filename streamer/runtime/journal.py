@@ -51,6 +51,8 @@ __all__ = [
     "Journal",
     "RegionTicks",
     "RunSync",
+    "encode_batch",
+    "encode_batch_raw",
     "segment_name",
 ]
 
@@ -76,12 +78,27 @@ class JournalBatch(msgspec.Struct, tag="journal_batch", tag_field="type", kw_onl
     deltas: list[AnyDelta]
 
 
+class _RawJournalBatch(msgspec.Struct, tag="journal_batch", tag_field="type", kw_only=True):
+    """:class:`JournalBatch` with its ``deltas`` already encoded (same fields, same order)."""
+
+    schemaVersion: int = 1
+    seq: int
+    deltas: msgspec.Raw
+
+
 _ENCODER = msgspec.msgpack.Encoder()
 _DECODER = msgspec.msgpack.Decoder(JournalBatch)
 
 
 def encode_batch(batch: JournalBatch) -> bytes:
     return _ENCODER.encode(batch)
+
+
+def encode_batch_raw(seq: int, deltas: bytes) -> bytes:
+    """``encode_batch(JournalBatch(seq=seq, deltas=ds))``, byte for byte, given ``deltas`` =
+    the msgpack encoding of ``ds``: a batch encoded once (to validate it) is not encoded again.
+    """
+    return _ENCODER.encode(_RawJournalBatch(seq=seq, deltas=msgspec.Raw(deltas)))
 
 
 def decode_batch(payload: bytes, *, where: str) -> JournalBatch:
@@ -275,16 +292,22 @@ class Journal:
         self._next_batch += 1
         return seq
 
-    def append(self, batch: JournalBatch, ticks: RegionTicks) -> _Pending:
+    def append(
+        self, batch: JournalBatch, ticks: RegionTicks, *, payload: bytes | None = None
+    ) -> _Pending:
         """Queue ``batch`` for the next group commit; ``await result.wait()`` until durable.
 
         Synchronous, so the journal order is exactly the order of ``append`` calls.
 
+        :param payload: ``encode_batch(batch)`` if the caller has it already
+            (see :func:`encode_batch_raw`).
         :raises StorageUnavailable: the journal is broken by an earlier unrecoverable error.
         :raises WorldClosed: the journal is closing.
         """
         self._check_usable()
-        pending = _Pending(batch, encode_frame(encode_batch(batch)), ticks)
+        if payload is None:
+            payload = encode_batch(batch)
+        pending = _Pending(batch, encode_frame(payload), ticks)
         self._pending.append(pending)
         self._idle = anyio.Event() if self._idle.is_set() else self._idle
         self._wake.set()

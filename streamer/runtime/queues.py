@@ -21,19 +21,23 @@ region has been idle for the flush interval, or when the caller forces it (``flu
 close, back-pressure), the newest tick is folded too and thereby sealed.
 
 ``entries`` holds only durable (journaled) deltas, appended in journal order by the journal's
-``on_durable`` hook. ``pending`` holds the ticks of batches accepted but not yet durable.
+``on_durable`` hook (a whole batch's part for this region at once, :meth:`RegionQueue.extend`).
+``pending`` holds the ticks of batches accepted but not yet durable.
 """
 
 from __future__ import annotations
 
 import math
+import operator
 import time
 from collections import Counter, deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import TypeAlias
 
 import anyio
+import msgspec
 
 from streamer.errors import DeltaError, TickAlreadyProcessed
 from streamer.schema.deltas import (
@@ -47,7 +51,7 @@ from streamer.schema.deltas import (
     TileSet,
 )
 
-__all__ = ["ChunkDelta", "DeltaQueues", "Queued", "RegionKey", "RegionQueue"]
+__all__ = ["ChunkDelta", "DeltaQueues", "Queued", "QueuedEntries", "RegionKey", "RegionQueue"]
 
 RegionKey: TypeAlias = tuple[int, int]
 ChunkKey: TypeAlias = tuple[int, int]
@@ -65,11 +69,116 @@ ChunkDelta: TypeAlias = (
 )
 
 
-@dataclass(frozen=True, slots=True)
-class Queued:
+class Queued(msgspec.Struct, frozen=True, gc=False):
+    """One queued delta.
+
+    A C-level struct: ``map(Queued, ticks, chunks, deltas)`` builds a batch's entries without
+    Python-level calls, and ``gc=False`` keeps the (possibly hundreds of thousands of) queued
+    entries out of the cyclic garbage collector, whose full passes over them cost more than
+    building them. Safe: an entry only refers to immutable values and never to itself.
+    """
+
     tick: int
     chunk: ChunkKey
     delta: ChunkDelta
+
+
+_CHUNK_OF = operator.attrgetter("chunk")
+
+
+class QueuedEntries:
+    """A FIFO of :class:`Queued` kept as one tuple per pushed batch part (a *segment*).
+
+    Behaves like the deque it replaces (``len``, truth, iteration in order, ``[0]``/``[-1]``,
+    ``append``, ``clear``). Segments keep the garbage collector's full passes cheap: a tuple of
+    untracked entries is itself untracked after one pass, so hundreds of thousands of queued
+    deltas cost it a few thousand visits instead of one each.
+    """
+
+    __slots__ = ("_len", "_segs")
+
+    def __init__(self, items: Iterable[Queued] = ()) -> None:
+        self._segs: deque[tuple[Queued, ...]] = deque()
+        self._len = 0
+        self.extend_segment(tuple(items))
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __bool__(self) -> bool:
+        return self._len > 0
+
+    def __iter__(self) -> Iterator[Queued]:
+        return chain.from_iterable(self._segs)
+
+    def __getitem__(self, index: int) -> Queued:
+        if index == 0 and self._len:
+            return self._segs[0][0]
+        if index == -1 and self._len:
+            return self._segs[-1][-1]
+        if index < 0:
+            index += self._len
+        if not 0 <= index < self._len:
+            raise IndexError("queue index out of range")
+        for seg in self._segs:
+            if index < len(seg):
+                return seg[index]
+            index -= len(seg)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def __repr__(self) -> str:
+        return f"QueuedEntries({list(self)!r})"
+
+    def append(self, item: Queued) -> None:
+        self._segs.append((item,))
+        self._len += 1
+
+    def extend_segment(self, seg: tuple[Queued, ...]) -> None:
+        if seg:
+            self._segs.append(seg)
+            self._len += len(seg)
+
+    def clear(self) -> None:
+        self._segs.clear()
+        self._len = 0
+
+    def take_while_le(self, cutoff: int) -> list[Queued]:
+        """The prefix of entries with ``tick <= cutoff`` (ticks are non-decreasing)."""
+        out: list[Queued] = []
+        for seg in self._segs:
+            if seg[-1].tick <= cutoff:
+                out.extend(seg)
+                continue
+            for item in seg:
+                if item.tick > cutoff:
+                    break
+                out.append(item)
+            break
+        return out
+
+    def is_prefix(self, items: Sequence[Queued]) -> bool:
+        """Whether ``items`` are the first ``len(items)`` entries, checked by count and by the
+        identity of the first and last (a flush folds exactly what ``take`` gave it)."""
+        n = len(items)
+        if n > self._len:
+            return False
+        return n == 0 or (items[0] is self[0] and items[-1] is self[n - 1])
+
+    def drop_prefix(self, n: int) -> None:
+        """Remove the first ``n`` entries."""
+        if n >= self._len:
+            self.clear()
+            return
+        segs = self._segs
+        self._len -= n
+        while n:
+            head = segs[0]
+            if len(head) <= n:
+                segs.popleft()
+                n -= len(head)
+            else:
+                segs[0] = head[n:]
+                n = 0
 
 
 @dataclass(slots=True)
@@ -84,7 +193,7 @@ class RegionQueue:
     lpt: int
     floor: int = -1
     hwm: int = -1
-    entries: deque[Queued] = field(default_factory=deque)
+    entries: QueuedEntries = field(default_factory=QueuedEntries)
     pending: deque[_PendingBatch] = field(default_factory=deque)
     pending_count: int = 0
     per_chunk: Counter[ChunkKey] = field(default_factory=Counter)
@@ -116,6 +225,14 @@ class RegionQueue:
         :raises TickAlreadyProcessed: a tick is at or below the sealed floor.
         :raises DeltaError: ticks would go backwards in this region's queue.
         """
+        if (
+            type(ticks) is list
+            and ticks
+            and ticks[0] > self.floor
+            and ticks[0] >= self.hwm
+            and (len(ticks) == 1 or ticks == sorted(ticks))
+        ):
+            return  # non-decreasing from a tick above the floor and not below hwm: all pass
         last = self.hwm
         for tick in ticks:
             if tick <= self.floor:
@@ -151,6 +268,19 @@ class RegionQueue:
         if self.dirty_since is None:
             self.dirty_since = time.monotonic()
 
+    def extend(
+        self, ticks: Sequence[int], chunks: Sequence[ChunkKey], deltas: Sequence[ChunkDelta]
+    ) -> None:
+        """``push`` each ``(tick, chunk, delta)`` in order (one batch's part for this region)."""
+        if not deltas:
+            return
+        if not len(ticks) == len(chunks) == len(deltas):
+            raise ValueError("extend: ticks, chunks and deltas differ in length")
+        self.entries.extend_segment(tuple(map(Queued, ticks, chunks, deltas)))
+        self.per_chunk.update(chunks)
+        if self.dirty_since is None:
+            self.dirty_since = time.monotonic()
+
     def cutoff(self, *, full: bool, idle_s: float, now: float) -> int | None:
         """Highest tick a flush may fold now, or ``None`` if nothing is foldable."""
         if not self.entries:
@@ -170,24 +300,23 @@ class RegionQueue:
 
     def take(self, cutoff: int) -> list[Queued]:
         """The prefix with ``tick <= cutoff``; seals the floor at ``cutoff``."""
-        out: list[Queued] = []
-        for item in self.entries:
-            if item.tick > cutoff:
-                break
-            out.append(item)
+        out = self.entries.take_while_le(cutoff)
         self.floor = max(self.floor, cutoff)
         return out
 
     def folded(self, items: list[Queued], lpt: int) -> list[ChunkKey]:
         """Drop the folded prefix; return chunks that have nothing queued any more."""
         cleaned: list[ChunkKey] = []
-        for item in items:
-            head = self.entries.popleft()
-            assert head is item, "flush folded something other than the queue's prefix"
-            self.per_chunk[item.chunk] -= 1
-            if self.per_chunk[item.chunk] <= 0:
-                del self.per_chunk[item.chunk]
-                cleaned.append(item.chunk)
+        assert self.entries.is_prefix(items), "flush folded something other than the queue's prefix"
+        self.entries.drop_prefix(len(items))
+        per_chunk = self.per_chunk
+        for chunk, count in Counter(map(_CHUNK_OF, items)).items():
+            left = per_chunk[chunk] - count
+            if left <= 0:
+                del per_chunk[chunk]
+                cleaned.append(chunk)
+            else:
+                per_chunk[chunk] = left
         self.lpt = max(self.lpt, lpt)
         self.floor = max(self.floor, self.lpt)
         self.dirty_since = time.monotonic() if self.entries else None

@@ -57,6 +57,8 @@ __all__ = [
 ChunkKey: TypeAlias = tuple[int, int]
 RegionKey: TypeAlias = tuple[int, int]
 Tiles: TypeAlias = npt.NDArray[np.uint16]
+#: How ``schema.codec.pack_tiles`` stores tile overrides: little-endian uint16.
+_PACKED = np.dtype("<u2")
 
 
 class Generator(Protocol):
@@ -130,9 +132,14 @@ def check_fingerprint(rec: ChunkRecord, gen: Generator, region: RegionKey, where
 
 
 class ChunkEdit:
-    """A mutable working copy of one chunk's persisted state, for applying deltas."""
+    """A mutable working copy of one chunk's persisted state, for applying deltas.
 
-    __slots__ = ("characters", "features", "societies", "structures", "tiles")
+    Tile overrides read from a record stay packed (numpy) and edits go to a dict on top of
+    them, so folding a few edits into a chunk with thousands of overrides is array work, not
+    a dict of thousands of entries; :attr:`tiles` merges them when someone asks for it.
+    """
+
+    __slots__ = ("_packed", "_tiles", "characters", "features", "societies", "structures")
 
     def __init__(
         self,
@@ -143,7 +150,9 @@ class ChunkEdit:
         structures: Iterable[Structure] = (),
         societies: Iterable[Society] = (),
     ) -> None:
-        self.tiles: dict[int, int] = {} if tiles is None else tiles
+        self._tiles: dict[int, int] = {} if tiles is None else tiles
+        #: Stored overrides under ``_tiles`` (sorted unique indices, values), or None.
+        self._packed: tuple[npt.NDArray[np.uint16], npt.NDArray[np.uint16]] | None = None
         self.characters = {c.id: c for c in characters}
         self.features = {f.id: f for f in features}
         self.structures = {s.id: s for s in structures}
@@ -152,13 +161,25 @@ class ChunkEdit:
     @classmethod
     def from_record(cls, rec: ChunkRecord, *, where: str) -> ChunkEdit:
         idx, val = unpack_tiles(rec.tile_idx, rec.tile_val, where=where)
-        return cls(
-            tiles=dict(zip(idx.tolist(), val.tolist(), strict=True)),
+        edit = cls(
             characters=rec.characters,
             features=rec.features,
             structures=rec.structures,
             societies=rec.societies,
         )
+        if idx.size:
+            edit._packed = (idx, val)
+        return edit
+
+    @property
+    def tiles(self) -> dict[int, int]:
+        """Every tile override, ``local_index → tile`` (stored ones merged with edits)."""
+        if self._packed is not None:
+            idx, val = self._packed
+            merged = dict(zip(idx.tolist(), val.tolist(), strict=True))
+            merged.update(self._tiles)
+            self._tiles, self._packed = merged, None
+        return self._tiles
 
     @classmethod
     def from_defaults(cls, d: ChunkDefaults) -> ChunkEdit:
@@ -167,7 +188,7 @@ class ChunkEdit:
     def apply(self, delta: ChunkDelta) -> None:
         match delta:
             case TileSet(x=x, y=y, tile=tile):
-                self.tiles[local_index(x, y)] = tile
+                self._tiles[local_index(x, y)] = tile
             case EntityUpsert(character=c):
                 self.characters[c.id] = c
             case EntityRemove(entity_id=eid):
@@ -183,7 +204,48 @@ class ChunkEdit:
             case SocietyUpdate(society=soc):
                 self.societies[soc.id] = soc
 
+    def apply_all(self, deltas: Iterable[ChunkDelta]) -> None:
+        """``apply`` each delta in order (tile edits in one dict update)."""
+        ds = deltas if isinstance(deltas, list | tuple) else list(deltas)
+        tiles = [d for d in ds if isinstance(d, TileSet)]
+        if len(tiles) != len(ds):
+            for d in ds:
+                if not isinstance(d, TileSet):
+                    # Tile edits and record changes touch disjoint state: only the order
+                    # within each kind matters, and both keep it.
+                    self.apply(d)
+        if tiles:
+            self._tiles.update(_tile_edits(tiles))
+
+    def on_base(self, base: Tiles) -> Tiles:
+        """``base`` terrain with every tile override applied (``base`` itself if none)."""
+        if self._packed is None and not self._tiles:
+            return base
+        arr = np.array(base, dtype=np.uint16, copy=True)
+        if self._packed is not None:
+            idx, val = self._packed
+            arr.reshape(-1)[idx] = val
+        if self._tiles:
+            _set_tiles(arr, self._tiles)
+        arr.flags.writeable = False  # what Chunk wants: it need not copy it again
+        return arr
+
     def packed_tiles(self) -> tuple[bytes, bytes]:
+        if self._packed is not None:
+            # Dense merge over the chunk: stored overrides, then edits (later wins).
+            idx, val = self._packed
+            present = np.zeros(CHUNK_SIZE * CHUNK_SIZE, dtype=np.bool_)
+            dense = np.empty(CHUNK_SIZE * CHUNK_SIZE, dtype=_PACKED)
+            present[idx] = True
+            dense[idx] = val
+            if self._tiles:
+                t = self._tiles
+                new_idx = np.fromiter(t.keys(), dtype=np.int64, count=len(t))
+                present[new_idx] = True
+                dense[new_idx] = np.fromiter(t.values(), dtype=np.int64, count=len(t))
+            where = np.flatnonzero(present)
+            # Sorted, unique, in range and uint16 by construction: what pack_tiles would check.
+            return where.astype(_PACKED).tobytes(), dense[where].tobytes()
         if not self.tiles:
             return b"", b""
         idx = np.fromiter(sorted(self.tiles), dtype=np.int64, count=len(self.tiles))
@@ -207,16 +269,37 @@ class ChunkEdit:
         )
 
 
+def _tile_edits(tile_sets: Iterable[TileSet]) -> dict[int, int]:
+    """``local_index → tile`` of ``tile_sets`` in order (a later edit of a tile wins)."""
+    return {(d.y % CHUNK_SIZE) * CHUNK_SIZE + d.x % CHUNK_SIZE: d.tile for d in tile_sets}
+
+
+def _with_tile_edits(tiles: Tiles, edits: Mapping[int, int]) -> Tiles:
+    """A read-only copy of ``tiles`` with ``edits`` applied in one fancy-index assignment."""
+    arr = np.array(tiles, dtype=np.uint16, copy=True)
+    _set_tiles(arr, edits)
+    arr.flags.writeable = False  # what Chunk wants: it need not copy it again
+    return arr
+
+
+def _set_tiles(arr: Tiles, edits: Mapping[int, int]) -> None:
+    idx = np.fromiter(edits.keys(), dtype=np.int64, count=len(edits))
+    val = np.fromiter(edits.values(), dtype=np.int64, count=len(edits))
+    # Keys are unique, so the assignment order cannot matter.
+    arr.reshape(-1)[idx] = val
+
+
 def apply_to_chunk(chunk: Chunk, deltas: Sequence[ChunkDelta]) -> Chunk:
     """A new ``Chunk`` with ``deltas`` applied (the input chunk is shared and immutable)."""
-    tile_sets = [d for d in deltas if isinstance(d, TileSet)]
-    records = [d for d in deltas if not isinstance(d, TileSet)]
+    if all(type(d) is TileSet for d in deltas):
+        tile_sets: Sequence[TileSet] = deltas  # type: ignore[assignment]
+        records: list[ChunkDelta] = []
+    else:
+        tile_sets = [d for d in deltas if isinstance(d, TileSet)]
+        records = [d for d in deltas if not isinstance(d, TileSet)]
     tiles: Tiles = chunk.tiles
     if tile_sets:
-        arr = np.array(chunk.tiles, dtype=np.uint16, copy=True)
-        for d in tile_sets:
-            arr[d.y % CHUNK_SIZE, d.x % CHUNK_SIZE] = d.tile
-        tiles = arr
+        tiles = _with_tile_edits(chunk.tiles, _tile_edits(tile_sets))
     if not records:
         return chunk.with_tiles(tiles) if tile_sets else chunk
     edit = ChunkEdit(
@@ -253,16 +336,8 @@ def build_chunk(
         edit = ChunkEdit() if defaults is None else ChunkEdit.from_defaults(defaults)
     else:
         edit = ChunkEdit.from_record(record, where=where)
-    for d in queued:
-        edit.apply(d)
-    tiles = base
-    if edit.tiles:
-        arr = np.array(base, dtype=np.uint16, copy=True)
-        flat = arr.reshape(-1)
-        idx = np.fromiter(edit.tiles.keys(), dtype=np.int64, count=len(edit.tiles))
-        val = np.fromiter(edit.tiles.values(), dtype=np.int64, count=len(edit.tiles))
-        flat[idx] = val
-        tiles = arr
+    edit.apply_all(queued)
+    tiles = edit.on_base(base)
     return Chunk(
         cx,
         cy,
@@ -310,8 +385,12 @@ def fold_region(
     by_chunk: dict[ChunkKey, list[ChunkDelta]] = {}
     new_lpt = lpt
     for item in items:
-        by_chunk.setdefault(item.chunk, []).append(item.delta)
-        new_lpt = max(new_lpt, item.tick)
+        group = by_chunk.get(item.chunk)
+        if group is None:
+            group = by_chunk[item.chunk] = []
+        group.append(item.delta)
+    if items:
+        new_lpt = max(new_lpt, max(item.tick for item in items))
     touched = set(by_chunk) | set(upgraded)
     chunks = dict(state_chunks)
     for ck in sorted(touched):
@@ -325,8 +404,7 @@ def fold_region(
         else:
             edit = ChunkEdit.from_defaults(gen.chunk_defaults(cx, cy, region_size))
             gen_name, gen_version, fp = gen.name, gen.version, gen.fingerprint(cx, cy)
-        for d in by_chunk.get(ck, ()):
-            edit.apply(d)
+        edit.apply_all(by_chunk.get(ck, ()))
         rec = edit.to_record(cx, cy, generator=gen_name, version=gen_version, fp=fp)
         chunks[ck] = codec.encode(rec)
     data = encode_region(
