@@ -526,3 +526,31 @@ def test_tiles_property(overrides: dict[int, int], seed: int) -> None:
     for k, t in overrides.items():
         expected[k // 64, k % 64] = t
     assert np.array_equal(out, expected)
+
+
+@pytest.mark.parametrize("encoding", ["msgpack", "json"])
+def test_refuse_unknown_versions_sees_a_newer_record_behind_current_ones(encoding: str) -> None:
+    """``record_versions`` holds minimums, so a v99 record beside a v3 one must be found by
+    looking at every record, which the screening peek does."""
+    from streamer.schema.records import CURRENT_VERSIONS
+
+    codec = ChunkCodec(encoding)  # type: ignore[arg-type]
+    rec = ChunkRecord(
+        cx=0,
+        cy=0,
+        generator="g",
+        generator_version=1,
+        base_fingerprint=1,
+        characters=[Character(id="now", x=1, y=1)],
+    )
+    codec.refuse_unknown_versions(codec.encode(rec), where="w")  # current: accepted
+    raw = msgspec.to_builtins(rec, builtin_types=(bytes,) if encoding == "msgpack" else ())
+    future = dict(raw["characters"][0], id="later", schemaVersion=99)
+    raw["characters"].append(future)
+    raw["record_versions"] = {"character": CURRENT_VERSIONS["character"]}
+    enc = msgspec.msgpack.encode if encoding == "msgpack" else msgspec.json.encode
+    with pytest.raises(UnknownSchemaVersion) as info:
+        codec.refuse_unknown_versions(enc(raw), where="regions/r.0.0.region chunk (0, 0)")
+    assert (info.value.record_id, info.value.schema_version) == ("later", 99)
+    assert "regions/r.0.0.region" in str(info.value)
+    codec.refuse_unknown_versions(b"\xff garbage", where="w")  # decode() reports garbage

@@ -12,9 +12,8 @@ know current shapes; see ``scripts/make_fixtures.py``). Through ``open_world``:
 - a record newer than this code (schemaVersion 99) is refused with ``UnknownSchemaVersion``,
   never downgraded or overwritten, while other regions keep serving.
 
-Semantics found (and pinned here): the refusal is per *chunk*, not per region. The region
-container verifies, so other chunks of that region still load and take edits; a flush of the
-region folds only the chunks it touches and carries the v99 chunk's payload over verbatim.
+The refusal is per *region* (design §7): a region holding a record from newer code refuses to
+load as a whole, so no delta can be queued against it that no flush could ever fold.
 """
 
 from __future__ import annotations
@@ -245,20 +244,12 @@ async def test_a_newer_record_is_refused_and_never_overwritten(tmp_path: Path) -
         assert (tmp_path / region_key(-1, 0)).read_bytes() == neg_before
     assert (tmp_path / region_key(-1, 0)).read_bytes() == neg_before
     async with open_world(tmp_path, CONF) as world:
-        with pytest.raises(UnknownSchemaVersion):
-            await world.chunk(-1, 0)
-        # The neighbour chunk in the same region loads (the refusal is per chunk) and is
-        # upgraded; the flush folds only it and carries the v99 payload over verbatim.
-        [n] = (await world.chunk(-2, 0)).entities
-        assert (n.id, n.schemaVersion) == ("old-neighbour", CURRENT_VERSIONS["character"])
-        await world.submit([TileSet(tick=LPT + 1, x=-100, y=10, tile=77)])
-        await world.flush()
-        lpt, _, stored = region_chunks(tmp_path, -1, 0)
-        assert lpt == LPT + 1
-        assert stored[(-1, 0)] == payloads["r_neg"][(-1, 0)]
-        assert raw_of(stored[(-2, 0)])["characters"][0]["schemaVersion"] == 3
-        with pytest.raises(UnknownSchemaVersion):
-            await world.chunk(-1, 0)
+        # The neighbour chunk in the same region is refused too: the region is refused whole.
+        with pytest.raises(UnknownSchemaVersion) as info:
+            await world.chunk(-2, 0)
+        assert info.value.record_id == "future"
+    assert (tmp_path / region_key(-1, 0)).read_bytes() == neg_before
+    assert payloads["r_neg"]  # the fixture really wrote the region
 
 
 async def test_fixture_world_v1_upgrades_lazily_through_open_world(tmp_path: Path) -> None:
@@ -288,35 +279,23 @@ async def test_fixture_world_v1_upgrades_lazily_through_open_world(tmp_path: Pat
         assert again["player-ada"] == ada
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open finding: a delta into a chunk holding a record newer than this code is "
-    "acknowledged, but can never be folded (every flush and close raises "
-    "UnknownSchemaVersion; the journal keeps it forever). Design §7/§9 want it refused.",
-)
 async def test_a_delta_into_a_chunk_with_a_newer_record_is_refused(tmp_path: Path) -> None:
     await old_world(tmp_path)
     neg_before = (tmp_path / region_key(-1, 0)).read_bytes()
     async with open_world(tmp_path, CONF) as world:
         with pytest.raises(UnknownSchemaVersion):
             await world.submit([TileSet(tick=LPT + 1, x=-60, y=3, tile=5)])
+        # A batch touching it and a healthy region applies nothing (all-or-nothing).
+        with pytest.raises(UnknownSchemaVersion):
+            await world.submit(
+                [
+                    TileSet(tick=LPT + 1, x=600, y=3, tile=77),
+                    TileSet(tick=LPT + 1, x=-60, y=3, tile=5),
+                ]
+            )
+        assert int((await world.chunk(9, 0)).tiles[3, 600 % 64]) != 77
+        await world.flush()
     assert (tmp_path / region_key(-1, 0)).read_bytes() == neg_before
-
-
-async def test_an_accepted_delta_into_a_newer_record_is_never_folded_over_it(
-    tmp_path: Path,
-) -> None:
-    """Today's behaviour (see the xfail above): nothing is overwritten or lost meanwhile."""
-    await old_world(tmp_path)
-    neg_before = (tmp_path / region_key(-1, 0)).read_bytes()
-    world = open_world(tmp_path, CONF)
-    with pytest.raises(UnknownSchemaVersion):
-        async with world:
-            await world.submit([TileSet(tick=LPT + 1, x=-60, y=3, tile=5)])
-            await world.submit([TileSet(tick=LPT + 1, x=600, y=3, tile=6)])
-            with pytest.raises(UnknownSchemaVersion):
-                await world.flush()  # the plain error, and the other region still folded
-            assert region_chunks(tmp_path, 1, 0)[0] == LPT + 1
-    # The final flush failed the same way: the file is untouched, the delta stays journaled.
-    assert (tmp_path / region_key(-1, 0)).read_bytes() == neg_before
-    assert list((tmp_path / "journal").iterdir())
+    assert not any((tmp_path / "journal").glob("*.wal")) or all(
+        p.stat().st_size == 0 for p in (tmp_path / "journal").glob("*.wal")
+    )

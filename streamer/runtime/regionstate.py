@@ -95,16 +95,33 @@ class RegionState:
         return region_key(*self.key)
 
 
+_SCREENING: dict[str, ChunkCodec] = {}
+
+
+def _screening_codec(encoding: Encoding) -> ChunkCodec:
+    codec = _SCREENING.get(encoding)
+    if codec is None:
+        codec = _SCREENING[encoding] = ChunkCodec(encoding)
+    return codec
+
+
 def region_state_from_bytes(data: bytes | None, key: RegionKey) -> RegionState:
     """Verify a region file (``None``: no file) into a state.
 
     :raises IntegrityError: the file is damaged (see ``decode_region``).
     :raises UnsupportedFormat: written by a newer format version.
+    :raises UnknownSchemaVersion: a record in it is newer than this code.
     """
     if data is None:
         return RegionState(key)
     rx, ry = key
-    rf = decode_region(data, rx=rx, ry=ry, path=region_key(rx, ry))
+    path = region_key(rx, ry)
+    rf = decode_region(data, rx=rx, ry=ry, path=path)
+    # A record from newer code makes the whole region refuse to load (design §7): nothing may
+    # be queued against it, since no flush could ever fold into it without downgrading.
+    codec = _screening_codec(rf.header.encoding)
+    for (cx, cy), payload in rf.chunks.items():
+        codec.refuse_unknown_versions(payload, where=f"{path} chunk ({cx}, {cy})")
     return RegionState(
         key,
         generation=rf.header.generation,

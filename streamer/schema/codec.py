@@ -24,7 +24,7 @@ import msgspec
 import numpy as np
 import numpy.typing as npt
 
-from streamer.errors import MalformedFile
+from streamer.errors import MalformedFile, UnknownSchemaVersion
 from streamer.schema.migrations import (
     CHUNK_NESTED_FIELDS,
     REGISTRY,
@@ -79,6 +79,23 @@ class _ChunkPeek(msgspec.Struct):
     record_versions: dict[str, int] = {}
 
 
+class _VersionOnly(msgspec.Struct):
+    type: str = ""
+    schemaVersion: int = 0
+    id: Any = None
+
+
+class _VersionPeek(msgspec.Struct):
+    """Every record's ``type``/``schemaVersion`` of a chunk; all other fields skipped unbuilt."""
+
+    type: str = ""
+    schemaVersion: int = 0
+    characters: list[_VersionOnly] = []
+    structures: list[_VersionOnly] = []
+    features: list[_VersionOnly] = []
+    societies: list[_VersionOnly] = []
+
+
 class DecodedChunk(NamedTuple):
     record: ChunkRecord
     #: True when a migration (or a ``record_versions`` fix) ran: rewrite at the next flush.
@@ -100,6 +117,10 @@ class ChunkCodec:
             self._dec = msgspec.msgpack.Decoder(ChunkRecord)
             self._peek: msgspec.msgpack.Decoder[_ChunkPeek] | msgspec.json.Decoder[_ChunkPeek]
             self._peek = msgspec.msgpack.Decoder(_ChunkPeek)
+            self._versions: (
+                msgspec.msgpack.Decoder[_VersionPeek] | msgspec.json.Decoder[_VersionPeek]
+            )
+            self._versions = msgspec.msgpack.Decoder(_VersionPeek)
             self._raw: msgspec.msgpack.Decoder[Any] | msgspec.json.Decoder[Any]
             self._raw = msgspec.msgpack.Decoder()
             # msgpack has a native bin type: a str where bytes belong is corruption, exactly as
@@ -109,6 +130,7 @@ class ChunkCodec:
             self._enc = msgspec.json.Encoder()
             self._dec = msgspec.json.Decoder(ChunkRecord)
             self._peek = msgspec.json.Decoder(_ChunkPeek)
+            self._versions = msgspec.json.Decoder(_VersionPeek)
             self._raw = msgspec.json.Decoder()
             # JSON carries bytes as base64 strings; convert() decodes them when bytes is not
             # declared a builtin type of the source.
@@ -118,6 +140,40 @@ class ChunkCodec:
 
     def __repr__(self) -> str:
         return f"ChunkCodec({self.encoding!r})"
+
+    def refuse_unknown_versions(self, payload: bytes, *, where: str) -> None:
+        """Raise if the chunk or any record in it is newer than this code knows.
+
+        Cheap (~1-2 µs: only ``type``/``schemaVersion`` of each record are built), so a whole
+        region can be screened when it loads: a region holding a record from the future is
+        refused as a whole, before anything could be queued against it. Unparseable payloads
+        pass here; :meth:`decode` reports them.
+
+        :raises UnknownSchemaVersion: names the record type, id, version and ``where``.
+        """
+        try:
+            peek = self._versions.decode(payload)
+        except _DECODE_ERRORS:
+            return
+        if peek.schemaVersion > _CHUNK_VERSION:
+            raise UnknownSchemaVersion(
+                f"chunk written at schemaVersion {peek.schemaVersion}, newer than this code "
+                f"({_CHUNK_VERSION}); refusing it rather than downgrading",
+                record_type="chunk",
+                schema_version=peek.schemaVersion,
+                where=where,
+            )
+        for field, rtype, current in _NESTED_ATTRS:
+            for rec in getattr(peek, field):
+                if rec.schemaVersion > CURRENT_VERSIONS.get(rec.type or rtype, current):
+                    raise UnknownSchemaVersion(
+                        f"record written at schemaVersion {rec.schemaVersion}, newer than this "
+                        "code; refusing it rather than downgrading",
+                        record_type=rec.type or rtype,
+                        record_id=None if rec.id is None else str(rec.id),
+                        schema_version=rec.schemaVersion,
+                        where=where,
+                    )
 
     # -- encode ---------------------------------------------------------------------------
 
