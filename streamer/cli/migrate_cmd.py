@@ -31,9 +31,9 @@ from streamer.worlddir import LOCK_NAME, WorldLock
 _LIVE_HINT = (
     "it is open in another process (a running server?). A live server migrates regions "
     "lazily as it loads them, so nothing needs to run while it is up; to migrate everything "
-    "at once, stop the server and run `streamer migrate` again. (An in-process batch for a "
-    "live runtime is the `LiveHooks` seam of streamer.migrate.migrate_world, used by the "
-    "runtime, not by this command.)"
+    "at once, stop the server and run `streamer migrate` again, or have the server call "
+    "`World.migrate()`, which migrates the open world in process (see docs/migrations.md, "
+    "'Live migration')."
 )
 
 

@@ -1132,8 +1132,10 @@ class World:
             items = q.take(cutoff) if cutoff is not None else []
             if items and self._codec is not None:
                 # Old chunks the fold will touch are upgraded here, on the loop: a load of one
-                # during the fold's thread hop then finds it current (migrated once).
-                todo = [c for c in q.per_chunk if c not in upgraded]
+                # during the fold's thread hop then finds it current (migrated once). Chunks
+                # built or folded before (``checked``) hold current payloads: not looked at.
+                checked = state.checked
+                todo = [c for c in q.per_chunk if c not in upgraded and c not in checked]
                 upgraded |= upgrade_in_memory(state, todo, self._codec)
             q.flushing = True
             try:
