@@ -279,3 +279,53 @@ async def test_replay_skips_records_a_region_already_folded(tmp_path: Path) -> N
     async with open_world(tmp_path, conf, fs=image) as world:
         assert int((await world.chunk(0, 0)).tiles[0, 0]) == 2
         assert int((await world.chunk(9, 0)).tiles[0, 600 % 64]) == 9
+
+
+def _rewrite(image: SimulatedFileSystem, path: str, data: bytes) -> None:
+    image.unlink(path)
+    h = image.create(path)
+    image.write(h, data)
+    image.fsync(h)
+    image.close(h)
+    image.fsync_dir("journal")
+
+
+async def test_damage_before_intact_records_refuses_to_open_and_cuts_nothing() -> None:
+    """A bit flip inside an early frame is not a torn tail: acknowledged batches follow it.
+
+    Cutting there would silently drop them, so the journal refuses to open, names the file,
+    and leaves the segment exactly as it found it (for salvage or a deliberate decision)."""
+    from streamer.errors import ChecksumMismatch
+
+    fs = SimulatedFileSystem()
+    await _write_batches(fs, 4)
+    seg = segment_name(1)
+    full = fs.read(seg)
+    frame = len(full) // 4
+    for offset in (0, 5, frame // 2, frame + frame // 2):
+        image = fs.durable_image()
+        bad = bytearray(full)
+        bad[offset] ^= 0x01
+        _rewrite(image, seg, bytes(bad))
+        with pytest.raises(ChecksumMismatch) as info:
+            await Journal(image, run_sync).open(ticks_of)
+        assert seg in str(info.value)
+        assert "intact records after the damage" in str(info.value)
+        assert image.read(seg) == bytes(bad)  # nothing truncated
+
+
+async def test_damage_in_an_older_segment_refuses_to_open() -> None:
+    from streamer.errors import ChecksumMismatch
+
+    fs = SimulatedFileSystem()
+    await _write_batches(fs, 2)
+    image = fs.durable_image()
+    seg = segment_name(1)
+    data = image.read(seg)
+    _rewrite(image, seg, data[:-3])  # the end of an older segment is gone
+    h = image.create(segment_name(2))  # a newer segment exists
+    image.fsync(h)
+    image.close(h)
+    image.fsync_dir("journal")
+    with pytest.raises(ChecksumMismatch, match="refuses to open"):
+        await Journal(image, run_sync).open(ticks_of)

@@ -98,18 +98,21 @@ async def check_world(
         if not scan.torn:
             continue
         cut = len(blob.data) - scan.valid_length
-        if i == len(segments) - 1:
+        if i == len(segments) - 1 and not scan.frames_after_tear:
             report.warnings.append(
                 f"{key}: torn tail of {cut} bytes after {len(scan.payloads)} intact records "
                 "(a crash mid-append; discarded at next open, never acknowledged)"
             )
         else:
-            # Only the newest segment is ever appended to: damage in an older one is loss
-            # of acknowledged deltas, not a crash artefact.
+            # Only the newest segment is ever appended to, and only its end can tear: damage
+            # in an older one, or intact records after the damage, is loss of acknowledged
+            # deltas, not a crash artefact.
             report.problems.append(
                 Problem(
                     file=key,
-                    fault=f"journal damaged at byte {scan.valid_length} of {len(blob.data)}",
+                    fault=f"journal damaged at byte {scan.valid_length} of {len(blob.data)} "
+                    f"({scan.frames_after_tear} intact records after it): acknowledged deltas "
+                    "lost; the world will not open until an operator decides (docs/runbook.md)",
                     kind="checksum",
                 )
             )

@@ -39,7 +39,7 @@ from typing import Any, Literal, TypeAlias, TypeVar
 import anyio
 import msgspec
 
-from streamer.errors import MalformedFile, StorageUnavailable, WorldClosed
+from streamer.errors import ChecksumMismatch, MalformedFile, StorageUnavailable, WorldClosed
 from streamer.format.journal import encode_frame, scan_frames
 from streamer.schema.deltas import AnyDelta
 from streamer.storage.fs import FileSystem
@@ -272,13 +272,25 @@ class Journal:
         fs = self._fs
         out: list[tuple[int, list[bytes], int, int]] = []
         names = sorted(n for n in fs.listdir(JOURNAL_DIR) if _parse_segment(n) is not None)
-        for name in names:
+        for i, name in enumerate(names):
             seq = _parse_segment(name)
             assert seq is not None
             path = f"{JOURNAL_DIR}/{name}"
             data = fs.read(path)
             scan = scan_frames(data)
             torn = len(data) - scan.valid_length
+            if torn and (scan.frames_after_tear or i != len(names) - 1):
+                # Only the newest segment is appended to, and a crash can only tear its end:
+                # intact frames after the damage, or damage in an older segment, mean
+                # acknowledged batches were lost. Cutting there would drop them silently.
+                raise ChecksumMismatch(
+                    f"journal damaged at byte {scan.valid_length} of {len(data)} "
+                    f"({scan.frames_after_tear} intact records after the damage): acknowledged "
+                    "deltas are lost; the world refuses to open. See docs/runbook.md "
+                    "(journal damage): restore a snapshot, or move the segment to quarantine/ "
+                    "to accept the loss",
+                    path=path,
+                )
             if torn:
                 # Cut it durably now: a later segment must never follow garbage on replay.
                 fs.truncate(path, scan.valid_length)
