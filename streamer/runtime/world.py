@@ -67,7 +67,7 @@ from streamer.errors import (
 )
 from streamer.format.manifest import WorldManifest
 from streamer.format.region import region_key
-from streamer.migrate.batch import MigrationProgress
+from streamer.migrate.batch import CHECKPOINT_KEY, MigrationInProgress, MigrationProgress
 from streamer.recovery.snapshots import SnapshotInfo
 from streamer.runtime.cache import CacheStats, ChunkCache
 from streamer.runtime.chunk import Chunk, ChunkKey
@@ -401,6 +401,13 @@ class World:
                 raise WorldNotFound("no such world directory", path=where)
         probe = LocalStore(self.path, fs=self._fs_override, fsync=fsync)
         manifest = await read_manifest(probe, where=where)
+        if await _exists(probe, CHECKPOINT_KEY):
+            # Serving edits now would be undone if the resumed batch fails and rolls back to
+            # its pre-migration snapshot: finish (or roll back) the batch first.
+            raise MigrationInProgress(
+                f"{CHECKPOINT_KEY}: an interrupted `streamer migrate` is recorded; run "
+                "`streamer migrate PATH --resume` to finish it before opening the world"
+            )
         if self._fs_override is None:
             lock = WorldLock(self.path)
             await anyio.to_thread.run_sync(lock.acquire)
@@ -1363,6 +1370,14 @@ class World:
     @property
     def closed(self) -> bool:
         return self._closed
+
+
+async def _exists(store: LocalStore, key: str) -> bool:
+    try:
+        await store.head(key)
+    except NotFound:
+        return False
+    return True
 
 
 def _generate(
