@@ -303,3 +303,30 @@ async def test_snapshot_check(store, tmp_path):
     await snapshot_check(1)(store, manifest, report)
     assert [p.file for p in report.problems] == [snapshot_file_key(a.id, region_key(0, 0))]
     assert any("fewer than the minimum of 1" in w for w in report.warnings)
+
+
+async def test_rotation_never_trades_a_valid_snapshot_for_a_damaged_one(store, tmp_path):
+    """keep=1, valid A and a newer B whose snapshot.json is damaged: a new snapshot whose copy
+    fails must leave A in place; one that succeeds replaces B first, never A before it."""
+    from unittest import mock
+
+    from streamer.errors import StorageUnavailable
+    from streamer.recovery import snapshots
+
+    await make_world(store)
+    a = await create_snapshot(store, keep=5)
+    b = await create_snapshot(store, keep=5)
+    corrupt_file(tmp_path, f"snapshots/{b.id}/snapshot.json")
+
+    async def failing_copy(*args, **kwargs):
+        raise StorageUnavailable("disk full", key="snapshots/x")
+
+    with mock.patch.object(snapshots, "_copy_into", failing_copy):
+        with pytest.raises(StorageUnavailable):
+            await create_snapshot(store, keep=1)
+    scan = await scan_snapshots(store)
+    assert scan.ids == [a.id]  # the damaged one made room; the valid one survived
+    assert await verify_snapshot(store, a.id) == []
+
+    c = await create_snapshot(store, keep=1)
+    assert (await scan_snapshots(store)).ids == [c.id]

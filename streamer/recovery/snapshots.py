@@ -523,8 +523,9 @@ async def _create(
                 manifest = decode_manifest(blob.data)
                 record_versions, world_id = dict(manifest.record_versions), manifest.world_id
 
-    # Only now that every source verified: a refused snapshot changes nothing at all.
-    await _rotate(store, keep=keep, protect=protect)
+    # Only now that every source verified: a refused snapshot changes nothing at all. Before
+    # the new snapshot exists and verifies, only damaged ones may go to make room.
+    await _rotate(store, keep=keep, protect=protect, valid_too=False)
     existing = [*(await scan_snapshots(store)).ids]
     sid = _new_id(existing)
     try:
@@ -754,17 +755,25 @@ async def _delete_quietly(store: BlobStore, sid: str) -> None:
         pass  # an incomplete directory is removed by the next snapshot's trim
 
 
-async def _rotate(store: BlobStore, *, keep: int, protect: frozenset[str]) -> list[str]:
-    """Remove incomplete snapshots and the oldest complete ones beyond ``keep``."""
+async def _rotate(
+    store: BlobStore, *, keep: int, protect: frozenset[str], valid_too: bool = True
+) -> list[str]:
+    """Remove incomplete snapshots, then complete ones beyond ``keep``: damaged ones first
+    (oldest first), then, if ``valid_too``, the oldest valid ones, never the newest valid one.
+
+    Damaged snapshots count toward ``keep`` (they occupy space) but are never what keeps
+    a valid one alive: a rotation can never leave zero valid snapshots.
+    """
     scan = await scan_snapshots(store)
     removed: list[str] = []
     for sid in scan.incomplete:
         if sid not in protect:
             await _delete_snapshot(store, sid)
             removed.append(sid)
-    complete = sorted([*scan.ids, *scan.damaged], reverse=True)
-    excess = len(complete) - keep
-    for sid in reversed(complete):
+    valid = sorted(scan.ids)
+    excess = len(valid) + len(scan.damaged) - keep
+    candidates = sorted(scan.damaged) + (valid[:-1] if valid_too else [])
+    for sid in candidates:
         if excess <= 0:
             break
         if sid in protect:
