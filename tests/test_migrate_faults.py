@@ -467,3 +467,31 @@ def test_sigkill_at_random_points_then_resume_migrates_every_record_once(
         shutil.rmtree(world)
     print(f"startup={startup:.2f}s full={full:.2f}s kills={kills} resumed={resumed_runs}")
     assert resumed_runs > 0, "no kill ever landed after the checkpoint was written"
+
+
+async def test_an_unexpected_error_in_a_region_still_halts_and_rolls_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not a record failure (a bug, an encoder error): it must not escape past the rollback."""
+    from streamer.migrate import batch
+
+    world = tmp_path / "world-v1"
+    shutil.copytree(FIXTURES / "world-v1", world)
+    before_files = tree_digests(world)
+    real = batch.migrate_region_bytes
+    calls = 0
+
+    def flaky(data: bytes, **kw: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise RuntimeError("encoder exploded")
+        return real(data, **kw)
+
+    monkeypatch.setattr(batch, "migrate_region_bytes", flaky)
+    async with await LocalStore.open(world) as store:
+        report = await migrate_world(store, jobs=1)
+        assert report.status == "failed" and report.rolled_back
+        assert report.failures[0].error_type == "RuntimeError"
+        assert tree_digests(world) == before_files
+        assert await read_checkpoint(store) is None

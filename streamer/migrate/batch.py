@@ -961,6 +961,12 @@ class _Run:
                     await self.region(*item)
                 except _RegionFailed as exc:
                     self.fail(exc.failure, exc.cause)
+                except Exception as exc:
+                    # Anything else (a bug in a step's output, an encoder error, a worker
+                    # process failing unexpectedly) must halt and roll back all the same,
+                    # never escape and leave the world half-migrated with no rollback.
+                    log.exception("unexpected error migrating %s", item[0])
+                    self.fail(_failure(item[0], (item[1], item[2]), None, exc), exc)
 
         async with anyio.create_task_group() as tg:
             for _ in range(max(1, min(jobs, len(keys)))):
