@@ -381,10 +381,6 @@ class LocalStore(BlobStore):
         fs = self.fs
         try:
             with self._flock(dst):
-                try:
-                    version = content_version(fs.read(src))
-                except OSError as exc:
-                    raise _read_error(exc, src, "copy") from exc
                 tmp = _temp_path(dst)
                 try:
                     fs.link(src, tmp)
@@ -393,6 +389,13 @@ class LocalStore(BlobStore):
                         raise NotFound("copy source vanished", key=src) from None
                     fs.makedirs(_split(dst)[0])
                     fs.link(src, tmp)
+                # Hash what was linked, not src: a concurrent put_atomic(src) may replace src
+                # between the two, and the version must describe dst's content.
+                try:
+                    version = content_version(fs.read(tmp))
+                except OSError as exc:
+                    self._discard(tmp)
+                    raise _read_error(exc, src, "copy") from exc
                 self._install(dst, tmp, create_only=False)
                 # If dst already was a link to src's inode, rename() did nothing (POSIX) and
                 # left the temp name behind.
