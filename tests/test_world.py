@@ -585,3 +585,52 @@ def test_chunk_edit_packed_merge_matches_a_dict_merge() -> None:
         edit = ChunkEdit.from_record(rec, where="t")
         edit.apply_all(edits)
         assert edit.tiles == expect
+
+
+def test_fold_pauses_between_steps_and_counts_items_per_chunk() -> None:
+    """A fold run in a worker thread hands the GIL back between chunks (``pause``), and
+    reports per-chunk counts so the loop's ``folded`` need not walk the items again."""
+    from streamer.runtime.queues import RegionQueue
+    from streamer.runtime.regionstate import GilYield, fold_region
+    from streamer.schema.codec import ChunkCodec
+
+    gen = TerrainGenerator(7)
+    codec = ChunkCodec("msgpack")
+    chunks = [(0, 0), (1, 0), (0, 1)]
+    q = RegionQueue((0, 0), lpt=0)
+    n = 5000  # more than one grouping step
+    ticks = [1 + i // 100 for i in range(n)]
+    keys = [chunks[i % 3] for i in range(n)]
+    deltas = [
+        TileSet(tick=t, x=c[0] * 64 + i % 64, y=c[1] * 64, tile=i % 7)
+        for i, (t, c) in enumerate(zip(ticks, keys, strict=True))
+    ]
+    q.extend(ticks, keys, deltas)
+    items = q.take(ticks[-1])
+    pauses = 0
+
+    def pause() -> None:
+        nonlocal pauses
+        pauses += 1
+
+    kw = dict(
+        key=(0, 0),
+        generation=0,
+        lpt=0,
+        items=items,
+        upgraded=(),
+        codec=codec,
+        gen=gen,
+        writer="t",
+        encoding="msgpack",
+        region_size=8,
+    )
+    plain = fold_region({}, **kw)  # type: ignore[arg-type]
+    paused = fold_region({}, pause=pause, **kw)  # type: ignore[arg-type]
+    yielding = fold_region({}, pause=GilYield(every_s=0.0, sleep_s=0.0), **kw)  # type: ignore[arg-type]
+    assert plain.chunks == paused.chunks == yielding.chunks  # pausing changes nothing folded
+    assert pauses >= len(chunks) + 2
+    assert plain.lpt == ticks[-1]
+    assert dict(plain.counts) == {c: keys.count(c) for c in chunks}
+    assert sorted(q.folded(items, plain.lpt, counts=plain.counts)) == sorted(chunks)
+    assert not q.entries and not q.per_chunk and q.lpt == ticks[-1]

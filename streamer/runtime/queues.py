@@ -31,7 +31,7 @@ import math
 import operator
 import time
 from collections import Counter, deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import chain
 from typing import TypeAlias
@@ -304,13 +304,21 @@ class RegionQueue:
         self.floor = max(self.floor, cutoff)
         return out
 
-    def folded(self, items: list[Queued], lpt: int) -> list[ChunkKey]:
-        """Drop the folded prefix; return chunks that have nothing queued any more."""
+    def folded(
+        self, items: list[Queued], lpt: int, *, counts: Mapping[ChunkKey, int] | None = None
+    ) -> list[ChunkKey]:
+        """Drop the folded prefix; return chunks that have nothing queued any more.
+
+        :param counts: how many of ``items`` each chunk has, if the caller counted them
+            already (``FoldResult.counts``): saves a pass over the items on the event loop.
+        """
         cleaned: list[ChunkKey] = []
         assert self.entries.is_prefix(items), "flush folded something other than the queue's prefix"
         self.entries.drop_prefix(len(items))
         per_chunk = self.per_chunk
-        for chunk, count in Counter(map(_CHUNK_OF, items)).items():
+        if counts is None:
+            counts = Counter(map(_CHUNK_OF, items))
+        for chunk, count in counts.items():
             left = per_chunk[chunk] - count
             if left <= 0:
                 del per_chunk[chunk]

@@ -15,7 +15,8 @@ worker thread while the event loop keeps serving.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, TypeAlias
 
@@ -46,6 +47,7 @@ __all__ = [
     "ChunkEdit",
     "FoldResult",
     "Generator",
+    "GilYield",
     "RegionState",
     "apply_to_chunk",
     "build_chunk",
@@ -374,6 +376,39 @@ class FoldResult:
     lpt: int
     #: Chunks whose payload changed in this fold.
     changed: frozenset[ChunkKey]
+    #: How many of the folded items each chunk had (what ``RegionQueue.folded`` subtracts).
+    counts: Mapping[ChunkKey, int] = field(default_factory=dict)
+
+
+#: Items grouped per chunk between two ``pause`` calls of a fold.
+_GROUP_STEP = 2048
+
+
+class GilYield:
+    """A ``pause`` for :func:`fold_region` run in a worker thread: every ``every_s`` of work
+    it sleeps ``sleep_s``, releasing the GIL long enough for the event loop to take it.
+
+    A CPU-bound thread holds the GIL until the interpreter's switch interval (5 ms) forces
+    it off, so without this each event-loop wakeup (an acknowledgement) waits up to 5 ms per
+    busy thread. A plain ``sleep(0)`` is not enough: the releasing thread usually takes the
+    GIL back before the waiting loop thread has woken up.
+    """
+
+    __slots__ = ("_due", "every_s", "sleep_s")
+
+    def __init__(self, every_s: float = 0.0001, sleep_s: float = 0.00005) -> None:
+        self.every_s = every_s
+        self.sleep_s = sleep_s
+        self._due = time.perf_counter() + every_s
+
+    def __call__(self) -> None:
+        if time.perf_counter() >= self._due:
+            time.sleep(self.sleep_s)
+            self._due = time.perf_counter() + self.every_s
+
+
+def _no_pause() -> None:
+    return None
 
 
 def fold_region(
@@ -389,25 +424,31 @@ def fold_region(
     writer: str,
     encoding: Encoding,
     region_size: int,
+    pause: Callable[[], None] = _no_pause,
 ) -> FoldResult:
     """Apply ``items`` (in order) to the region's chunks and encode a complete new file.
 
     Unchanged chunk payloads are reused as they are. The new file has ``generation + 1`` and
     ``last_processed_tick`` = the highest folded tick (never lower than ``lpt``).
 
+    :param pause: called between steps of a few hundred microseconds each (every chunk, every
+        ``_GROUP_STEP`` items); a worker thread passes a :class:`GilYield`.
     :raises IntegrityError, SchemaError: a stored chunk the fold needs does not decode.
     """
     rx, ry = key
     path = region_key(rx, ry)
     by_chunk: dict[ChunkKey, list[ChunkDelta]] = {}
     new_lpt = lpt
-    for item in items:
-        group = by_chunk.get(item.chunk)
-        if group is None:
-            group = by_chunk[item.chunk] = []
-        group.append(item.delta)
+    for start in range(0, len(items), _GROUP_STEP):
+        for item in items[start : start + _GROUP_STEP]:
+            group = by_chunk.get(item.chunk)
+            if group is None:
+                group = by_chunk[item.chunk] = []
+            group.append(item.delta)
+        pause()
     if items:
-        new_lpt = max(new_lpt, max(item.tick for item in items))
+        # Queued ticks are non-decreasing (see runtime/queues.py): the last is the highest.
+        new_lpt = max(new_lpt, items[-1].tick)
     touched = set(by_chunk) | set(upgraded)
     chunks = dict(state_chunks)
     for ck in sorted(touched):
@@ -424,6 +465,7 @@ def fold_region(
         edit.apply_all(by_chunk.get(ck, ()))
         rec = edit.to_record(cx, cy, generator=gen_name, version=gen_version, fp=fp)
         chunks[ck] = codec.encode(rec)
+        pause()
     data = encode_region(
         rx=rx,
         ry=ry,
@@ -435,5 +477,10 @@ def fold_region(
         region_size=region_size,
     )
     return FoldResult(
-        data=data, chunks=chunks, generation=generation + 1, lpt=new_lpt, changed=frozenset(touched)
+        data=data,
+        chunks=chunks,
+        generation=generation + 1,
+        lpt=new_lpt,
+        changed=frozenset(touched),
+        counts={ck: len(ds) for ck, ds in by_chunk.items()},
     )

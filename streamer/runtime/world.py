@@ -48,6 +48,7 @@ from typing import Any, TypeAlias, cast
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 import anyio.to_thread
 import msgspec
 import numpy as np
@@ -86,6 +87,7 @@ from streamer.runtime.players import PLAYERS_KEY, PlayerIndex, decode_players
 from streamer.runtime.queues import ChunkDelta, DeltaQueues, Queued, RegionKey, RegionQueue
 from streamer.runtime.recovery_hooks import RecoveryHooks, RecoveryStats
 from streamer.runtime.regionstate import (
+    GilYield,
     RegionState,
     apply_to_chunk,
     build_chunk,
@@ -129,6 +131,8 @@ Tiles: TypeAlias = npt.NDArray[np.uint16]
 _I32 = 1 << 31
 #: Clean region states kept in memory (each is its region file's chunk payloads).
 _CLEAN_REGIONS_KEPT = 512
+#: Chunks ``upgrade_in_memory`` looks at between two event-loop checkpoints of a flush.
+_UPGRADE_STEP = 4
 #: Direct ``chunk()`` calls go ahead of every interest prefetch (priorities are >= 0).
 _DIRECT_PRIORITY = -1
 
@@ -272,6 +276,10 @@ class World:
         # Folding and terrain are CPU work: a few threads keep the loop responsive without
         # letting 1,000 concurrent flushes hold 1,000 half-built region files at once.
         self._cpu_limiter = anyio.CapacityLimiter(max(2, min(8, os.cpu_count() or 2)))
+        # Region folds hold the GIL (msgspec, small numpy work): a thread per core at most,
+        # and each yields the GIL every few hundred microseconds (``GilYield``) so the loop
+        # keeps acknowledging while regions fold.
+        self._fold_limiter = anyio.CapacityLimiter(max(1, min(4, (os.cpu_count() or 2) - 1)))
         self._players = PlayerIndex()
         #: Entity state as of batches accepted but not yet durable: id → (batch seq, record or
         #: None if removed). EntityMove resolves its character here first.
@@ -364,7 +372,16 @@ class World:
         journal = self._journal
         if journal is None or journal.broken:
             return
-        await self._flush_all()
+        try:
+            await self._flush_all()
+        except BaseException:
+            # Even when a region failed to fold, whatever the journal holds (acknowledged in
+            # "interval" mode but not yet fsynced) is drained, fsynced and closed: replay
+            # brings it back at the next open.
+            journal.begin_close()
+            await journal.barrier()
+            await journal.aclose()
+            raise
         journal.begin_close()
         await journal.barrier()
         await self._after_flush()
@@ -844,6 +861,13 @@ class World:
             failed = await self._ensure_regions(regions)
             if failed:
                 raise next(iter(failed.values()))
+            if routed is not None:
+                # Refuse a stale batch before it can press for room: a back-pressure flush
+                # would seal ticks on behalf of a batch that is refused anyway.
+                for region, part in routed.items():
+                    q = self._queues.regions.get(region)
+                    if q is not None:
+                        q.check_ticks(part.ticks)
             waited = False
             for region, n in regions.items():
                 while region in self._queues.regions and self._queues.full(region, n):
@@ -1137,15 +1161,22 @@ class World:
             if cutoff is None and not upgraded:
                 return False
             items = q.take(cutoff) if cutoff is not None else []
-            if items and self._codec is not None:
-                # Old chunks the fold will touch are upgraded here, on the loop: a load of one
-                # during the fold's thread hop then finds it current (migrated once). Chunks
-                # built or folded before (``checked``) hold current payloads: not looked at.
-                checked = state.checked
-                todo = [c for c in q.per_chunk if c not in upgraded and c not in checked]
-                upgraded |= upgrade_in_memory(state, todo, self._codec)
             q.flushing = True
             try:
+                if items and self._codec is not None:
+                    # Old chunks the fold will touch are upgraded here, on the loop: a load of
+                    # one during the fold's thread hop then finds it current (migrated once).
+                    # Chunks built or folded before (``checked``) hold current payloads: not
+                    # looked at. A few chunks per step, so acknowledgements interleave; a load
+                    # in between that upgrades a chunk itself leaves it current for us.
+                    checked = state.checked
+                    todo = [c for c in q.per_chunk if c not in upgraded and c not in checked]
+                    for i in range(0, len(todo), _UPGRADE_STEP):
+                        if i:
+                            await anyio.lowlevel.checkpoint()
+                        upgraded |= upgrade_in_memory(
+                            state, todo[i : i + _UPGRADE_STEP], self._codec
+                        )
                 gen, codec = self._gen, self._codec
                 assert gen is not None and codec is not None and self._manifest is not None
                 result = await anyio.to_thread.run_sync(
@@ -1162,8 +1193,9 @@ class World:
                         writer=self._writer_id,
                         encoding=self._manifest.encoding,
                         region_size=self._region_size,
+                        pause=GilYield(),
                     ),
-                    limiter=self._cpu_limiter,
+                    limiter=self._fold_limiter,
                 )
                 store = self._store
                 assert store is not None
@@ -1183,7 +1215,7 @@ class World:
             state.lpt = result.lpt
             state.upgraded -= upgraded
             state.checked |= result.changed
-            for chunk in q.folded(items, result.lpt):
+            for chunk in q.folded(items, result.lpt, counts=result.counts):
                 self._cache.mark_clean(chunk)
             self._flushes += 1
             return True
