@@ -100,6 +100,40 @@ class Chunk:
         )
         object.__setattr__(self, "nbytes", _CHUNK_OVERHEAD + tiles.nbytes + records_nbytes)
 
+    @classmethod
+    def _trusted(
+        cls,
+        cx: int,
+        cy: int,
+        tiles: Tiles,
+        entities: tuple[Character, ...],
+        features: tuple[Feature, ...],
+        structures: tuple[Structure, ...],
+        societies: tuple[Society, ...],
+    ) -> Chunk:
+        """Construct without normalising (the load path's hot constructor).
+
+        ``tiles`` must be a fresh, read-only, C-contiguous ``uint16`` (64, 64) array that owns
+        its data (what ``_frozen_tiles`` would return unchanged) and the records tuples;
+        ``nbytes`` is computed as by the regular constructor.
+        """
+        self = object.__new__(cls)
+        setattr_ = object.__setattr__
+        setattr_(self, "cx", cx)
+        setattr_(self, "cy", cy)
+        setattr_(self, "tiles", tiles)
+        setattr_(self, "entities", entities)
+        setattr_(self, "features", features)
+        setattr_(self, "structures", structures)
+        setattr_(self, "societies", societies)
+        records_nbytes = (
+            estimate_records_nbytes((*entities, *features, *structures, *societies))
+            if entities or features or structures or societies
+            else 0
+        )
+        setattr_(self, "nbytes", _CHUNK_OVERHEAD + tiles.nbytes + records_nbytes)
+        return self
+
     @property
     def key(self) -> ChunkKey:
         return (self.cx, self.cy)
