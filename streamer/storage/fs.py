@@ -344,7 +344,22 @@ class OsFileSystem:
         os.rmdir(self._abs(path, final=False))
 
     def fsync_dir(self, path: str) -> None:
-        _fsync_dir_abs(self._abs(path, allow_root=True))
+        # Opened with O_NOFOLLOW (no lstat per call, this is on every write's path); a
+        # symlink in the last component is checked and followed only when one is found.
+        full = self._abs(path, allow_root=True, final=False)
+        flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+        try:
+            fd = os.open(full, flags | os.O_NOFOLLOW)
+        except OSError as exc:
+            # A symlink there gives ELOOP, or ENOTDIR since O_DIRECTORY is checked first.
+            if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+                raise
+            self._abs(path, allow_root=True)  # a symlink must stay inside the root
+            fd = os.open(full, flags)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _fsync_dir_abs(path: str) -> None:
