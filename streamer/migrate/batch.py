@@ -864,6 +864,39 @@ async def _write_all(fd: int, data: bytes) -> None:
 # -- the engine ----------------------------------------------------------------------------
 
 
+async def run_region_pool(
+    keys: list[tuple[str, int, int]],
+    jobs: int,
+    region: Callable[[str, int, int], Awaitable[None]],
+    fail: Callable[[RecordFailure, BaseException | None], None],
+    halted: Callable[[], bool],
+) -> None:
+    """Migrate ``keys`` with ``jobs`` workers until done or halted (shared with the live run).
+
+    No cancellation on failure: a region in flight finishes its atomic write before any
+    rollback starts, so no abandoned write can land after the restore. Any exception of a
+    region, not only a record failure, halts the run: nothing escapes past the rollback.
+    """
+    it = iter(keys)
+
+    async def worker() -> None:
+        while not halted():
+            item = next(it, None)
+            if item is None:
+                return
+            try:
+                await region(*item)
+            except _RegionFailed as exc:
+                fail(exc.failure, exc.cause)
+            except Exception as exc:
+                log.exception("unexpected error migrating %s", item[0])
+                fail(_failure(item[0], (item[1], item[2]), None, exc), exc)
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(max(1, min(jobs, len(keys)))):
+            tg.start_soon(worker)
+
+
 @dataclass
 class _Run:
     store: BlobStore
@@ -948,29 +981,7 @@ class _Run:
         )
 
     async def run_pool(self, keys: list[tuple[str, int, int]], jobs: int) -> None:
-        it = iter(keys)
-
-        async def worker() -> None:
-            # No cancellation on failure: an in-flight region finishes its atomic write before
-            # the rollback starts, so no abandoned write can land after the restore.
-            while self.halted is None:
-                item = next(it, None)
-                if item is None:
-                    return
-                try:
-                    await self.region(*item)
-                except _RegionFailed as exc:
-                    self.fail(exc.failure, exc.cause)
-                except Exception as exc:
-                    # Anything else (a bug in a step's output, an encoder error, a worker
-                    # process failing unexpectedly) must halt and roll back all the same,
-                    # never escape and leave the world half-migrated with no rollback.
-                    log.exception("unexpected error migrating %s", item[0])
-                    self.fail(_failure(item[0], (item[1], item[2]), None, exc), exc)
-
-        async with anyio.create_task_group() as tg:
-            for _ in range(max(1, min(jobs, len(keys)))):
-                tg.start_soon(worker)
+        await run_region_pool(keys, jobs, self.region, self.fail, lambda: self.halted is not None)
 
 
 async def _region_keys(store: BlobStore) -> list[tuple[str, int, int]]:

@@ -79,6 +79,7 @@ from streamer.migrate.batch import (
     _RegionFailed,
     _RegionResult,
     migrate_region_bytes,
+    run_region_pool,
 )
 from streamer.runtime.regionstate import RegionState
 from streamer.schema import codec as _codec_module
@@ -345,22 +346,7 @@ class _LiveRun:
             return
 
     async def run_pool(self, keys: list[tuple[str, int, int]], jobs: int) -> None:
-        it = iter(keys)
-
-        async def worker() -> None:
-            # No cancellation on failure: a region in flight finishes (its write is atomic).
-            while self.halted is None:
-                item = next(it, None)
-                if item is None:
-                    return
-                try:
-                    await self.region(*item)
-                except _RegionFailed as exc:
-                    self.fail(exc.failure, exc.cause)
-
-        async with anyio.create_task_group() as tg:
-            for _ in range(max(1, min(jobs, len(keys)))):
-                tg.start_soon(worker)
+        await run_region_pool(keys, jobs, self.region, self.fail, lambda: self.halted is not None)
 
 
 def _migrate_file(
