@@ -713,24 +713,24 @@ def _delete_tree_blocking(local: LocalStore, sid: str) -> None:
 
 
 async def _link_many(store: BlobStore, pairs: list[tuple[str, str]]) -> None:
-    local = _local(store)
-    if local is not None:
-        for i in range(0, len(pairs), _LINK_BATCH):
-            await _run_local(
-                local, "snapshot", _link_many_blocking, local, pairs[i : i + _LINK_BATCH]
-            )
-        return
-    for src, dst in pairs:
-        await store.copy(src, dst)
+    await _pairs_in_batches(store, pairs, "snapshot", _link_many_blocking)
 
 
 async def _replace_many(store: BlobStore, pairs: list[tuple[str, str]]) -> None:
+    await _pairs_in_batches(store, pairs, "restore", _replace_many_blocking)
+
+
+async def _pairs_in_batches(
+    store: BlobStore,
+    pairs: list[tuple[str, str]],
+    step: str,
+    blocking: Callable[[LocalStore, list[tuple[str, str]]], None],
+) -> None:
+    """Local stores: ``_LINK_BATCH`` pairs per worker-thread hop; others: server-side copies."""
     local = _local(store)
     if local is not None:
         for i in range(0, len(pairs), _LINK_BATCH):
-            await _run_local(
-                local, "restore", _replace_many_blocking, local, pairs[i : i + _LINK_BATCH]
-            )
+            await _run_local(local, step, blocking, local, pairs[i : i + _LINK_BATCH])
         return
     for src, dst in pairs:
         await store.copy(src, dst)
