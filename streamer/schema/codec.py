@@ -80,9 +80,9 @@ class _ChunkPeek(msgspec.Struct):
 
 
 class _VersionOnly(msgspec.Struct):
-    type: str = ""
+    # Only the version: each list holds one record type, and building ``type``/``id`` strings
+    # for every record would triple the cost of screening a region at load.
     schemaVersion: int = 0
-    id: Any = None
 
 
 class _VersionPeek(msgspec.Struct):
@@ -164,13 +164,16 @@ class ChunkCodec:
                 where=where,
             )
         for field, rtype, current in _NESTED_ATTRS:
-            for rec in getattr(peek, field):
-                if rec.schemaVersion > CURRENT_VERSIONS.get(rec.type or rtype, current):
+            for i, rec in enumerate(getattr(peek, field)):
+                if rec.schemaVersion > current:
+                    # Rare: decode the payload once more for the record's id in the message.
+                    raw = self._raw.decode(payload)[field][i]
+                    rid = raw.get("id") if isinstance(raw, dict) else None
                     raise UnknownSchemaVersion(
                         f"record written at schemaVersion {rec.schemaVersion}, newer than this "
                         "code; refusing it rather than downgrading",
-                        record_type=rec.type or rtype,
-                        record_id=None if rec.id is None else str(rec.id),
+                        record_type=rtype,
+                        record_id=None if rid is None else str(rid),
                         schema_version=rec.schemaVersion,
                         where=where,
                     )
