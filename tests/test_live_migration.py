@@ -398,7 +398,7 @@ async def test_a_load_during_a_fold_does_not_migrate_a_chunk_again(
         time.sleep(0.3)
         return result
 
-    monkeypatch.setattr("streamer.runtime.world.fold_region", slow_fold)
+    monkeypatch.setattr("streamer.runtime.flushing.fold_region", slow_fold)
     conf = Config(runtime=RuntimeSettings(flush_interval_ms=600_000))
     a0, a1, a2 = chunk_keys(*REGIONS["A"])
     async with open_world(tmp_path, conf) as world:
