@@ -329,3 +329,22 @@ async def test_damage_in_an_older_segment_refuses_to_open() -> None:
     image.fsync_dir("journal")
     with pytest.raises(ChecksumMismatch, match="refuses to open"):
         await Journal(image, run_sync).open(ticks_of)
+
+
+async def test_failed_directory_fsync_of_a_new_segment_leaks_no_handle() -> None:
+    fs = SimulatedFileSystem()
+    j = Journal(fs, run_sync)
+    await j.open(ticks_of)
+    fs.inject("fsync_dir", errno.EIO, path_contains=JOURNAL_DIR)  # once
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(j.run)
+        b1 = batch(j, 1)
+        with pytest.raises(StorageUnavailable):
+            await j.append(b1, ticks_of(b1)).wait()
+        assert fs._handles == {}  # the segment created for b1 was closed, not leaked
+        b2 = batch(j, 2)
+        await j.append(b2, ticks_of(b2)).wait()
+        j.begin_close()
+    await j.aclose()
+    replay = await Journal(fs.durable_image(), run_sync).open(ticks_of)
+    assert [b.seq for b in replay.batches] == [b2.seq]

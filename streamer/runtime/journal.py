@@ -418,7 +418,11 @@ class Journal:
             self._next_seg += 1
             if self._fsync:
                 # The segment's name must be durable before any frame in it is acknowledged.
-                fs.fsync_dir(JOURNAL_DIR)
+                try:
+                    fs.fsync_dir(JOURNAL_DIR)
+                except OSError:
+                    fs.close(new_handle)  # nothing was written to it; the next try makes another
+                    raise
             self._handle = new_handle
             self._active = fresh
             self._segments.append(fresh)
