@@ -173,3 +173,26 @@ def test_bad_config_is_one_clear_line(
     assert "runtime.cache_byts" in err
     assert str(cfg) in err
     assert "Traceback" not in err
+
+
+def test_check_tells_a_torn_journal_tail_from_damage(
+    world: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A torn end of the newest segment is a crash artefact (warning); a damaged frame with
+    intact records after it is loss of acknowledged deltas (a problem)."""
+    from streamer.format.journal import encode_frame
+
+    frames = b"".join(encode_frame(f"batch {i}".encode()) for i in range(3))
+    (world / "journal").mkdir()
+    seg = world / "journal" / "00000000000000000001.wal"
+    seg.write_bytes(frames + frames[:7])
+    code, out, err = run(capsys, "check", str(world))
+    assert code == 0
+    assert "torn tail of 7 bytes" in err
+    damaged = bytearray(frames)
+    damaged[3] ^= 0x01  # inside the first frame: two intact frames follow
+    seg.write_bytes(bytes(damaged))
+    code, out, _ = run(capsys, "check", str(world))
+    assert code == 1
+    assert "journal/00000000000000000001.wal: checksum" in out
+    assert "2 intact records after it" in out

@@ -438,6 +438,7 @@ def test_os_fs_refuses_symlinks_that_escape(tmp_path: Path) -> None:
         lambda: fs.listdir("out"),
         lambda: fs.read("inner/leak"),
         lambda: fs.read("in/leak"),
+        lambda: fs.fsync_dir("out"),
     ]
     for call in escapes:
         with pytest.raises(InvalidKey, match="symlink"):
@@ -445,6 +446,7 @@ def test_os_fs_refuses_symlinks_that_escape(tmp_path: Path) -> None:
     assert not (outside / "new").exists()
     write_file(fs, "in/ok", b"fine")  # a symlink that stays inside is followed
     assert (root / "inner" / "ok").read_bytes() == b"fine"
+    fs.fsync_dir("in")
 
 
 def test_os_fs_handles_are_real_fds(tmp_path: Path) -> None:
