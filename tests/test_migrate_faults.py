@@ -454,8 +454,14 @@ def test_sigkill_at_random_points_then_resume_migrates_every_record_once(
             if attempt == 3 or kills >= kills_wanted:
                 _finish(proc)
                 break
+            # Half the kills wait for the checkpoint first, so some always land inside a
+            # recorded run whatever this machine's speed; the rest land anywhere in a run.
+            if rng.random() < 0.5 and _wait_for(world / CHECKPOINT_KEY, proc, full * 2):
+                delay = rng.uniform(0, max(full - startup, 0.01) * 0.5)
+            else:
+                delay = rng.uniform(startup * 0.9, full * 1.05)
             try:
-                proc.wait(timeout=rng.uniform(startup * 0.9, full * 1.05))
+                proc.wait(timeout=delay)
             except subprocess.TimeoutExpired:
                 proc.kill()  # SIGKILL
                 proc.communicate()
@@ -467,6 +473,18 @@ def test_sigkill_at_random_points_then_resume_migrates_every_record_once(
         shutil.rmtree(world)
     print(f"startup={startup:.2f}s full={full:.2f}s kills={kills} resumed={resumed_runs}")
     assert resumed_runs > 0, "no kill ever landed after the checkpoint was written"
+
+
+def _wait_for(path: Path, proc: subprocess.Popen[bytes], timeout: float) -> bool:
+    """Poll until ``path`` exists (True) or ``proc`` exits or ``timeout`` passes (False)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists():
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.005)
+    return False
 
 
 async def test_an_unexpected_error_in_a_region_still_halts_and_rolls_back(
