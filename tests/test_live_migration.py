@@ -14,13 +14,11 @@ scheduler writes lazily upgraded regions back. Afterwards every region file is d
 from __future__ import annotations
 
 import logging
-import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import anyio
-import anyio.from_thread
 import msgspec
 import pytest
 
@@ -31,8 +29,9 @@ from streamer.format.region import decode_region, encode_region, parse_region_ke
 from streamer.migrate.synth import character_raw, society_raw
 from streamer.migrate.verify import record_census
 from streamer.recovery.incidents import IncidentLog
+from streamer.runtime.flushing import _FlushPath
 from streamer.runtime.live_migrate import LiveMigrationFailed
-from streamer.runtime.regionstate import FoldResult, fold_region
+from streamer.runtime.regionstate import FoldResult, FoldSteps
 from streamer.runtime.world import World
 from streamer.schema.codec import ChunkCodec
 from streamer.schema.deltas import EntityUpsert
@@ -381,7 +380,7 @@ async def test_a_failing_record_halts_the_live_run_without_rollback(
 async def test_a_load_during_a_fold_does_not_migrate_a_chunk_again(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The runtime alone: while a flush folds a delta into an old chunk in its worker thread,
+    """The runtime alone: while a flush folds a delta into an old chunk (held busy here),
     players load that chunk and another old one of the region. Each record is migrated once:
     the fold's chunks are upgraded before the hop, and the other chunk's upgraded payload
     survives the fold's installation and is written by the next flush."""
@@ -390,15 +389,17 @@ async def test_a_load_during_a_fold_does_not_migrate_a_chunk_again(
     monkeypatch.setattr("streamer.schema.codec.REGISTRY", reg)
     folding = anyio.Event()
 
-    def slow_fold(*args: Any, **kwargs: Any) -> FoldResult:
+    run_fold = _FlushPath._run_fold
+
+    async def slow_fold(self: _FlushPath, steps: FoldSteps) -> FoldResult:
         # The fold has read (and migrated, if still old) every chunk it touches; the loop
-        # serves loads while the thread is still busy with it.
-        result = fold_region(*args, **kwargs)
-        anyio.from_thread.run_sync(folding.set)
-        time.sleep(0.3)
+        # serves loads while the fold is still busy (as a long fold in a thread would be).
+        result = await run_fold(self, steps)
+        folding.set()
+        await anyio.sleep(0.3)
         return result
 
-    monkeypatch.setattr("streamer.runtime.flushing.fold_region", slow_fold)
+    monkeypatch.setattr(_FlushPath, "_run_fold", slow_fold)
     conf = Config(runtime=RuntimeSettings(flush_interval_ms=600_000))
     a0, a1, a2 = chunk_keys(*REGIONS["A"])
     async with open_world(tmp_path, conf) as world:

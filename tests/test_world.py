@@ -587,11 +587,12 @@ def test_chunk_edit_packed_merge_matches_a_dict_merge() -> None:
         assert edit.tiles == expect
 
 
-def test_fold_pauses_between_steps_and_counts_items_per_chunk() -> None:
-    """A fold run in a worker thread hands the GIL back between chunks (``pause``), and
-    reports per-chunk counts so the loop's ``folded`` need not walk the items again."""
+def test_fold_runs_in_short_steps_and_counts_items_per_chunk() -> None:
+    """A fold is a generator of short steps (the world runs a few on its loop and the rest
+    in a thread), gives the same result however it is driven, and reports per-chunk counts
+    so the loop's ``folded`` need not walk the items again."""
     from streamer.runtime.queues import RegionQueue
-    from streamer.runtime.regionstate import GilYield, fold_region
+    from streamer.runtime.regionstate import fold_region, fold_steps
     from streamer.schema.codec import ChunkCodec
 
     gen = TerrainGenerator(7)
@@ -607,12 +608,6 @@ def test_fold_pauses_between_steps_and_counts_items_per_chunk() -> None:
     ]
     q.extend(ticks, keys, deltas)
     items = q.take(ticks[-1])
-    pauses = 0
-
-    def pause() -> None:
-        nonlocal pauses
-        pauses += 1
-
     kw = dict(
         key=(0, 0),
         generation=0,
@@ -625,11 +620,19 @@ def test_fold_pauses_between_steps_and_counts_items_per_chunk() -> None:
         encoding="msgpack",
         region_size=8,
     )
-    plain = fold_region({}, **kw)  # type: ignore[arg-type]
-    paused = fold_region({}, pause=pause, **kw)  # type: ignore[arg-type]
-    yielding = fold_region({}, pause=GilYield(every_s=0.0, sleep_s=0.0), **kw)  # type: ignore[arg-type]
-    assert plain.chunks == paused.chunks == yielding.chunks  # pausing changes nothing folded
-    assert pauses >= len(chunks) + 2
+    plain = fold_region({}, **kw)
+    steps = fold_steps({}, **kw)  # type: ignore[arg-type]
+    n_steps = 0
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            stepped = done.value
+            break
+        n_steps += 1
+    assert plain.chunks == stepped.chunks and plain.lpt == stepped.lpt
+    # Grouping n items takes n // 1024 steps, and each chunk two more.
+    assert n_steps >= n // 1024 + 2 * len(chunks)
     assert plain.lpt == ticks[-1]
     assert dict(plain.counts) == {c: keys.count(c) for c in chunks}
     assert sorted(q.folded(items, plain.lpt, counts=plain.counts)) == sorted(chunks)

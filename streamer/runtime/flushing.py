@@ -1,10 +1,10 @@
 """The flush machinery of :class:`~streamer.runtime.world.World`.
 
-Flush workers fold region queues into new region files (``regionstate.fold_region``) and
-advance ``lastProcessedTick``; afterwards passed journal segments are deleted and the player
-index is written. ``_flush_scheduler`` runs in the world's task group and flushes regions
-that are due (idle long enough, urgent under back-pressure, or holding lazily upgraded
-records); ``flush()`` folds everything now.
+Flush workers fold region queues into new region files (``regionstate.fold_steps``, run on
+the event loop in short slices) and advance ``lastProcessedTick``; afterwards passed journal
+segments are deleted and the player index is written. ``_flush_scheduler`` runs in the
+world's task group and flushes regions that are due (idle long enough, urgent under
+back-pressure, or holding lazily upgraded records); ``flush()`` folds everything now.
 
 ``_FlushPath`` is a mixin of ``World``; the world state it uses is declared below and set up
 in ``World.__init__``.
@@ -17,7 +17,6 @@ import sys
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
-from functools import partial
 
 import anyio
 import anyio.lowlevel
@@ -30,8 +29,14 @@ from streamer.runtime.cache import ChunkCache
 from streamer.runtime.journal import Journal
 from streamer.runtime.live_migrate import upgrade_in_memory
 from streamer.runtime.players import PLAYERS_KEY, PlayerIndex
-from streamer.runtime.queues import DeltaQueues, RegionKey, RegionQueue
-from streamer.runtime.regionstate import GilYield, RegionState, fold_region
+from streamer.runtime.queues import DeltaQueues, QueuedEntries, RegionKey, RegionQueue
+from streamer.runtime.regionstate import (
+    FoldResult,
+    FoldSteps,
+    RegionState,
+    fold_steps,
+    fresh_chunks,
+)
 from streamer.schema.codec import ChunkCodec
 from streamer.storage.local import LocalStore
 from streamer.worldgen import TerrainGenerator
@@ -41,6 +46,31 @@ log = logging.getLogger("streamer.runtime.world")
 
 #: Chunks ``upgrade_in_memory`` looks at between two event-loop checkpoints of a flush.
 _UPGRADE_STEP = 4
+
+#: How much of a fold may run on the event loop before the rest of it moves to a thread:
+#: steps (each at most ``regionstate._STEP_ITEMS`` items or one chunk) and time. The step
+#: count decides in the common case; the time is a bound for heavy chunks. Time alone would
+#: not do: busy I/O threads taking turns at the GIL stretch a 60 µs fold past any budget.
+_FOLD_INLINE_STEPS = 8
+_FOLD_INLINE_S = 0.001
+#: A fold thread works this long, then sleeps ``_GIL_SLEEP_S`` so the loop can take the GIL
+#: (a bare ``sleep(0)`` is not enough: the thread usually takes it back before the loop's
+#: thread has woken up).
+_GIL_WORK_S = 0.0001
+_GIL_SLEEP_S = 0.00005
+
+
+def _finish_in_thread(steps: FoldSteps) -> FoldResult:
+    due = time.perf_counter() + _GIL_WORK_S
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            result: FoldResult = done.value
+            return result
+        if time.perf_counter() >= due:
+            time.sleep(_GIL_SLEEP_S)
+            due = time.perf_counter() + _GIL_WORK_S
 
 
 class _FlushPath:
@@ -63,6 +93,7 @@ class _FlushPath:
     _flush_wake: anyio.Event
     _flush_limiter: anyio.CapacityLimiter
     _fold_limiter: anyio.CapacityLimiter
+    _cpu_limiter: anyio.CapacityLimiter
     _flushes: int
     _flush_errors: int
     # World methods.
@@ -130,7 +161,7 @@ class _FlushPath:
             upgraded = frozenset(state.upgraded)
             if cutoff is None and not upgraded:
                 return False
-            items = q.take(cutoff) if cutoff is not None else []
+            items = q.take(cutoff) if cutoff is not None else QueuedEntries()
             q.flushing = True
             try:
                 if items and self._codec is not None:
@@ -149,24 +180,30 @@ class _FlushPath:
                         )
                 gen, codec = self._gen, self._codec
                 assert gen is not None and codec is not None and self._manifest is not None
-                result = await anyio.to_thread.run_sync(
-                    partial(
-                        fold_region,
-                        state.chunks,
-                        key=key,
-                        generation=state.generation,
-                        lpt=state.lpt,
-                        items=items,
-                        upgraded=upgraded,
-                        codec=codec,
-                        gen=gen,
-                        writer=self._writer_id,
-                        encoding=self._manifest.encoding,
-                        region_size=self._region_size,
-                        pause=GilYield(),
-                    ),
-                    limiter=self._fold_limiter,
+                # Chunks edited for the first time start from generator output: numpy work
+                # of milliseconds (a region's defaults), done in a thread before the fold.
+                # Every queued chunk, not only this fold's: walking the items costs more.
+                new = [ck for ck in q.per_chunk if ck not in state.chunks]
+                fresh = None
+                if new:
+                    fresh = await anyio.to_thread.run_sync(
+                        fresh_chunks, gen, new, self._region_size, limiter=self._cpu_limiter
+                    )
+                steps = fold_steps(
+                    state.chunks,
+                    key=key,
+                    generation=state.generation,
+                    lpt=state.lpt,
+                    items=items,
+                    upgraded=upgraded,
+                    codec=codec,
+                    gen=gen,
+                    writer=self._writer_id,
+                    encoding=self._manifest.encoding,
+                    region_size=self._region_size,
+                    fresh=fresh,
                 )
+                result = await self._run_fold(steps)
                 store = self._store
                 assert store is not None
                 await store.put_atomic(state.path, result.data)
@@ -189,6 +226,27 @@ class _FlushPath:
                 self._cache.mark_clean(chunk)
             self._flushes += 1
             return True
+
+    async def _run_fold(self, steps: FoldSteps) -> FoldResult:
+        """Run a fold: on the event loop while it is short, in a worker thread once it is not.
+
+        Most folds (a few edited chunks) finish within the first slice, with no thread hop.
+        A long one continues in a thread that sleeps a moment every ``_GIL_WORK_S`` of work,
+        handing the GIL back: on the loop, back-to-back slices would keep it from every
+        thread (the journal's included) for up to the interpreter's 5 ms switch interval
+        at each of their syscalls; a thread that never lets go would do the same to the loop.
+        """
+        async with self._fold_limiter:
+            due = time.perf_counter() + _FOLD_INLINE_S
+            for _ in range(_FOLD_INLINE_STEPS):
+                try:
+                    next(steps)
+                except StopIteration as done:
+                    result: FoldResult = done.value
+                    return result
+                if time.perf_counter() >= due:
+                    break
+            return await anyio.to_thread.run_sync(_finish_in_thread, steps)
 
     async def _flush_one(self, q: RegionQueue, full: bool) -> None:
         try:

@@ -142,21 +142,31 @@ class QueuedEntries:
         self._segs.clear()
         self._len = 0
 
-    def take_while_le(self, cutoff: int) -> list[Queued]:
-        """The prefix of entries with ``tick <= cutoff`` (ticks are non-decreasing)."""
-        out: list[Queued] = []
+    @property
+    def segments(self) -> Iterable[tuple[Queued, ...]]:
+        """The entries in order, a pushed batch part (tuple) at a time."""
+        return self._segs
+
+    def take_while_le(self, cutoff: int) -> QueuedEntries:
+        """The prefix of entries with ``tick <= cutoff`` (ticks are non-decreasing).
+
+        Shares this queue's segments instead of copying entries into one list: a flush may
+        take hundreds of thousands, and a list of them would be walked by every garbage
+        collection that runs while the fold is busy (milliseconds each).
+        """
+        out = QueuedEntries()
         for seg in self._segs:
             if seg[-1].tick <= cutoff:
-                out.extend(seg)
+                out.extend_segment(seg)
                 continue
-            for item in seg:
-                if item.tick > cutoff:
-                    break
-                out.append(item)
+            n = 0
+            while n < len(seg) and seg[n].tick <= cutoff:
+                n += 1
+            out.extend_segment(seg[:n])
             break
         return out
 
-    def is_prefix(self, items: Sequence[Queued]) -> bool:
+    def is_prefix(self, items: Sequence[Queued] | QueuedEntries) -> bool:
         """Whether ``items`` are the first ``len(items)`` entries, checked by count and by the
         identity of the first and last (a flush folds exactly what ``take`` gave it)."""
         n = len(items)
@@ -298,14 +308,18 @@ class RegionQueue:
             return None
         return limit
 
-    def take(self, cutoff: int) -> list[Queued]:
+    def take(self, cutoff: int) -> QueuedEntries:
         """The prefix with ``tick <= cutoff``; seals the floor at ``cutoff``."""
         out = self.entries.take_while_le(cutoff)
         self.floor = max(self.floor, cutoff)
         return out
 
     def folded(
-        self, items: list[Queued], lpt: int, *, counts: Mapping[ChunkKey, int] | None = None
+        self,
+        items: Sequence[Queued] | QueuedEntries,
+        lpt: int,
+        *,
+        counts: Mapping[ChunkKey, int] | None = None,
     ) -> list[ChunkKey]:
         """Drop the folded prefix; return chunks that have nothing queued any more.
 

@@ -15,10 +15,12 @@ worker thread while the event loop keeps serving.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import operator
+from collections import Counter
+from collections.abc import Generator as Generator_
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, TypeAlias, TypeVar
+from typing import Any, Protocol, TypeAlias, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -28,7 +30,7 @@ from streamer.errors import IntegrityError
 from streamer.format.checksum import hex64
 from streamer.format.region import Encoding, decode_region, encode_region, region_key
 from streamer.runtime.chunk import Chunk
-from streamer.runtime.queues import ChunkDelta, Queued
+from streamer.runtime.queues import ChunkDelta, Queued, QueuedEntries
 from streamer.schema.codec import ChunkCodec, pack_tiles, unpack_tiles
 from streamer.schema.deltas import (
     EntityRemove,
@@ -47,12 +49,15 @@ __all__ = [
     "ChunkEdit",
     "FoldResult",
     "Generator",
-    "GilYield",
+    "FoldSteps",
+    "FreshChunk",
     "RegionState",
     "apply_to_chunk",
     "build_chunk",
     "check_fingerprint",
     "fold_region",
+    "fold_steps",
+    "fresh_chunks",
     "region_state_from_bytes",
 ]
 
@@ -62,6 +67,10 @@ Tiles: TypeAlias = npt.NDArray[np.uint16]
 #: How ``schema.codec.pack_tiles`` stores tile overrides: little-endian uint16.
 _PACKED = np.dtype("<u2")
 _TILE_SHAPE = (CHUNK_SIZE, CHUNK_SIZE)
+#: ``local_index(x, y)`` is ``((y & _MASK) << _SHIFT) | (x & _MASK)`` (negatives included).
+_SHIFT = CHUNK_SIZE.bit_length() - 1
+_MASK = CHUNK_SIZE - 1
+_CHUNK_OF = operator.attrgetter("chunk")
 _R = TypeVar("_R", Character, Feature, Structure, Society)
 
 
@@ -224,6 +233,10 @@ class ChunkEdit:
                 self.structures.pop(sid, None)
             case SocietyUpdate(society=soc):
                 self.societies[soc.id] = soc
+
+    def set_tiles(self, tiles: Mapping[int, int]) -> None:
+        """Override tiles (``local index -> tile``), as if by ``TileSet`` deltas in order."""
+        self._tiles.update(tiles)
 
     def apply_all(self, deltas: Iterable[ChunkDelta]) -> None:
         """``apply`` each delta in order (tile edits in one dict update)."""
@@ -418,76 +431,125 @@ class FoldResult:
     counts: Mapping[ChunkKey, int] = field(default_factory=dict)
 
 
-#: Items grouped per chunk between two ``pause`` calls of a fold.
-_GROUP_STEP = 2048
+#: Items a fold handles between two steps (grouping them per chunk, or applying them):
+#: a few hundred microseconds of work at most.
+_STEP_ITEMS = 1024
 
 
-class GilYield:
-    """A ``pause`` for :func:`fold_region` run in a worker thread: every ``every_s`` of work
-    it sleeps ``sleep_s``, releasing the GIL long enough for the event loop to take it.
-
-    A CPU-bound thread holds the GIL until the interpreter's switch interval (5 ms) forces
-    it off, so without this each event-loop wakeup (an acknowledgement) waits up to 5 ms per
-    busy thread. A plain ``sleep(0)`` is not enough: the releasing thread usually takes the
-    GIL back before the waiting loop thread has woken up.
-    """
-
-    __slots__ = ("_due", "every_s", "sleep_s")
-
-    def __init__(self, every_s: float = 0.0001, sleep_s: float = 0.00005) -> None:
-        self.every_s = every_s
-        self.sleep_s = sleep_s
-        self._due = time.perf_counter() + every_s
-
-    def __call__(self) -> None:
-        if time.perf_counter() >= self._due:
-            time.sleep(self.sleep_s)
-            self._due = time.perf_counter() + self.every_s
-
-
-def _no_pause() -> None:
-    return None
+def _group(
+    seg: Sequence[Queued],
+    tiles_of: dict[ChunkKey, dict[int, int]],
+    others_of: dict[ChunkKey, list[ChunkDelta]],
+    counts: Counter[ChunkKey],
+) -> None:
+    """Sort ``seg``'s deltas into ``fold_steps``' per-chunk tile maps and lists."""
+    counts.update(map(_CHUNK_OF, seg))
+    for item in seg:
+        d = item.delta
+        if type(d) is TileSet:
+            m = tiles_of.get(item.chunk)
+            if m is None:
+                m = tiles_of[item.chunk] = {}
+            m[((d.y & _MASK) << _SHIFT) | (d.x & _MASK)] = d.tile
+        else:
+            group = others_of.get(item.chunk)
+            if group is None:
+                group = others_of[item.chunk] = []
+            group.append(d)
 
 
-def fold_region(
+#: What a chunk without a stored record starts from: its generator defaults and the
+#: fingerprint of its base terrain.
+FreshChunk: TypeAlias = tuple[ChunkDefaults, int]
+
+
+def _fresh_chunk(gen: Generator, ck: ChunkKey, region_size: int) -> FreshChunk:
+    cx, cy = ck
+    return gen.chunk_defaults(cx, cy, region_size), gen.fingerprint(cx, cy)
+
+
+def fresh_chunks(
+    gen: Generator, keys: Iterable[ChunkKey], region_size: int
+) -> dict[ChunkKey, FreshChunk]:
+    """:data:`FreshChunk` of each of ``keys`` (blocking numpy work: run it in a thread)."""
+    return {ck: _fresh_chunk(gen, ck, region_size) for ck in keys}
+
+
+#: A fold as a sequence of short steps (``next()`` runs one) that returns its result.
+FoldSteps: TypeAlias = Generator_[None, None, FoldResult]
+
+
+def fold_region(state_chunks: Mapping[ChunkKey, bytes], **kw: Any) -> FoldResult:
+    """:func:`fold_steps` run to the end, in one go (same arguments)."""
+    steps = fold_steps(state_chunks, **kw)
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            result: FoldResult = done.value
+            return result
+
+
+def fold_steps(
     state_chunks: Mapping[ChunkKey, bytes],
     *,
     key: RegionKey,
     generation: int,
     lpt: int,
-    items: Sequence[Queued],
+    items: Sequence[Queued] | QueuedEntries,
     upgraded: Iterable[ChunkKey],
     codec: ChunkCodec,
     gen: Generator,
     writer: str,
     encoding: Encoding,
     region_size: int,
-    pause: Callable[[], None] = _no_pause,
-) -> FoldResult:
+    fresh: Mapping[ChunkKey, FreshChunk] | None = None,
+) -> FoldSteps:
     """Apply ``items`` (in order) to the region's chunks and encode a complete new file.
 
     Unchanged chunk payloads are reused as they are. The new file has ``generation + 1`` and
     ``last_processed_tick`` = the highest folded tick (never lower than ``lpt``).
 
-    :param pause: called between steps of a few hundred microseconds each (every chunk, every
-        ``_GROUP_STEP`` items); a worker thread passes a :class:`GilYield`.
+    A generator of steps of a few hundred microseconds each (every ``_STEP_ITEMS`` items,
+    every chunk): the world runs folds on its event loop, a step at a time between other
+    work. A fold is CPU work in Python, so a worker thread would gain nothing but a fight for
+    the GIL, which the loop loses for up to the interpreter's 5 ms switch interval.
+
+    :param fresh: generator output for chunks without a stored record, computed beforehand
+        (:func:`fresh_chunks`, in a worker thread): a region's defaults take milliseconds of
+        numpy work. A chunk missing from it is generated here.
     :raises IntegrityError, SchemaError: a stored chunk the fold needs does not decode.
     """
     rx, ry = key
     path = region_key(rx, ry)
-    by_chunk: dict[ChunkKey, list[ChunkDelta]] = {}
+    # Tile edits become one ``local index -> tile`` map per chunk as they are read (a later
+    # edit of a tile wins, as applying them in order would); other deltas keep their order
+    # in a list per chunk. The two kinds touch disjoint state, so applying each kind in
+    # order gives what applying everything in order gives. Maps of ints are not collected
+    # objects; lists of the deltas would be walked by every collection during the fold.
+    tiles_of: dict[ChunkKey, dict[int, int]] = {}
+    others_of: dict[ChunkKey, list[ChunkDelta]] = {}
+    counts: Counter[ChunkKey] = Counter()
+    segments = items.segments if isinstance(items, QueuedEntries) else (items,)
+    since_step = 0
+    for whole in segments:
+        # A big batch's segment is cut into steps too (slicing copies references only).
+        parts = (
+            [whole]
+            if len(whole) <= _STEP_ITEMS
+            else [whole[i : i + _STEP_ITEMS] for i in range(0, len(whole), _STEP_ITEMS)]
+        )
+        for seg in parts:
+            _group(seg, tiles_of, others_of, counts)
+            since_step += len(seg)
+            if since_step >= _STEP_ITEMS:
+                since_step = 0
+                yield
     new_lpt = lpt
-    for start in range(0, len(items), _GROUP_STEP):
-        for item in items[start : start + _GROUP_STEP]:
-            group = by_chunk.get(item.chunk)
-            if group is None:
-                group = by_chunk[item.chunk] = []
-            group.append(item.delta)
-        pause()
     if items:
         # Queued ticks are non-decreasing (see runtime/queues.py): the last is the highest.
         new_lpt = max(new_lpt, items[-1].tick)
-    touched = set(by_chunk) | set(upgraded)
+    touched = set(counts) | set(upgraded)
     chunks = dict(state_chunks)
     for ck in sorted(touched):
         cx, cy = ck
@@ -498,12 +560,22 @@ def fold_region(
             edit = ChunkEdit.from_record(rec, where=where)
             gen_name, gen_version, fp = rec.generator, rec.generator_version, rec.base_fingerprint
         else:
-            edit = ChunkEdit.from_defaults(gen.chunk_defaults(cx, cy, region_size))
-            gen_name, gen_version, fp = gen.name, gen.version, gen.fingerprint(cx, cy)
-        edit.apply_all(by_chunk.get(ck, ()))
+            got = fresh.get(ck) if fresh is not None else None
+            defaults, fp = got if got is not None else _fresh_chunk(gen, ck, region_size)
+            edit = ChunkEdit.from_defaults(defaults)
+            gen_name, gen_version = gen.name, gen.version
+        yield
+        others = others_of.get(ck, [])
+        for start in range(0, len(others), _STEP_ITEMS):
+            for d in others[start : start + _STEP_ITEMS]:
+                edit.apply(d)
+            yield
+        tile_map = tiles_of.get(ck)
+        if tile_map:
+            edit.set_tiles(tile_map)
         rec = edit.to_record(cx, cy, generator=gen_name, version=gen_version, fp=fp)
         chunks[ck] = codec.encode(rec)
-        pause()
+        yield
     data = encode_region(
         rx=rx,
         ry=ry,
@@ -520,5 +592,5 @@ def fold_region(
         generation=generation + 1,
         lpt=new_lpt,
         changed=frozenset(touched),
-        counts={ck: len(ds) for ck, ds in by_chunk.items()},
+        counts=counts,
     )

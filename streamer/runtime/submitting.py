@@ -67,6 +67,8 @@ _PLAIN_TYPES = frozenset(
 _TILES_ONLY = frozenset({TileSet})
 _CHUNK_SHIFT = CHUNK_SIZE.bit_length() - 1
 assert 1 << _CHUNK_SHIFT == CHUNK_SIZE  # x >> shift is x // CHUNK_SIZE, negatives included
+#: Distinct chunk keys ``_route_batch`` shares before it starts over.
+_CHUNK_KEYS_MAX = 1 << 16
 _BATCH_DECODER = msgspec.msgpack.Decoder(list[AnyDelta])
 _BATCH_ENCODER = msgspec.msgpack.Encoder()
 
@@ -118,6 +120,7 @@ class _SubmitPath:
     _inactive: set[RegionKey]
     _overlay: dict[str, tuple[int, Character | None]]
     _routing: dict[int, tuple[_Routed, bool]]
+    _chunk_keys: dict[ChunkKey, ChunkKey]
     _flush_wake: anyio.Event
     _region_size: int
     _bound: int
@@ -144,15 +147,27 @@ class _SubmitPath:
         ``tiles_only``: every delta is exactly a ``TileSet`` (checked by the caller).
         """
         chunks: list[ChunkKey]
+        keys = self._chunk_keys
+        if len(keys) > _CHUNK_KEYS_MAX:
+            keys.clear()  # only identity is shared through it: forgetting costs nothing
+        # Queued deltas refer to one shared key tuple per chunk instead of a new tuple each:
+        # a tuple is a collected object, and hundreds of thousands of them queued at once
+        # would make the collector run (and promote) far more often (see deltas.py).
+        intern = keys.setdefault
         if tiles_only:
             sh = _CHUNK_SHIFT
-            chunks = [(d.x >> sh, d.y >> sh) for d in cast(Sequence[TileSet], deltas)]
+            chunks = [
+                intern(c, c)
+                for d in cast(Sequence[TileSet], deltas)
+                for c in ((d.x >> sh, d.y >> sh),)
+            ]
         else:
             chunks = []
             for d in deltas:
                 if isinstance(d, EntityMove):
                     raise DeltaError("EntityMove must be resolved before routing")
-                chunks.append(chunk_of(*_delta_point(d)))
+                c = chunk_of(*_delta_point(d))
+                chunks.append(intern(c, c))
         ticks = [d.tick for d in deltas]
         rs = self._region_size
         region_of = {c: region_of_chunk(c[0], c[1], rs) for c in set(chunks)}

@@ -38,11 +38,11 @@ import os
 import uuid
 import warnings
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeAlias
+from typing import Any, TypeAlias, TypeVar, TypeVarTuple
 
 import anyio
 import anyio.abc
@@ -102,6 +102,9 @@ from streamer.worldgen import (
 __all__ = ["World", "WorldStats", "open_world"]
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Ts = TypeVarTuple("Ts")
 
 Tiles: TypeAlias = npt.NDArray[np.uint16]
 
@@ -191,10 +194,9 @@ class World(_SubmitPath, _FlushPath):
         # Folding and terrain are CPU work: a few threads keep the loop responsive without
         # letting 1,000 concurrent flushes hold 1,000 half-built region files at once.
         self._cpu_limiter = anyio.CapacityLimiter(max(2, min(8, os.cpu_count() or 2)))
-        # Region folds hold the GIL (msgspec, small numpy work): a thread per core at most,
-        # and each yields the GIL every few hundred microseconds (``GilYield``) so the loop
-        # keeps acknowledging while regions fold.
-        self._fold_limiter = anyio.CapacityLimiter(max(1, min(4, (os.cpu_count() or 2) - 1)))
+        # Region folds are Python work under the GIL (``_FlushPath._run_fold``: short ones
+        # on the loop, the rest in a thread): more than one at a time only adds contention.
+        self._fold_limiter = anyio.CapacityLimiter(1)
         self._players = PlayerIndex()
         #: Entity state as of batches accepted but not yet durable: id → (batch seq, record or
         #: None if removed). EntityMove resolves its character here first.
@@ -202,6 +204,7 @@ class World(_SubmitPath, _FlushPath):
         #: Routing of batches accepted but not yet durable or failed, by journal seq: computed
         #: once in ``submit``, used by ``_on_durable``. Value: (parts, no entity deltas).
         self._routing: dict[int, tuple[_Routed, bool]] = {}
+        self._chunk_keys: dict[ChunkKey, ChunkKey] = {}
         #: Regions refused after unrecoverable corruption (the recovery ladder fills this).
         self._inactive: set[RegionKey] = set()
         # Recovery integration lives in its own modules (runtime/recovery_hooks.py etc.).
@@ -369,9 +372,16 @@ class World(_SubmitPath, _FlushPath):
                 # flushes rebuild the entries that matter.
                 log.warning("%s: %s; starting with an empty player index", where, err)
 
+        # The journal's own worker thread: behind region writes queued for the store's
+        # threads, an acknowledgement would wait for whole region files to be fsynced.
+        journal_limiter = anyio.CapacityLimiter(1)
+
+        async def journal_run_sync(fn: Callable[[*Ts], T], *args: *Ts) -> T:
+            return await anyio.to_thread.run_sync(fn, *args, limiter=journal_limiter)
+
         journal = Journal(
             store.fs,
-            store.run_sync,
+            journal_run_sync,
             durability=rt.durability,
             fsync_interval_ms=rt.fsync_interval_ms,
             segment_bytes=rt.journal_segment_bytes,
