@@ -34,6 +34,7 @@ from streamer.runtime.regionstate import (
     FoldResult,
     FoldSteps,
     RegionState,
+    advance,
     fold_steps,
     fresh_chunks,
 )
@@ -60,17 +61,24 @@ _GIL_WORK_S = 0.0001
 _GIL_SLEEP_S = 0.00005
 
 
-def _finish_in_thread(steps: FoldSteps) -> FoldResult:
-    due = time.perf_counter() + _GIL_WORK_S
-    while True:
-        try:
-            next(steps)
-        except StopIteration as done:
-            result: FoldResult = done.value
-            return result
-        if time.perf_counter() >= due:
+class _GilPause:
+    """``advance``'s pause in a fold thread: every ``_GIL_WORK_S`` of work, sleep a moment."""
+
+    __slots__ = ("_due",)
+
+    def __init__(self) -> None:
+        self._due = time.perf_counter() + _GIL_WORK_S
+
+    def __call__(self) -> None:
+        if time.perf_counter() >= self._due:
             time.sleep(_GIL_SLEEP_S)
-            due = time.perf_counter() + _GIL_WORK_S
+            self._due = time.perf_counter() + _GIL_WORK_S
+
+
+def _finish_in_thread(steps: FoldSteps) -> FoldResult:
+    result = advance(steps, pause=_GilPause())
+    assert result is not None  # no bound given: it ran to the end
+    return result
 
 
 class _FlushPath:
@@ -237,15 +245,10 @@ class _FlushPath:
         at each of their syscalls; a thread that never lets go would do the same to the loop.
         """
         async with self._fold_limiter:
-            due = time.perf_counter() + _FOLD_INLINE_S
-            for _ in range(_FOLD_INLINE_STEPS):
-                try:
-                    next(steps)
-                except StopIteration as done:
-                    result: FoldResult = done.value
-                    return result
-                if time.perf_counter() >= due:
-                    break
+            until = time.perf_counter() + _FOLD_INLINE_S
+            result = advance(steps, max_steps=_FOLD_INLINE_STEPS, until=until)
+            if result is not None:
+                return result
             return await anyio.to_thread.run_sync(_finish_in_thread, steps)
 
     async def _flush_one(self, q: RegionQueue, full: bool) -> None:

@@ -16,9 +16,10 @@ worker thread while the event loop keeps serving.
 from __future__ import annotations
 
 import operator
+import time
 from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from collections.abc import Generator as Generator_
-from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeAlias, TypeVar
 
@@ -52,6 +53,7 @@ __all__ = [
     "FoldSteps",
     "FreshChunk",
     "RegionState",
+    "advance",
     "apply_to_chunk",
     "build_chunk",
     "check_fingerprint",
@@ -481,13 +483,34 @@ FoldSteps: TypeAlias = Generator_[None, None, FoldResult]
 
 def fold_region(state_chunks: Mapping[ChunkKey, bytes], **kw: Any) -> FoldResult:
     """:func:`fold_steps` run to the end, in one go (same arguments)."""
-    steps = fold_steps(state_chunks, **kw)
+    result = advance(fold_steps(state_chunks, **kw))
+    assert result is not None  # no bound given: it ran to the end
+    return result
+
+
+def advance(
+    steps: FoldSteps,
+    *,
+    max_steps: int | None = None,
+    until: float | None = None,
+    pause: Callable[[], None] | None = None,
+) -> FoldResult | None:
+    """Run ``steps``: to the end (the result), or ``None`` once ``max_steps`` steps have run
+    or ``time.perf_counter()`` has passed ``until``. ``pause`` is called after each step."""
+    n = 0
     while True:
         try:
             next(steps)
         except StopIteration as done:
             result: FoldResult = done.value
             return result
+        n += 1
+        if (max_steps is not None and n >= max_steps) or (
+            until is not None and time.perf_counter() >= until
+        ):
+            return None
+        if pause is not None:
+            pause()
 
 
 def fold_steps(
