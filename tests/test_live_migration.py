@@ -31,7 +31,6 @@ from streamer.migrate.verify import record_census
 from streamer.recovery.incidents import IncidentLog
 from streamer.runtime.flushing import _FlushPath
 from streamer.runtime.live_migrate import LiveMigrationFailed
-from streamer.runtime.regionstate import FoldResult, FoldSteps
 from streamer.runtime.world import World
 from streamer.schema.codec import ChunkCodec
 from streamer.schema.deltas import EntityUpsert
@@ -389,17 +388,16 @@ async def test_a_load_during_a_fold_does_not_migrate_a_chunk_again(
     monkeypatch.setattr("streamer.schema.codec.REGISTRY", reg)
     folding = anyio.Event()
 
-    run_fold = _FlushPath._run_fold
+    fold = _FlushPath._fold
 
-    async def slow_fold(self: _FlushPath, steps: FoldSteps) -> FoldResult:
+    async def slow_fold(self: World, jobs: list[Any]) -> None:
         # The fold has read (and migrated, if still old) every chunk it touches; the loop
         # serves loads while the fold is still busy (as a long fold in a thread would be).
-        result = await run_fold(self, steps)
+        await fold(self, jobs)
         folding.set()
         await anyio.sleep(0.3)
-        return result
 
-    monkeypatch.setattr(_FlushPath, "_run_fold", slow_fold)
+    monkeypatch.setattr(_FlushPath, "_fold", slow_fold)
     conf = Config(runtime=RuntimeSettings(flush_interval_ms=600_000))
     a0, a1, a2 = chunk_keys(*REGIONS["A"])
     async with open_world(tmp_path, conf) as world:

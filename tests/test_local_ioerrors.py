@@ -17,7 +17,7 @@ from unittest import mock
 
 import pytest
 
-from streamer.errors import NotFound, StorageUnavailable
+from streamer.errors import InvalidKey, NotFound, StorageUnavailable
 from streamer.storage.faultfs import SimulatedFileSystem
 from streamer.storage.fs import is_temp_name
 from streamer.storage.local import LocalStore, content_version
@@ -267,3 +267,198 @@ async def test_real_fs_enospc_on_write(tmp_path: Path) -> None:
             await store.put_atomic(KEY, b"new" * 1000)
     assert (tmp_path / KEY).read_bytes() == b"old"
     assert _on_disk(tmp_path) == [KEY]
+
+
+# -- put_many_atomic: one batch, three keys in one directory ----------------------------------
+
+#: Two existing keys and a new one, all in ``regions``; each name is unique in every path a
+#: write touches (its temp and backup are ``regions/.<name>.tmp-…``).
+MANY_OLD: dict[str, bytes | None] = {
+    "regions/r.0.0.region": b"a-old",
+    "regions/r.0.1.region": b"b-old",
+    "regions/r.1.0.region": None,
+}
+MANY_NEW = {key: key.encode() + b"-new" for key in MANY_OLD}
+MANY_KEYS = list(MANY_OLD)
+NEW_KEY = "regions/r.1.0.region"
+
+# (step, what the fault matches): "regions" matches every item (and the directory); a key's
+# file name matches only that item's temp, backup and rename.
+MANY_CASES = [
+    *[(step, "regions") for step in WRITE_STEPS],
+    *[(step, key) for step in ["create", "write", "fsync", "link", "replace"] for key in MANY_KEYS],
+]
+MANY_CASES.remove(("link", NEW_KEY))  # a new key has no old object to link to a backup
+
+
+def _affected(step: str, target: str, once: bool) -> set[str]:
+    """The keys whose item must fail: a failed directory fsync fails the whole directory; any
+    other step fails the item it hits (the first one in order when it hits every item once)."""
+    if step == "fsync_dir":
+        return set(MANY_KEYS)
+    if target != "regions":
+        return {target}
+    return {MANY_KEYS[0]} if once else set(MANY_KEYS)
+
+
+async def _many_store(fs: SimulatedFileSystem) -> LocalStore:
+    store = await LocalStore.open("/w", fs=fs)
+    for key, data in MANY_OLD.items():
+        if data is not None:
+            await store.put_atomic(key, data)
+    return store
+
+
+async def _assert_many(store: LocalStore, expect: dict[str, bytes | None]) -> None:
+    for key, data in expect.items():
+        if data is None:
+            with pytest.raises(NotFound):
+                await store.get(key)
+        else:
+            blob = await store.get(key)
+            assert (blob.data, blob.version) == (data, content_version(data)), key
+    assert await store.list() == sorted(k for k, v in expect.items() if v is not None)
+
+
+@pytest.mark.parametrize("once", [True, False], ids=["once", "persistent"])
+@pytest.mark.parametrize("err", ERRNOS, ids=errno.errorcode.get)
+@pytest.mark.parametrize(("step", "target"), MANY_CASES)
+async def test_put_many_atomic_error_at_each_step(
+    step: str, target: str, err: int, once: bool
+) -> None:
+    fs = SimulatedFileSystem()
+    store = await _many_store(fs)
+    # A key's file name (not its path) is in its temp's and backup's paths too.
+    fs.inject(step, err, path_contains=target.rpartition("/")[2], once=once)
+    items = list(MANY_NEW.items())
+    results = await store.put_many_atomic(items)
+    affected = _affected(step, target, once)
+    expect: dict[str, bytes | None] = {}
+    for (key, data), res in zip(items, results, strict=True):
+        if key in affected:
+            assert isinstance(res, StorageUnavailable), (key, res)
+            assert res.key == key
+            assert errno.errorcode[err] in str(res)
+            expect[key] = MANY_OLD[key]
+        else:
+            assert res == content_version(data), (key, res)
+            expect[key] = data
+    assert temps(fs) == []
+    await _assert_many(store, expect)
+    # What the results acknowledged is durable; a failed item left its old content there too.
+    await _assert_many(await LocalStore.open("/w", fs=fs.durable_image()), expect)
+    if not once:
+        again = await store.put_many_atomic(items)
+        assert [isinstance(r, StorageUnavailable) for r in again] == [
+            k in affected for k, _ in items
+        ]
+        await _assert_many(store, expect)
+    fs.clear_faults()
+    reopened = await LocalStore.open("/w", fs=fs)
+    assert reopened.removed_temps == 0
+    assert temps(fs) == []
+    await _assert_many(reopened, expect)
+    # The store is still usable: single and batched puts both go through.
+    assert await reopened.put_atomic(MANY_KEYS[0], b"later") == content_version(b"later")
+    final = [(k, b"final " + k.encode()) for k in MANY_KEYS]
+    assert await reopened.put_many_atomic(final) == [content_version(d) for _, d in final]
+    await _assert_many(await LocalStore.open("/w", fs=fs.durable_image()), dict(final))
+
+
+async def test_put_many_atomic_dir_fsync_error_fails_only_that_directory() -> None:
+    fs = SimulatedFileSystem()
+    store = await _many_store(fs)
+    await store.put_atomic("players/p1", b"p-old")
+    fs.inject("fsync_dir", errno.EIO, path_contains="players")
+    items = [("regions/r.0.0.region", b"a-new"), ("players/p1", b"p-new"), (NEW_KEY, b"c-new")]
+    results = await store.put_many_atomic(items)
+    assert results[0] == content_version(b"a-new")
+    assert isinstance(results[1], StorageUnavailable) and results[1].key == "players/p1"
+    assert results[2] == content_version(b"c-new")
+    expect: dict[str, bytes | None] = {
+        "regions/r.0.0.region": b"a-new",
+        "regions/r.0.1.region": b"b-old",
+        NEW_KEY: b"c-new",
+        "players/p1": b"p-old",
+    }
+    assert temps(fs) == []
+    await _assert_many(store, expect)
+    await _assert_many(await LocalStore.open("/w", fs=fs.durable_image()), expect)
+
+
+async def test_put_many_atomic_temp_left_by_failed_cleanup_is_removed_at_open() -> None:
+    fs = SimulatedFileSystem()
+    store = await _many_store(fs)
+    fs.inject("fsync", errno.EIO, path_contains="r.0.1.region")
+    fs.inject("unlink", errno.EIO, path_contains="r.0.1.region", once=False)
+    results = await store.put_many_atomic(list(MANY_NEW.items()))
+    assert [isinstance(r, StorageUnavailable) for r in results] == [False, True, False]
+    assert len(temps(fs)) == 1
+    fs.clear_faults()
+    reopened = await LocalStore.open("/w", fs=fs)
+    assert reopened.removed_temps == 1
+    assert temps(fs) == []
+    expect: dict[str, bytes | None] = dict(MANY_NEW)
+    expect["regions/r.0.1.region"] = MANY_OLD["regions/r.0.1.region"]
+    await _assert_many(reopened, expect)
+
+
+async def test_real_fs_put_many_atomic(tmp_path: Path) -> None:
+    store = await LocalStore.open(tmp_path)
+    await store.put_atomic(KEY, b"old")
+    items = [(KEY, b"r00"), ("regions/r.0.1.region", b"r01"), ("players/p1", b"p1"), ("top", b"t")]
+    results = await store.put_many_atomic(items)
+    assert results == [content_version(d) for _, d in items]
+    assert _on_disk(tmp_path) == sorted(k for k, _ in items)  # no temp, no backup
+    for key, data in items:
+        assert (tmp_path / key).read_bytes() == data
+        assert (await store.get(key)).data == data
+    assert await store.list() == sorted(k for k, _ in items)
+    assert await store.put_many_atomic([]) == []
+    assert _on_disk(tmp_path) == sorted(k for k, _ in items)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        [("regions/new", b"x"), ("players/p", b"y"), ("regions/new", b"z")],
+        [("regions/new", b"x"), ("../escape", b"y")],
+        [("regions/new", b"x"), ("regions/.r.tmp-0123456789ab", b"y")],
+        [("regions/new", b"x"), (".locks/00", b"y")],
+        [("regions/new", b"x"), ("", b"y")],
+    ],
+    ids=["duplicate", "dotdot", "temp-name", "reserved", "empty"],
+)
+async def test_real_fs_put_many_atomic_refuses_bad_batches(
+    tmp_path: Path, bad: list[tuple[str, bytes]]
+) -> None:
+    store = await LocalStore.open(tmp_path)
+    await store.put_atomic(KEY, b"old")
+    keys = [k for k, _ in bad]
+    expected = ValueError if len(set(keys)) != len(keys) else InvalidKey
+    with pytest.raises(expected):
+        await store.put_many_atomic(bad)
+    assert _on_disk(tmp_path) == [KEY]  # nothing written, not even the valid items
+    assert not (tmp_path / "regions" / "new").exists()
+    assert not (tmp_path / "players").exists()
+    assert (tmp_path / KEY).read_bytes() == b"old"
+
+
+async def test_real_fs_put_many_atomic_fails_a_symlinked_item_alone(tmp_path: Path) -> None:
+    """An item whose directory is a symlink out of the root fails with InvalidKey; the other
+    items of the batch are written, and no temp is left anywhere."""
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    store = await LocalStore.open(root)
+    await store.put_atomic("regions/a", b"old-a")
+    os.symlink(outside, root / "evil")
+    results = await store.put_many_atomic(
+        [("regions/a", b"new-a"), ("evil/b", b"escape"), ("regions/c", b"new-c")]
+    )
+    assert isinstance(results[1], InvalidKey) and "symlink" in str(results[1])
+    assert [results[0], results[2]] == [content_version(b"new-a"), content_version(b"new-c")]
+    assert (root / "regions" / "a").read_bytes() == b"new-a"
+    assert (root / "regions" / "c").read_bytes() == b"new-c"
+    assert list(outside.iterdir()) == []
+    assert not [p for p in root.rglob("*") if is_temp_name(p.name)]

@@ -21,7 +21,6 @@ Each bench measures its limit and a SQLite baseline in the same run as the figur
 
 from __future__ import annotations
 
-import gc
 import os
 import sqlite3
 import time
@@ -68,11 +67,9 @@ class DeltaSizes:
     batch: int
     seconds: float
     probe_fsyncs: int
-    #: A second, lighter closed loop: what latency a shard sees when the journal is not
-    #: saturated (with 64 x 64 deltas always in flight, Little's law sets p99 >= 4096 / rate).
-    light_submitters: int = 8
-    #: The closed loop the latency goal is judged at: ``goal_submitters x batch`` deltas in
-    #: flight, so p99 <= 5 ms there implies >= in-flight / 5 ms deltas/s (~205,000 for 16 x 64).
+    #: The latency goal is judged at ``goal_rate`` deltas/s offered by ``goal_submitters``
+    #: shards on a fixed schedule (open loop), and reported for a closed loop of them.
+    goal_rate: float = 200_000
     goal_submitters: int = 16
 
 
@@ -325,6 +322,48 @@ async def _closed_loop(
     return acked / (time.perf_counter() - t0), latency
 
 
+async def _open_loop(
+    shards: int,
+    seconds: float,
+    rate: float,
+    batch: int,
+    submit: Callable[[int, int], Awaitable[int]],
+) -> tuple[float, LatencyRecorder, float]:
+    """Shard ``i`` calls ``submit(i, seq)`` on a fixed schedule, ``rate`` deltas/s in all.
+
+    Latency runs from each batch's *scheduled* time, not from when it was sent: a stall
+    delays every batch behind it and all of that delay counts (no coordinated omission).
+    Returns (deltas/s acknowledged, latencies, worst lag behind schedule at a send).
+    """
+    latency = LatencyRecorder()
+    acked = 0
+    behind = 0.0
+    period = batch * shards / rate  # each shard's interval between batches
+
+    async def run(task: int) -> None:
+        nonlocal acked, behind
+        seq = 0
+        due = start + period * task / shards  # shards evenly staggered
+        while due < end:
+            now = anyio.current_time()
+            if due > now:
+                await anyio.sleep(due - now)
+            else:
+                behind = max(behind, now - due)
+            n = await submit(task, seq)
+            latency.add(anyio.current_time() - due)
+            acked += n
+            seq += 1
+            due += period
+
+    start = anyio.current_time() + 0.01
+    end = start + seconds
+    async with anyio.create_task_group() as tg:
+        for task in range(shards):
+            tg.start_soon(run, task)
+    return acked / (anyio.current_time() - start), latency, behind
+
+
 async def durable_deltas(
     work: Path, quick: bool, *, sizes: DeltaSizes | None = None
 ) -> list[Figure]:
@@ -334,7 +373,7 @@ async def durable_deltas(
 
     frame = len(msgspec.msgpack.encode(_submitter_batch(0, 0, 1 << 40, s.batch))) + 64
     fsyncs = await anyio.to_thread.run_sync(_append_fsync_per_s, work, s.probe_fsyncs, frame)
-    tasks = max(s.submitters, s.goal_submitters, s.light_submitters)
+    tasks = max(s.submitters, s.goal_submitters)
     touched = {
         (t.x // CHUNK_SIZE, t.y // CHUNK_SIZE)
         for task in range(tasks)
@@ -362,26 +401,16 @@ async def durable_deltas(
 
         ours, lat = await _closed_loop(s.submitters, s.seconds, submit)
         after = w.stats()
-        # Each lighter loop starts from empty queues, not from the backlog the one before
+        # Each later loop starts from empty queues, not from the backlog the one before
         # left to fold (flushing is not timed).
         await w.flush()
         tick0 = 1 << 40  # above every tick of the first loop, in every region
-        at_goal, goal_lat = await _closed_loop(s.goal_submitters, s.seconds / 2, submit)
+        paced, paced_lat, paced_behind = await _open_loop(
+            s.goal_submitters, s.seconds, s.goal_rate, s.batch, submit
+        )
         await w.flush()
         tick0 = 2 << 40  # and of the second
-        light, light_lat = await _closed_loop(s.light_submitters, s.seconds / 2, submit)
-        # The goal's load once more with the objects alive now moved out of the collector's
-        # reach (``gc.freeze()``), as a shard server may do after opening its world: a full
-        # collection then no longer walks them. Reported beside the plain figure, never
-        # instead of it; the library itself never freezes (a process-wide decision).
-        await w.flush()
-        tick0 = 3 << 40
-        gc.collect()
-        gc.freeze()
-        try:
-            frozen, frozen_lat = await _closed_loop(s.goal_submitters, s.seconds / 2, submit)
-        finally:
-            gc.unfreeze()
+        at_goal, goal_lat = await _closed_loop(s.goal_submitters, s.seconds / 2, submit)
     commits = after.journal_commits - base.journal_commits
     batches = after.journal.batches - base.journal.batches
 
@@ -434,15 +463,17 @@ async def durable_deltas(
         return len(batch)
 
     baseline, _ = await _closed_loop(s.submitters, s.seconds, sqlite_submit)
+    base_paced, base_paced_lat, _ = await _open_loop(
+        s.goal_submitters, s.seconds / 2, s.goal_rate, s.batch, sqlite_submit
+    )
     _, base_goal_lat = await _closed_loop(s.goal_submitters, s.seconds / 2, sqlite_submit)
-    _, base_light_lat = await _closed_loop(s.light_submitters, s.seconds / 2, sqlite_submit)
     db.close()
 
     inflight = s.submitters * s.batch
     goal_inflight = s.goal_submitters * s.batch
     label = f"{s.submitters} submitters x {s.batch}"
     goal_label = f"{s.goal_submitters} submitters x {s.batch}"
-    light_label = f"{s.light_submitters} submitters x {s.batch}"
+    sustained = paced >= 0.99 * s.goal_rate
     return [
         Figure(
             name=f"durable deltas ({label}, sync)",
@@ -459,43 +490,48 @@ async def durable_deltas(
                 f"loop. Its latency (p50 {lat.percentile_ms(50):.1f} ms, p99 "
                 f"{lat.percentile_ms(99):.1f} ms) is not judged against the 5 ms goal: with "
                 f"{inflight:,} deltas always in flight Little's law puts the mean at "
-                f"{inflight:,} / throughput = {inflight / ours * 1000:.1f} ms here, and 5 ms "
-                f"would need {inflight / 0.005:,.0f} deltas/s; see the {goal_label} row"
+                f"{inflight:,} / throughput = {inflight / ours * 1000:.1f} ms here; the "
+                "latency goal is judged at the goal's rate (next row)"
             ),
         ),
         Figure(
-            name=f"ack latency p99 ({goal_label}, sync)",
+            name=f"ack latency p99 at {s.goal_rate:,.0f} deltas/s ({goal_label}, sync)",
+            # Not sustaining the rate fails the goal whatever the latency of what got through.
+            value=paced_lat.percentile_ms(99) if sustained else float("inf"),
+            unit="ms",
+            limit=1000.0 / fsyncs,
+            limit_name="one append+fsync",
+            baseline=base_paced_lat.percentile_ms(99),
+            baseline_name="sqlite RMW txn per batch",
+            goal_min=5.0,
+            lower_is_better=True,
+            note=(
+                f"both goals at once: {s.goal_submitters} shards each submit a {s.batch}-delta "
+                f"batch on a fixed schedule, {s.goal_rate:,.0f} deltas/s in all ({s.seconds:g} "
+                "s, open loop). Latency counts from each batch's scheduled time, so a stall "
+                "counts for every batch it delays (no coordinated omission), including the "
+                "event loop's timer lateness (<= 1 ms). Acknowledged "
+                f"{paced:,.0f} deltas/s; p50 {paced_lat.percentile_ms(50):.2f} ms, max "
+                f"{paced_lat.max_s * 1000:.1f} ms; worst send {paced_behind * 1000:.1f} ms "
+                f"behind schedule. SQLite acknowledged {base_paced:,.0f} deltas/s of the "
+                "same schedule"
+            ),
+        ),
+        Figure(
+            name=f"ack latency p99 ({goal_label} closed loop, sync)",
             value=goal_lat.percentile_ms(99),
             unit="ms",
             limit=1000.0 / fsyncs,
             limit_name="one append+fsync",
             baseline=base_goal_lat.percentile_ms(99),
             baseline_name="sqlite RMW txn per batch",
-            goal_min=5.0,
             lower_is_better=True,
             note=(
-                f"the latency goal's load: {goal_inflight:,} deltas in flight, so p99 <= 5 ms "
-                f"here needs >= {goal_inflight / 0.005:,.0f} deltas/s sustained (Little's "
-                f"law): both goals at once. Measured {at_goal:,.0f} deltas/s, p50 "
-                f"{goal_lat.percentile_ms(50):.2f} ms ({s.seconds / 2:g} s closed loop, same "
-                "world). With gc.freeze() after open (a shard-server setting, not done by "
-                f"the library): p99 {frozen_lat.percentile_ms(99):.1f} ms, p50 "
-                f"{frozen_lat.percentile_ms(50):.2f} ms at {frozen:,.0f} deltas/s"
-            ),
-        ),
-        Figure(
-            name=f"ack latency p99 ({light_label}, sync)",
-            value=light_lat.percentile_ms(99),
-            unit="ms",
-            limit=1000.0 / fsyncs,
-            limit_name="one append+fsync",
-            baseline=base_light_lat.percentile_ms(99),
-            baseline_name="sqlite RMW txn per batch",
-            goal_min=5.0,
-            lower_is_better=True,
-            note=(
-                f"p50 {light_lat.percentile_ms(50):.2f} ms at {light:,.0f} deltas/s "
-                f"({s.seconds / 2:g} s closed loop, same world)"
+                f"not a goal row: {goal_inflight:,} deltas always in flight, as fast as "
+                f"acknowledgements come: {at_goal:,.0f} deltas/s here, "
+                f"{at_goal / s.goal_rate:.1f}x the goal's rate, so twice the fold and flush "
+                f"work of the row above; p50 {goal_lat.percentile_ms(50):.2f} ms "
+                f"({s.seconds / 2:g} s, same world)"
             ),
         ),
     ]

@@ -16,7 +16,8 @@ import logging
 import sys
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 
 import anyio
 import anyio.lowlevel
@@ -25,14 +26,17 @@ import anyio.to_thread
 from streamer.config import RuntimeSettings
 from streamer.errors import IntegrityError, StreamerError
 from streamer.format.manifest import WorldManifest
+from streamer.format.region import region_key
 from streamer.runtime.cache import ChunkCache
 from streamer.runtime.journal import Journal
 from streamer.runtime.live_migrate import upgrade_in_memory
 from streamer.runtime.players import PLAYERS_KEY, PlayerIndex
 from streamer.runtime.queues import DeltaQueues, QueuedEntries, RegionKey, RegionQueue
 from streamer.runtime.regionstate import (
+    ChunkKey,
     FoldResult,
     FoldSteps,
+    FreshChunk,
     RegionState,
     advance,
     fold_steps,
@@ -47,6 +51,9 @@ log = logging.getLogger("streamer.runtime.world")
 
 #: Chunks ``upgrade_in_memory`` looks at between two event-loop checkpoints of a flush.
 _UPGRADE_STEP = 4
+
+#: Regions per batch of a flush: one fold pass, one write hop and one directory fsync each.
+_FLUSH_BATCH = 16
 
 #: How much of a fold may run on the event loop before the rest of it moves to a thread:
 #: steps (each at most ``regionstate._STEP_ITEMS`` items or one chunk) and time. The step
@@ -75,10 +82,57 @@ class _GilPause:
             self._due = time.perf_counter() + _GIL_WORK_S
 
 
-def _finish_in_thread(steps: FoldSteps) -> FoldResult:
-    result = advance(steps, pause=_GilPause())
-    assert result is not None  # no bound given: it ran to the end
-    return result
+def _finish_in_thread(jobs: Sequence[_Job]) -> None:
+    """Run each job's remaining fold steps (in a worker thread), one GIL pause for all."""
+    pause = _GilPause()
+    for job in jobs:
+        assert job.steps is not None
+        try:
+            job.result = advance(job.steps, pause=pause)
+        except Exception as err:  # IntegrityError, SchemaError: that region fails alone
+            job.error = err
+
+
+async def _acquire(lock: anyio.Lock) -> None:
+    """``lock.acquire()`` without its two trips through the event loop when it is free (a
+    flush of 64 regions would otherwise queue behind every ready task 128 times)."""
+    try:
+        lock.acquire_nowait()
+    except anyio.WouldBlock:
+        await lock.acquire()
+
+
+async def _acquire_token(limiter: anyio.CapacityLimiter, borrower: object) -> None:
+    """``limiter.acquire_on_behalf_of(borrower)``, without the loop trips when one is free."""
+    try:
+        limiter.acquire_on_behalf_of_nowait(borrower)
+    except anyio.WouldBlock:
+        await limiter.acquire_on_behalf_of(borrower)
+
+
+@dataclass(slots=True)
+class _Outcome:
+    """What a batched flush did: regions written, and regions that failed (and why)."""
+
+    written: set[RegionKey] = field(default_factory=set)
+    failed: dict[RegionKey, Exception] = field(default_factory=dict)
+
+
+@dataclass(eq=False, slots=True)
+class _Job:
+    """One region's part of a batched flush."""
+
+    q: RegionQueue
+    full: bool
+    state: RegionState | None = None
+    #: ``q.take`` was called (and ``q.flushing`` set): there is something to write.
+    taken: bool = False
+    items: QueuedEntries = field(default_factory=QueuedEntries)
+    upgraded: set[ChunkKey] = field(default_factory=set)
+    fresh: dict[ChunkKey, FreshChunk] | None = None
+    steps: FoldSteps | None = None
+    result: FoldResult | None = None
+    error: Exception | None = None
 
 
 class _FlushPath:
@@ -133,134 +187,253 @@ class _FlushPath:
         for key, state in list(self._regions.items()):
             if state.upgraded and key not in seen:
                 todo.append(self._queues.add(key, state.lpt))
-        errors: list[Exception] = []
-
-        async def one(q: RegionQueue) -> None:
-            # One region's failure must neither cancel the others' flushes nor reach the
-            # caller wrapped in an ExceptionGroup (flush() documents plain errors).
-            try:
-                await self._flush_region(q, True)
-            except Exception as err:
-                self._flush_errors += 1
-                errors.append(err)
-
-        async with anyio.create_task_group() as tg:
-            for q in todo:
-                tg.start_soon(one, q)
+        errors = list((await self._flush_regions([(q, True) for q in todo])).failed.values())
+        self._flush_errors += len(errors)
         for err in errors[1:]:
             log.error("flush of a region failed too: %s", err)
         if errors:
             raise errors[0]
 
     async def _flush_region(self, q: RegionQueue, full: bool) -> bool:
-        """Fold what ``q`` may fold now into a new region file. True if a file was written."""
-        key = q.key
-        lock = self._flush_locks.setdefault(key, anyio.Lock())
-        async with lock, self._flush_limiter:
-            state = self._regions.get(key)
-            if state is None:
-                failed = await self._ensure_regions([key])
-                if failed:
-                    raise failed[key]
-                state = self._regions[key]
-            cutoff = q.cutoff(
-                full=full, idle_s=self._rt.flush_interval_ms / 1000, now=time.monotonic()
-            )
-            upgraded = frozenset(state.upgraded)
-            if cutoff is None and not upgraded:
-                return False
-            items = q.take(cutoff) if cutoff is not None else QueuedEntries()
+        """Fold what ``q`` may fold now into a new region file. True if a file was written.
+
+        :raises StreamerError: the region could not be flushed (nothing of it is lost).
+        """
+        outcome = await self._flush_regions([(q, full)])
+        if q.key in outcome.failed:
+            raise outcome.failed[q.key]
+        return q.key in outcome.written
+
+    async def _flush_regions(self, jobs: Sequence[tuple[RegionQueue, bool]]) -> _Outcome:
+        """Flush regions (``(queue, full)`` each) in batches.
+
+        A batch of up to ``_FLUSH_BATCH`` regions is prepared on the loop, folded (short
+        folds on the loop, the rest in one thread hop), written with one
+        ``put_many_atomic`` (one hop, one directory fsync) and installed. Batches run in
+        lanes, ``flush_concurrency`` regions in flight in all, so one batch folds while
+        another is written. One region's failure fails it alone.
+        """
+        outcome = _Outcome()
+        pending = list(jobs)
+        if not pending:
+            return outcome
+        # At most ``flush_concurrency`` regions in flight, in two lanes (one folds while
+        # the other writes) or more once a lane would exceed ``_FLUSH_BATCH`` regions.
+        fc = self._rt.flush_concurrency
+        lanes = 1 if fc < 2 else max(2, -(-fc // _FLUSH_BATCH))
+        size = fc // lanes
+        batches = [pending[i : i + size] for i in range(0, len(pending), size)]
+
+        async def lane() -> None:
+            while batches:
+                await self._flush_batch(batches.pop(0), outcome)
+
+        if len(batches) == 1:
+            await lane()
+        else:
+            async with anyio.create_task_group() as tg:
+                for _ in range(min(lanes, len(batches))):
+                    tg.start_soon(lane)
+        return outcome
+
+    async def _flush_batch(
+        self, batch: Sequence[tuple[RegionQueue, bool]], outcome: _Outcome
+    ) -> None:
+        jobs = [_Job(q, full) for q, full in sorted(batch, key=lambda j: j[0].key)]
+        held: list[anyio.Lock] = []
+        token = object()
+        have_token = False
+        try:
+            # Regions in key order: a batch never waits for a lock while holding a later one.
+            for job in jobs:
+                lock = self._flush_locks.setdefault(job.q.key, anyio.Lock())
+                await _acquire(lock)
+                held.append(lock)
+            # One flush token per batch (as one per region flush before): a snapshot takes
+            # them all to pause flushing, and a batch never waits for a second one.
+            await _acquire_token(self._flush_limiter, token)
+            have_token = True
+            for phase in (self._prepare, self._fold, self._write):
+                try:
+                    await phase(jobs)
+                except Exception as err:
+                    # A failure of the batch as a whole (the store closed, a bug) fails each
+                    # of its regions that had something to write (all, if it came while
+                    # preparing); it must not reach the other lanes as a group error.
+                    for job in jobs:
+                        if job.taken or phase == self._prepare:
+                            job.error = job.error or err
+                    break
+            for job in jobs:
+                if job.result is not None and job.error is None:
+                    try:
+                        self._install(job)
+                    except Exception as err:  # a bug; the file is written, a re-fold repeats it
+                        job.error = err
+                        continue
+                    outcome.written.add(job.q.key)
+        finally:
+            for job in jobs:
+                if job.taken:
+                    job.q.flushing = False
+            if have_token:
+                self._flush_limiter.release_on_behalf_of(token)
+            for lock in held:
+                lock.release()
+            outcome.failed.update((job.q.key, job.error) for job in jobs if job.error)
+
+    async def _prepare(self, jobs: list[_Job]) -> None:
+        """Region states, cutoffs, in-memory upgrades and generator output for each job."""
+        missing = [job.q.key for job in jobs if job.q.key not in self._regions]
+        if missing:
+            for key, err in (await self._ensure_regions(missing)).items():
+                for job in jobs:
+                    if job.q.key == key:
+                        job.error = err
+        now = time.monotonic()
+        idle_s = self._rt.flush_interval_ms / 1000
+        codec = self._codec
+        for job in jobs:
+            if job.error is not None:
+                continue
+            q = job.q
+            state = self._regions.get(q.key)
+            if state is None:  # left memory during an earlier job's checkpoint
+                lost = (await self._ensure_regions([q.key])).get(q.key)
+                if lost is not None:
+                    job.error = lost
+                    continue
+                state = self._regions[q.key]
+            job.state = state
+            cutoff = q.cutoff(full=job.full, idle_s=idle_s, now=now)
+            job.upgraded = set(state.upgraded)
+            if cutoff is None and not job.upgraded:
+                continue  # nothing to write
+            job.items = q.take(cutoff) if cutoff is not None else QueuedEntries()
+            job.taken = True
             q.flushing = True
-            try:
-                if items and self._codec is not None:
-                    # Old chunks the fold will touch are upgraded here, on the loop: a load of
-                    # one during the fold's thread hop then finds it current (migrated once).
-                    # Chunks built or folded before (``checked``) hold current payloads: not
-                    # looked at. A few chunks per step, so acknowledgements interleave; a load
-                    # in between that upgrades a chunk itself leaves it current for us.
-                    checked = state.checked
-                    todo = [c for c in q.per_chunk if c not in upgraded and c not in checked]
-                    for i in range(0, len(todo), _UPGRADE_STEP):
-                        if i:
-                            await anyio.lowlevel.checkpoint()
-                        upgraded |= upgrade_in_memory(
-                            state, todo[i : i + _UPGRADE_STEP], self._codec
-                        )
-                gen, codec = self._gen, self._codec
-                assert gen is not None and codec is not None and self._manifest is not None
-                # Chunks edited for the first time start from generator output: numpy work
-                # of milliseconds (a region's defaults), done in a thread before the fold.
-                # Every queued chunk, not only this fold's: walking the items costs more.
-                new = [ck for ck in q.per_chunk if ck not in state.chunks]
-                fresh = None
-                if new:
-                    fresh = await anyio.to_thread.run_sync(
-                        fresh_chunks, gen, new, self._region_size, limiter=self._cpu_limiter
-                    )
-                steps = fold_steps(
+            if job.items and codec is not None:
+                # Old chunks the fold will touch are upgraded here, on the loop: a load of
+                # one while the fold is in a thread then finds it current (migrated once).
+                # Chunks built or folded before (``checked``) hold current payloads: not
+                # looked at. A few chunks per step, so acknowledgements interleave; a load
+                # in between that upgrades a chunk itself leaves it current for us.
+                checked = state.checked
+                todo = [c for c in q.per_chunk if c not in job.upgraded and c not in checked]
+                for i in range(0, len(todo), _UPGRADE_STEP):
+                    if i:
+                        await anyio.lowlevel.checkpoint()
+                    job.upgraded |= upgrade_in_memory(state, todo[i : i + _UPGRADE_STEP], codec)
+        # Chunks edited for the first time start from generator output: numpy work of
+        # milliseconds (a region's defaults), done in one thread hop for the batch. Every
+        # queued chunk, not only this fold's: walking the items costs more.
+        new = {
+            job.q.key: [ck for ck in job.q.per_chunk if ck not in job.state.chunks]
+            for job in jobs
+            if job.taken and job.state is not None
+        }
+        if any(new.values()):
+            gen = self._gen
+            assert gen is not None
+            rs = self._region_size
+
+            def generate() -> dict[RegionKey, dict[ChunkKey, FreshChunk] | Exception]:
+                out: dict[RegionKey, dict[ChunkKey, FreshChunk] | Exception] = {}
+                for key, keys in new.items():
+                    try:
+                        out[key] = fresh_chunks(gen, keys, rs)
+                    except Exception as err:  # a bug or bad parameters: this region fails
+                        out[key] = err
+                return out
+
+            made = await anyio.to_thread.run_sync(generate, limiter=self._cpu_limiter)
+            for job in jobs:
+                got = made.get(job.q.key)
+                if isinstance(got, Exception):
+                    job.error = got
+                elif got:
+                    job.fresh = got
+
+    async def _fold(self, jobs: list[_Job]) -> None:
+        """Fold each prepared job: a few steps on the loop, the rest in one thread hop."""
+        gen, codec, manifest = self._gen, self._codec, self._manifest
+        assert gen is not None and codec is not None and manifest is not None
+        later: list[_Job] = []
+        async with self._fold_limiter:
+            for job in jobs:
+                if not job.taken or job.error is not None or job.state is None:
+                    continue
+                state = job.state
+                job.steps = fold_steps(
                     state.chunks,
-                    key=key,
+                    key=state.key,
                     generation=state.generation,
                     lpt=state.lpt,
-                    items=items,
-                    upgraded=upgraded,
+                    items=job.items,
+                    upgraded=frozenset(job.upgraded),
                     codec=codec,
                     gen=gen,
                     writer=self._writer_id,
-                    encoding=self._manifest.encoding,
+                    encoding=manifest.encoding,
                     region_size=self._region_size,
-                    fresh=fresh,
+                    fresh=job.fresh,
                 )
-                result = await self._run_fold(steps)
-                store = self._store
-                assert store is not None
-                await store.put_atomic(state.path, result.data)
-            finally:
-                q.flushing = False
-            # Installed only once the new file is durable; a cancelled or failed write leaves
-            # the queue as it was, so the next flush folds the same deltas again.
-            chunks = result.chunks
-            # Chunks a load upgraded in memory while the fold ran keep their upgraded payload
-            # (unless the fold rewrote them); still marked, they are written at the next flush.
-            for ck in state.upgraded - upgraded - result.changed:
-                if ck in state.chunks:
-                    chunks[ck] = state.chunks[ck]
-            state.chunks = chunks
-            state.generation = result.generation
-            state.lpt = result.lpt
-            state.upgraded -= upgraded
-            state.checked |= result.changed
-            for chunk in q.folded(items, result.lpt, counts=result.counts):
-                self._cache.mark_clean(chunk)
-            self._flushes += 1
-            return True
+                until = time.perf_counter() + _FOLD_INLINE_S
+                try:
+                    job.result = advance(job.steps, max_steps=_FOLD_INLINE_STEPS, until=until)
+                except Exception as err:
+                    job.error = err
+                    continue
+                if job.result is None:
+                    later.append(job)
+            if later:
+                await anyio.to_thread.run_sync(_finish_in_thread, later)
 
-    async def _run_fold(self, steps: FoldSteps) -> FoldResult:
-        """Run a fold: on the event loop while it is short, in a worker thread once it is not.
+    async def _write(self, jobs: list[_Job]) -> None:
+        """Write every folded job's file in one hop (``put_many_atomic``)."""
+        ready = [job for job in jobs if job.result is not None and job.error is None]
+        if not ready:
+            return
+        store = self._store
+        assert store is not None
+        results = await store.put_many_atomic(
+            [(region_key(*job.q.key), job.result.data) for job in ready if job.result]
+        )
+        for job, res in zip(ready, results, strict=True):
+            if not isinstance(res, str):
+                job.error = res
 
-        Most folds (a few edited chunks) finish within the first slice, with no thread hop.
-        A long one continues in a thread that sleeps a moment every ``_GIL_WORK_S`` of work,
-        handing the GIL back: on the loop, back-to-back slices would keep it from every
-        thread (the journal's included) for up to the interpreter's 5 ms switch interval
-        at each of their syscalls; a thread that never lets go would do the same to the loop.
+    def _install(self, job: _Job) -> None:
+        """Make a written fold the region's state; the queue drops what it folded.
+
+        Only once the new file is durable: a cancelled or failed write leaves the queue as
+        it was, so the next flush folds the same deltas again.
         """
-        async with self._fold_limiter:
-            until = time.perf_counter() + _FOLD_INLINE_S
-            result = advance(steps, max_steps=_FOLD_INLINE_STEPS, until=until)
-            if result is not None:
-                return result
-            return await anyio.to_thread.run_sync(_finish_in_thread, steps)
+        state, result, q = job.state, job.result, job.q
+        assert state is not None and result is not None
+        upgraded = job.upgraded
+        chunks = result.chunks
+        # Chunks a load upgraded in memory while the fold ran keep their upgraded payload
+        # (unless the fold rewrote them); still marked, they are written at the next flush.
+        for ck in state.upgraded - upgraded - result.changed:
+            if ck in state.chunks:
+                chunks[ck] = state.chunks[ck]
+        state.chunks = chunks
+        state.generation = result.generation
+        state.lpt = result.lpt
+        state.upgraded -= upgraded
+        state.checked |= result.changed
+        for chunk in q.folded(job.items, result.lpt, counts=result.counts):
+            self._cache.mark_clean(chunk)
+        self._flushes += 1
 
-    async def _flush_one(self, q: RegionQueue, full: bool) -> None:
-        try:
-            await self._flush_region(q, full)
-        except Exception as err:
-            # The deltas stay journaled and queued; the region is retried after the interval.
-            self._flush_errors += 1
-            q.dirty_since = time.monotonic()
-            log.error("flush of region %s failed (will retry): %s", q.key, err, exc_info=True)
-            if isinstance(err, IntegrityError):
-                self._region_failed(q.key, err)
+    def _flush_failed(self, q: RegionQueue, err: Exception) -> None:
+        # The deltas stay journaled and queued; the region is retried after the interval.
+        self._flush_errors += 1
+        q.dirty_since = time.monotonic()
+        log.error("flush of region %s failed (will retry): %s", q.key, err, exc_info=err)
+        if isinstance(err, IntegrityError):
+            self._region_failed(q.key, err)
 
     async def _after_flush(self) -> None:
         journal = self._journal
@@ -292,9 +465,10 @@ class _FlushPath:
                     due.append(self._queues.add(key, state.lpt))
             if not due:
                 continue
-            async with anyio.create_task_group() as tg:
-                for q in due:
-                    tg.start_soon(self._flush_one, q, q.urgent)
+            failed = (await self._flush_regions([(q, q.urgent) for q in due])).failed
+            for q in due:
+                if q.key in failed:
+                    self._flush_failed(q, failed[q.key])
             try:
                 await self._after_flush()
             except StreamerError as err:
