@@ -299,3 +299,69 @@ async def test_a_delta_into_a_chunk_with_a_newer_record_is_refused(tmp_path: Pat
     assert not any((tmp_path / "journal").glob("*.wal")) or all(
         p.stat().st_size == 0 for p in (tmp_path / "journal").glob("*.wal")
     )
+
+
+def test_decode_current_never_migrates(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``decode_current`` (what a load's worker thread builds from) gives a current record
+    as ``decode`` does, and ``None`` for an old, a newer or a malformed one, without running
+    the registry: a record is migrated once, on the loop."""
+    gen = TerrainGenerator(SEED)
+    codec = ChunkCodec("msgpack")
+    current = ChunkRecord(
+        cx=1,
+        cy=0,
+        generator=GENERATOR_NAME,
+        generator_version=GENERATOR_VERSION,
+        base_fingerprint=gen.fingerprint(1, 0),
+        characters=[Character(id="cur", x=70, y=5, given_name="Cur")],
+    )
+    old = msgspec.msgpack.encode(chunk_raw(gen, 0, 0, characters=[character_v1("a", 1, 2, "A")]))
+    newer = msgspec.msgpack.encode(
+        chunk_raw(gen, 0, 0, characters=[character_v1("f", 1, 2, "F", version=99)])
+    )
+
+    def no_migration(*args: object, **kwargs: object) -> object:
+        raise AssertionError("decode_current ran the migration registry")
+
+    monkeypatch.setattr("streamer.schema.codec.REGISTRY.upgrade_chunk", no_migration)
+    payload = codec.encode(current)
+    assert codec.decode_current(payload, where="t") == codec.decode(payload, where="t").record
+    assert codec.decode_current(old, where="t") is None
+    assert codec.decode_current(newer, where="t") is None
+    assert codec.decode_current(b"\xc1 not msgpack", where="t") is None
+    monkeypatch.undo()
+    assert codec.decode(old, where="t").upgraded  # ...which decode does migrate
+
+
+async def test_loads_built_in_the_worker_thread_match_the_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A current chunk with nothing queued is built in the load's worker thread; an old one
+    and one with queued deltas on the loop. Each gives what the chunk is, and the old
+    record is migrated once, on the loop."""
+    import streamer.runtime.world as world_mod
+
+    built: dict[tuple[int, int], bool] = {}
+    generate = world_mod._generate
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        out = generate(*args, **kwargs)
+        built.update({k: v[2] is not None for k, v in out.items()})
+        return out
+
+    monkeypatch.setattr(world_mod, "_generate", spy)
+    await old_world(tmp_path)
+    async with open_world(tmp_path, CONF) as world:
+        cur = await world.chunk(1, 0)
+        assert [c.id for c in cur.entities] == ["cur"]
+        old = await world.chunk(0, 0)
+        assert [c.id for c in old.entities] == ["ada"]
+        assert world._regions[(0, 0)].upgraded == {(0, 0)}
+    assert built == {(1, 0): True, (0, 0): False}
+    built.clear()
+    async with open_world(tmp_path, CONF) as world:
+        await world.submit([TileSet(tick=LPT + 1, x=64 + 7, y=3, tile=999)])
+        queued = await world.chunk(1, 0)
+        assert int(queued.tiles[3, 7]) == 999
+        assert [c.id for c in queued.entities] == ["cur"]
+    assert built == {(1, 0): False}

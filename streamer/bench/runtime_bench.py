@@ -177,17 +177,23 @@ def _terrain_per_s(gen: TerrainGenerator, keys: Sequence[tuple[int, int]]) -> fl
 
 
 async def chunk_loads(work: Path, quick: bool, *, sizes: LoadSizes | None = None) -> list[Figure]:
-    s = sizes or (LoadSizes(4, 2, 16) if quick else LoadSizes(16, 3, 16))
+    s = sizes or (LoadSizes(4, 2, 16) if quick else LoadSizes(16, 5, 16))
     world = work / "loads"
     gen = await _new_world(world)
     keys = [k for r in range(s.regions) for k in _region_chunks(r, 0)]
     await _populate(world, keys, edits_per_chunk=32)
     files = await anyio.to_thread.run_sync(_region_files, world)
 
-    total_loads = 0
-    elapsed = 0.0
     latency = LatencyRecorder()
-    for _ in range(s.rounds):
+    rates: list[float] = []
+    limits: list[float] = []
+    for rnd in range(s.rounds):
+        # The limit is measured in every round, beside the loads: on a shared VM the rate
+        # of the same work swings by tens of percent from second to second, and comparing
+        # a good moment of one with a bad moment of the other says nothing. Fresh terrain
+        # coordinates each time (nothing cached), the best round of each is reported.
+        far = [(cx + 4096 * (rnd + 1), cy) for cx, cy in keys]
+        limits.append(await anyio.to_thread.run_sync(_terrain_per_s, gen, far))
         # Page cache warm (read just now), chunk cache cold (a newly opened world).
         await anyio.to_thread.run_sync(_read_files, files)
         async with open_world(world, _config()) as w:
@@ -202,13 +208,10 @@ async def chunk_loads(work: Path, quick: bool, *, sizes: LoadSizes | None = None
             async with anyio.create_task_group() as tg:
                 for i in range(s.callers):
                     tg.start_soon(caller, keys[i :: s.callers])
-            elapsed += time.perf_counter() - t0
-            total_loads += w.stats().loader.loads
-    ours = total_loads / elapsed
-
-    limit = await anyio.to_thread.run_sync(
-        _terrain_per_s, gen, [(cx + 4096, cy) for cx, cy in keys]
-    )
+            rates.append(w.stats().loader.loads / (time.perf_counter() - t0))
+    ours = max(rates)
+    limit = max(limits)
+    per_round = ", ".join(f"{r / lim:.0%}" for r, lim in zip(rates, limits, strict=True))
 
     db_path = work / "loads.sqlite"
     blobs = await anyio.to_thread.run_sync(_read_files, files)
@@ -255,8 +258,10 @@ async def chunk_loads(work: Path, quick: bool, *, sizes: LoadSizes | None = None
             goal_ratio=0.7,
             note=(
                 f"{len(keys)} edited chunks in {s.regions} region files, {s.callers} concurrent "
-                f"callers of world.chunk, {s.rounds} rounds; load p50 "
-                f"{latency.percentile_ms(50):.1f} ms, p99 {latency.percentile_ms(99):.1f} ms"
+                f"callers of world.chunk; best of {s.rounds} rounds for both, the limit "
+                f"measured in each round beside the loads (each round's ratio: {per_round}); "
+                f"load p50 {latency.percentile_ms(50):.1f} ms, p99 "
+                f"{latency.percentile_ms(99):.1f} ms"
             ),
         )
     ]

@@ -39,6 +39,7 @@ import uuid
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from types import TracebackType
@@ -499,12 +500,25 @@ class World(_SubmitPath, _FlushPath):
                 out[key] = failed[region]
         if not live:
             return out
-        # Defaults are only needed for chunks without a stored record.
-        stored = {k for k in live if k in self._regions[region_of_chunk(k[0], k[1], rs)].chunks}
-        gen = self._gen
-        assert gen is not None
+        # Defaults are only needed for chunks without a stored record. Stored chunks with
+        # nothing queued are built in the worker thread too: decoding and applying a record
+        # is Python work that runs there while other threads' terrain (numpy, GIL released)
+        # does, instead of after it on the loop. ``_build`` uses such a chunk only if its
+        # payload is still the one handed over and still nothing is queued for it.
+        payloads: dict[ChunkKey, tuple[bytes, str]] = {}
+        for k in live:
+            state = self._regions[region_of_chunk(k[0], k[1], rs)]
+            payload = state.chunks.get(k)
+            if payload is not None:
+                q = self._queues.get(state.key)
+                if q is None or k not in q.per_chunk:
+                    payloads[k] = (payload, f"{state.path} chunk ({k[0]}, {k[1]})")
+                else:
+                    payloads[k] = (payload, "")  # stored, but built on the loop
+        gen, codec = self._gen, self._codec
+        assert gen is not None and codec is not None
         generated = await anyio.to_thread.run_sync(
-            partial(_generate, gen, live, stored, rs), limiter=self._cpu_limiter
+            partial(_generate, gen, codec, live, payloads, rs), limiter=self._cpu_limiter
         )
         # A clean region state may have been evicted during the hop: fetch it again.
         while missing := {region_of_chunk(k[0], k[1], rs) for k in live} - set(self._regions):
@@ -526,7 +540,13 @@ class World(_SubmitPath, _FlushPath):
                 out[key] = err
         return out
 
-    def _build(self, key: ChunkKey, base: Tiles, defaults: ChunkDefaults | None) -> Chunk:
+    def _build(
+        self,
+        key: ChunkKey,
+        base: Tiles,
+        defaults: ChunkDefaults | None,
+        built: _Prebuilt | None = None,
+    ) -> Chunk:
         cx, cy = key
         region = region_of_chunk(cx, cy, self._region_size)
         state = self._regions[region]
@@ -534,6 +554,16 @@ class World(_SubmitPath, _FlushPath):
         assert codec is not None
         payload = state.chunks.get(key)
         where = f"{state.path} chunk ({cx}, {cy})"
+        if built is not None and built.payload is payload:
+            q = self._queues.get(region)
+            if q is None or key not in q.per_chunk:
+                if key not in state.checked:
+                    if not built.fingerprint_ok:
+                        gen = self._gen
+                        assert gen is not None
+                        check_fingerprint(built.record, gen, region, where)
+                    state.checked.add(key)
+                return built.chunk
         record: ChunkRecord | None = None
         if payload is not None:
             decoded = codec.decode(payload, where=where)
@@ -819,13 +849,45 @@ async def _exists(store: LocalStore, key: str) -> bool:
     return True
 
 
+@dataclass(frozen=True, slots=True)
+class _Prebuilt:
+    """A chunk built from a stored record in a worker thread (see ``World._load_batch``)."""
+
+    payload: bytes
+    record: ChunkRecord
+    chunk: Chunk
+    #: The record's base fingerprint matches the generated terrain.
+    fingerprint_ok: bool
+
+
 def _generate(
-    gen: TerrainGenerator, keys: Sequence[ChunkKey], stored: set[ChunkKey], region_size: int
-) -> Mapping[ChunkKey, tuple[Tiles, ChunkDefaults | None]]:
-    """Worker-thread half of a load: terrain for every key and defaults for pristine chunks,
-    in one hop."""
-    out: dict[ChunkKey, tuple[Tiles, ChunkDefaults | None]] = {}
+    gen: TerrainGenerator,
+    codec: ChunkCodec,
+    keys: Sequence[ChunkKey],
+    payloads: Mapping[ChunkKey, tuple[bytes, str]],
+    region_size: int,
+) -> Mapping[ChunkKey, tuple[Tiles, ChunkDefaults | None, _Prebuilt | None]]:
+    """Worker-thread half of a load, in one hop: terrain for every key, defaults for
+    pristine chunks, and the finished chunk for stored ones that may be built here
+    (``payloads[key] = (payload, where)``, ``where`` empty if not). A record that needs a
+    migration, or fails to decode, is left to the loop (which migrates it, once, or reports
+    it): no migration step ever runs here."""
+    out: dict[ChunkKey, tuple[Tiles, ChunkDefaults | None, _Prebuilt | None]] = {}
     for (cx, cy), tiles in zip(keys, gen.chunks_tiles(list(keys)), strict=True):
-        defaults = None if (cx, cy) in stored else gen.chunk_defaults(cx, cy, region_size)
-        out[(cx, cy)] = (tiles, defaults)
+        stored = payloads.get((cx, cy))
+        if stored is None:
+            out[(cx, cy)] = (tiles, gen.chunk_defaults(cx, cy, region_size), None)
+            continue
+        built: _Prebuilt | None = None
+        payload, where = stored
+        if where:
+            try:
+                record = codec.decode_current(payload, where=where)
+                if record is not None:
+                    chunk = build_chunk(cx, cy, tiles, record, None, (), where=where)
+                    ok = record.base_fingerprint == tiles_fingerprint(tiles)
+                    built = _Prebuilt(payload, record, chunk, ok)
+            except StreamerError:
+                pass  # the loop decodes it again and reports the error where it belongs
+        out[(cx, cy)] = (tiles, None, built)
     return out

@@ -237,6 +237,25 @@ class ChunkCodec:
                     return DecodedChunk(rec, False)
         return self._decode_slow(payload, where=where)
 
+    def decode_current(self, payload: bytes, *, where: str) -> ChunkRecord | None:
+        """The record, if ``payload`` is a valid record of current versions only; else
+        ``None`` (old, newer or malformed: ``decode`` migrates or reports it). Never runs a
+        migration step, so it may be called where a migration must not happen (a worker
+        thread building ahead of the loop).
+
+        :raises MalformedFile: current versions, but packed tiles out of shape.
+        """
+        # One typed decode, checked afterwards: an old record that happens to fit the current
+        # shape is still caught by its versions (no peek first, as ``decode`` needs).
+        try:
+            rec = self._dec.decode(payload)
+        except _DECODE_ERRORS:
+            return None
+        if not (rec.record_versions.items() <= _CURRENT_NESTED_ITEMS and _nested_all_current(rec)):
+            return None
+        _check_decoded_tiles(rec, where)
+        return rec
+
     def decode_raw(self, payload: bytes, *, where: str) -> RawRecord:
         """Decode a payload to plain data without typing or migrating it.
 
