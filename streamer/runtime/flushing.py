@@ -55,11 +55,10 @@ _UPGRADE_STEP = 4
 #: Regions per batch of a flush: one fold pass, one write hop and one directory fsync each.
 _FLUSH_BATCH = 16
 
-#: How much of a fold may run on the event loop before the rest of it moves to a thread:
-#: steps (each at most ``regionstate._STEP_ITEMS`` items or one chunk) and time. The step
-#: count decides in the common case; the time is a bound for heavy chunks. Time alone would
-#: not do: busy I/O threads taking turns at the GIL stretch a 60 µs fold past any budget.
-_FOLD_INLINE_STEPS = 8
+#: How much of a batch's folding may run on the event loop before the rest moves to a
+#: thread: steps per fold (each at most ``regionstate._STEP_ITEMS`` items or one chunk; a
+#: fold of a few edited chunks takes a dozen) and time for the whole batch.
+_FOLD_INLINE_STEPS = 32
 _FOLD_INLINE_S = 0.001
 #: A fold thread works this long, then sleeps ``_GIL_SLEEP_S`` so the loop can take the GIL
 #: (a bare ``sleep(0)`` is not enough: the thread usually takes it back before the loop's
@@ -360,6 +359,9 @@ class _FlushPath:
         assert gen is not None and codec is not None and manifest is not None
         later: list[_Job] = []
         async with self._fold_limiter:
+            # One budget for the batch: the loop spends at most ~1 ms on its folds before the
+            # rest (of this fold and of every later one) goes to the thread.
+            until = time.perf_counter() + _FOLD_INLINE_S
             for job in jobs:
                 if not job.taken or job.error is not None or job.state is None:
                     continue
@@ -378,7 +380,9 @@ class _FlushPath:
                     region_size=self._region_size,
                     fresh=job.fresh,
                 )
-                until = time.perf_counter() + _FOLD_INLINE_S
+                if time.perf_counter() >= until:
+                    later.append(job)
+                    continue
                 try:
                     job.result = advance(job.steps, max_steps=_FOLD_INLINE_STEPS, until=until)
                 except Exception as err:
