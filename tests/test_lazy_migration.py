@@ -28,7 +28,7 @@ import pytest
 
 from streamer import Character, TileSet, open_world
 from streamer.config import Config, RuntimeSettings
-from streamer.errors import UnknownSchemaVersion
+from streamer.errors import MalformedFile, UnknownSchemaVersion
 from streamer.format.region import decode_region, encode_region, region_key
 from streamer.migrate.verify import record_census
 from streamer.schema.codec import ChunkCodec
@@ -329,6 +329,12 @@ def test_decode_current_never_migrates(monkeypatch: pytest.MonkeyPatch) -> None:
     assert codec.decode_current(old, where="t") is None
     assert codec.decode_current(newer, where="t") is None
     assert codec.decode_current(b"\xc1 not msgpack", where="t") is None
+    # The typed struct has defaults for ``type`` and ``schemaVersion``; a payload without
+    # them is malformed for ``decode``, so ``decode_current`` must not take it either.
+    for field in ("schemaVersion", "type"):
+        raw = msgspec.msgpack.decode(payload)
+        del raw[field]
+        assert codec.decode_current(msgspec.msgpack.encode(raw), where="t") is None
     monkeypatch.undo()
     assert codec.decode(old, where="t").upgraded  # ...which decode does migrate
 
@@ -365,3 +371,29 @@ async def test_loads_built_in_the_worker_thread_match_the_loop(
         assert int(queued.tiles[3, 7]) == 999
         assert [c.id for c in queued.entities] == ["cur"]
     assert built == {(1, 0): False}
+
+
+async def test_a_chunk_without_schema_version_is_refused_on_load(tmp_path: Path) -> None:
+    """A stored chunk payload missing ``schemaVersion`` is a clear error at load, whichever
+    thread would have built it, and the region's other chunks still load."""
+    store = await LocalStore.open(tmp_path, fsync=False)
+    await create_world(store, seed=SEED)
+    await store.aclose()
+    (tmp_path / "regions").mkdir(exist_ok=True)
+    gen = TerrainGenerator(SEED)
+    codec = ChunkCodec("msgpack")
+    good = ChunkRecord(
+        cx=1,
+        cy=0,
+        generator=GENERATOR_NAME,
+        generator_version=GENERATOR_VERSION,
+        base_fingerprint=gen.fingerprint(1, 0),
+    )
+    bad = msgspec.msgpack.decode(codec.encode(msgspec.structs.replace(good, cx=0)))
+    bad["base_fingerprint"] = gen.fingerprint(0, 0)
+    del bad["schemaVersion"]
+    write_region(tmp_path, 0, 0, {(0, 0): msgspec.msgpack.encode(bad), (1, 0): codec.encode(good)})
+    async with open_world(tmp_path, CONF) as world:
+        with pytest.raises(MalformedFile, match=r"chunk \(0, 0\)"):
+            await world.chunk(0, 0)
+        assert (await world.chunk(1, 0)).cx == 1

@@ -207,6 +207,29 @@ async def test_malformed_and_out_of_bounds_deltas(tmp_path: Path) -> None:
             )
 
 
+class _MyTile(TileSet, frozen=True):
+    """A user's subclass of a delta type (refused: it would journal as its base type)."""
+
+
+async def test_a_subclassed_delta_is_refused_and_nothing_of_its_batch_applies(
+    tmp_path: Path,
+) -> None:
+    await new_world(tmp_path)
+    async with open_world(tmp_path, cfg()) as world:
+        await world.submit([TileSet(tick=10, x=1, y=1, tile=3)])
+        with pytest.raises(DeltaError, match=r"delta #1: .*got _MyTile \(subclasses"):
+            await world.submit(
+                [TileSet(tick=11, x=2, y=1, tile=5), _MyTile(tick=11, x=1, y=1, tile=7)]
+            )
+        chunk = await world.chunk(0, 0)
+        base = await world.terrain(0, 0)
+        assert int(chunk.tiles[1, 1]) == 3
+        assert int(chunk.tiles[1, 2]) == int(base[1, 2])  # the batch's other edit: not applied
+        await world.flush()
+    async with open_world(tmp_path, cfg()) as world:
+        assert int((await world.chunk(0, 0)).tiles[1, 1]) == 3
+
+
 async def test_lifecycle_errors(tmp_path: Path) -> None:
     with pytest.raises(WorldNotFound):
         async with open_world(tmp_path / "nope"):

@@ -245,7 +245,9 @@ class _FlushPath:
         try:
             # Regions in key order: a batch never waits for a lock while holding a later one.
             for job in jobs:
-                lock = self._flush_locks.setdefault(job.q.key, anyio.Lock())
+                lock = self._flush_locks.get(job.q.key)
+                if lock is None:
+                    lock = self._flush_locks[job.q.key] = anyio.Lock()
                 await _acquire(lock)
                 held.append(lock)
             # One flush token per batch (as one per region flush before): a snapshot takes
@@ -415,6 +417,8 @@ class _FlushPath:
         """
         state, result, q = job.state, job.result, job.q
         assert state is not None and result is not None
+        if not q.entries.is_prefix(job.items):  # before any change: the queue stays as it was
+            raise AssertionError(f"region {q.key}: flush folded something other than its queue")
         upgraded = job.upgraded
         chunks = result.chunks
         # Chunks a load upgraded in memory while the fold ran keep their upgraded payload

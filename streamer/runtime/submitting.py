@@ -306,10 +306,14 @@ class _SubmitPath:
         kinds: set[type] = set(map(type, given))
         if not kinds <= _DELTA_TYPE_SET:
             for i, item in enumerate(given):
-                if not isinstance(item, _DELTA_TYPES):
+                if type(item) not in _DELTA_TYPE_SET:
+                    # Exact types only: a subclass would journal and replay as its base type
+                    # yet be applied by its own type until then (and inherit gc=False).
+                    sub = " (subclasses are not accepted)" if isinstance(item, _DELTA_TYPES) else ""
                     raise DeltaError(
                         f"delta #{i}: expected one of "
-                        f"{', '.join(t.__name__ for t in _DELTA_TYPES)}, got {type(item).__name__}"
+                        f"{', '.join(t.__name__ for t in _DELTA_TYPES)}, got "
+                        f"{type(item).__name__}{sub}"
                     )
         batch = cast(list[AnyDelta], given)
         try:

@@ -195,8 +195,8 @@ class World(_SubmitPath, _FlushPath):
         # Folding and terrain are CPU work: a few threads keep the loop responsive without
         # letting 1,000 concurrent flushes hold 1,000 half-built region files at once.
         self._cpu_limiter = anyio.CapacityLimiter(max(2, min(8, os.cpu_count() or 2)))
-        # Region folds are Python work under the GIL (``_FlushPath._run_fold``: short ones
-        # on the loop, the rest in a thread): more than one at a time only adds contention.
+        # Region folds are Python work under the GIL (``_FlushPath._fold``: short ones on
+        # the loop, the rest in a thread): more than one at a time only adds contention.
         self._fold_limiter = anyio.CapacityLimiter(1)
         self._players = PlayerIndex()
         #: Entity state as of batches accepted but not yet durable: id → (batch seq, record or

@@ -245,8 +245,15 @@ class ChunkCodec:
 
         :raises MalformedFile: current versions, but packed tiles out of shape.
         """
-        # One typed decode, checked afterwards: an old record that happens to fit the current
-        # shape is still caught by its versions (no peek first, as ``decode`` needs).
+        # The same gate as ``decode``'s fast path: the typed decoder alone would take a
+        # payload without ``type`` or ``schemaVersion`` (the struct has defaults for them),
+        # which ``decode`` refuses as malformed.
+        try:
+            peek = self._peek.decode(payload)
+        except _DECODE_ERRORS:
+            return None
+        if not (peek.schemaVersion == _CHUNK_VERSION and peek.type == "chunk"):
+            return None
         try:
             rec = self._dec.decode(payload)
         except _DECODE_ERRORS:

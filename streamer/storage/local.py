@@ -283,7 +283,7 @@ class LocalStore(BlobStore):
             return
         try:
             self.fs.unlink(path)
-        except OSError:
+        except (OSError, InvalidKey):
             pass
 
     def _recover_blocking(self) -> int:
@@ -372,12 +372,12 @@ class LocalStore(BlobStore):
                 fs.link(key, backup)
             except FileNotFoundError:
                 backup = None
-            except OSError:
+            except (OSError, InvalidKey):
                 self._discard(tmp)
                 raise
         try:
             fs.replace(tmp, key)
-        except OSError:
+        except (OSError, InvalidKey):
             self._discard(tmp)
             self._discard(backup)
             raise
@@ -449,8 +449,7 @@ class LocalStore(BlobStore):
                 except OSError as exc:
                     out[i] = _unavailable(exc, key, "put_atomic")
                     continue
-                except InvalidKey as exc:
-                    self._discard(tmp)
+                except InvalidKey as exc:  # the temp (and any backup) is gone already
                     out[i] = exc
                     continue
                 by_dir.setdefault(_split(key)[0], []).append((i, backup))
