@@ -402,9 +402,11 @@ class _FlushPath:
             return
         store = self._store
         assert store is not None
-        results = await store.put_many_atomic(
-            [(region_key(*job.q.key), job.result.data) for job in ready if job.result]
-        )
+        files: list[tuple[str, bytes]] = []
+        for job in ready:
+            assert job.result is not None
+            files.append((region_key(*job.q.key), job.result.data))
+        results = await store.put_many_atomic(files)
         for job, res in zip(ready, results, strict=True):
             if not isinstance(res, str):
                 job.error = res
