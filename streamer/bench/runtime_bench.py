@@ -211,9 +211,10 @@ async def chunk_loads(work: Path, quick: bool, *, sizes: LoadSizes | None = None
                 for i in range(s.callers):
                     tg.start_soon(caller, keys[i :: s.callers])
             took = time.perf_counter() - t0
-            loads += w.stats().loader.loads
+            n = w.stats().loader.loads
+            loads += n
             elapsed += took
-            rates.append(w.stats().loader.loads / took)
+            rates.append(n / took)
     ours = loads / elapsed
     # Both sides over the same stretch of time: total work over total time.
     limit = len(keys) * s.rounds / sum(len(keys) / lim for lim in limits)

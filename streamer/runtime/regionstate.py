@@ -533,10 +533,10 @@ def fold_steps(
     Unchanged chunk payloads are reused as they are. The new file has ``generation + 1`` and
     ``last_processed_tick`` = the highest folded tick (never lower than ``lpt``).
 
-    A generator of steps of a few hundred microseconds each (every ``_STEP_ITEMS`` items,
-    every chunk): the world runs folds on its event loop, a step at a time between other
-    work. A fold is CPU work in Python, so a worker thread would gain nothing but a fight for
-    the GIL, which the loop loses for up to the interpreter's 5 ms switch interval.
+    A generator of short steps (at most ``_STEP_ITEMS`` items, or one chunk, each): the
+    world runs the first steps of a fold on its event loop, where a small fold finishes
+    without a thread hop, and the rest in a worker thread that hands the GIL back between
+    steps (``runtime/flushing.py``).
 
     :param fresh: generator output for chunks without a stored record, computed beforehand
         (:func:`fresh_chunks`, in a worker thread): a region's defaults take milliseconds of

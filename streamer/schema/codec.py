@@ -218,47 +218,38 @@ class ChunkCodec:
         :raises UnknownSchemaVersion: the chunk or a nested record is newer than this code.
         :raises MigrationFailed: a migration step failed (names record id, type, version).
         """
-        try:
-            peek = self._peek.decode(payload)
-        except _DECODE_ERRORS:
-            return self._decode_slow(payload, where=where)
-        if (
-            peek.schemaVersion == _CHUNK_VERSION
-            and peek.type == "chunk"
-            and peek.record_versions.items() <= _CURRENT_NESTED_ITEMS
-        ):
-            try:
-                rec = self._dec.decode(payload)
-            except _DECODE_ERRORS:
-                pass  # the slow path gives the authoritative answer and error
-            else:
-                if _nested_all_current(rec):
-                    _check_decoded_tiles(rec, where)
-                    return DecodedChunk(rec, False)
+        rec = self.decode_current(payload, where=where)
+        if rec is not None:
+            return DecodedChunk(rec, False)
+        # Old, newer or malformed: the slow path gives the authoritative answer and error.
         return self._decode_slow(payload, where=where)
 
     def decode_current(self, payload: bytes, *, where: str) -> ChunkRecord | None:
         """The record, if ``payload`` is a valid record of current versions only; else
-        ``None`` (old, newer or malformed: ``decode`` migrates or reports it). Never runs a
-        migration step, so it may be called where a migration must not happen (a worker
-        thread building ahead of the loop).
+        ``None`` (old, newer or malformed: ``decode`` migrates or reports it). ``decode``'s
+        fast path. Never runs a migration step, so it may be called where a migration must
+        not happen (a worker thread building ahead of the loop).
 
         :raises MalformedFile: current versions, but packed tiles out of shape.
         """
-        # The same gate as ``decode``'s fast path: the typed decoder alone would take a
-        # payload without ``type`` or ``schemaVersion`` (the struct has defaults for them),
-        # which ``decode`` refuses as malformed.
+        # The peek first: the typed decoder alone would take a payload without ``type`` or
+        # ``schemaVersion`` (the struct has defaults for them), which is malformed; and an
+        # old record is told by its versions without decoding it whole.
         try:
             peek = self._peek.decode(payload)
         except _DECODE_ERRORS:
             return None
-        if not (peek.schemaVersion == _CHUNK_VERSION and peek.type == "chunk"):
+        if not (
+            peek.schemaVersion == _CHUNK_VERSION
+            and peek.type == "chunk"
+            and peek.record_versions.items() <= _CURRENT_NESTED_ITEMS
+        ):
             return None
         try:
             rec = self._dec.decode(payload)
         except _DECODE_ERRORS:
             return None
-        if not (rec.record_versions.items() <= _CURRENT_NESTED_ITEMS and _nested_all_current(rec)):
+        if not _nested_all_current(rec):
             return None
         _check_decoded_tiles(rec, where)
         return rec

@@ -96,6 +96,12 @@ def _stripe(key: str) -> int:
     return xxhash.xxh3_64_intdigest(key.encode("utf-8", "surrogatepass")) % LOCK_STRIPES
 
 
+def _item_error(exc: OSError | InvalidKey, key: str) -> StorageError:
+    """A batch item's error, as ``put_atomic`` would raise it for that key alone (an
+    ``InvalidKey`` from the file system, e.g. a symlink on the path, stays as it is)."""
+    return exc if isinstance(exc, InvalidKey) else _unavailable(exc, key, "put_atomic")
+
+
 def content_version(data: bytes) -> str:
     """The version token of an object: xxh3_64 of its bytes, 16 hex digits."""
     return xxhash.xxh3_64_hexdigest(data)
@@ -434,23 +440,17 @@ class LocalStore(BlobStore):
                 try:
                     temps.append(self._write_temp(key, data))
                     out.append(content_version(data))
-                except OSError as exc:
+                except (OSError, InvalidKey) as exc:
                     temps.append(None)
-                    out.append(_unavailable(exc, key, "put_atomic"))
-                except InvalidKey as exc:  # e.g. a directory on its path is a symlink out
-                    temps.append(None)
-                    out.append(exc)
+                    out.append(_item_error(exc, key))
             by_dir: dict[str, list[tuple[int, str | None]]] = {}
             for i, ((key, _), tmp) in enumerate(zip(items, temps, strict=True)):
                 if tmp is None:
                     continue
                 try:
                     backup = self._replace_keeping_backup(key, tmp)
-                except OSError as exc:
-                    out[i] = _unavailable(exc, key, "put_atomic")
-                    continue
-                except InvalidKey as exc:  # the temp (and any backup) is gone already
-                    out[i] = exc
+                except (OSError, InvalidKey) as exc:  # the temp (and any backup) is gone
+                    out[i] = _item_error(exc, key)
                     continue
                 by_dir.setdefault(_split(key)[0], []).append((i, backup))
             for d, installed in by_dir.items():
