@@ -555,6 +555,64 @@ async def test_scheduler_flushes_in_batches_and_retries_a_failed_region(
         await check_edits(world, REGIONS, [1])
 
 
+# -- 6. freeing folded deltas ---------------------------------------------------------------
+
+
+async def test_folded_entries_are_freed_in_a_worker_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A flush hands the entries it folded to a worker thread to free: freeing a hundred
+    thousand deltas on the event loop stalled every acknowledgement for tens of ms. The
+    queues keep nothing of them, and what was folded reads back (also after a reopen)."""
+    import threading
+
+    from streamer.runtime import flushing
+    from streamer.runtime.queues import QueuedEntries
+
+    await new_world(tmp_path)
+    released: list[tuple[int, int]] = []  # (thread ident, entries) per call
+    orig = flushing._release_in_thread
+
+    def spy(garbage: list[QueuedEntries]) -> None:
+        released.append((threading.get_ident(), sum(len(items) for items in garbage)))
+        orig(garbage)
+        assert garbage == []  # every FIFO handed over was emptied
+
+    monkeypatch.setattr(flushing, "_release_in_thread", spy)
+    loop_thread = threading.get_ident()
+    async with open_world(tmp_path, cfg()) as world:
+        batches = [edits(REGIONS, tick) for tick in (1, 2, 3)]
+        for batch in batches:
+            await world.submit(batch)
+        with anyio.fail_after(GUARD):
+            await world.flush()
+        assert released, "the flush freed its folded entries on the event loop"
+        assert all(ident != loop_thread for ident, _ in released)
+        # Every folded delta went through the release, none twice.
+        assert sum(n for _, n in released) == sum(len(b) for b in batches)
+        assert all(not q.entries for q in world._queues.regions.values())
+        await check_edits(world, REGIONS, [1, 2, 3])
+    monkeypatch.undo()
+    async with open_world(tmp_path, cfg()) as world:
+        assert world.stats().replayed_deltas == 0
+        await check_edits(world, REGIONS, [1, 2, 3])
+
+
+def test_release_in_thread_empties_what_it_is_given() -> None:
+    from streamer.runtime.flushing import _release_in_thread
+    from streamer.runtime.queues import Queued, QueuedEntries
+
+    fifo = QueuedEntries()
+    for seg in range(50):
+        fifo.extend_segment(
+            tuple(Queued(seg, (0, 0), TileSet(tick=seg, x=i, y=0, tile=1)) for i in range(64))
+        )
+    assert len(fifo) == 50 * 64
+    garbage = [fifo, QueuedEntries()]
+    _release_in_thread(garbage)
+    assert garbage == [] and len(fifo) == 0 and not list(fifo)
+
+
 def test_tiles_helper_sanity() -> None:
     """The edit helpers address the chunk they claim to (a broken helper would make the
     read-back checks vacuous)."""

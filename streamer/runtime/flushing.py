@@ -81,6 +81,23 @@ class _GilPause:
             self._due = time.perf_counter() + _GIL_WORK_S
 
 
+def _release_in_thread(garbage: list[QueuedEntries]) -> None:
+    """Drop folded queue entries (in a worker thread), a segment at a time.
+
+    A flush's folded entries are often the last references to a hundred thousand deltas
+    and more; freeing them is a cascade of deallocations that holds the GIL until it ends
+    (25 ms for 8 busy regions, measured). On the event loop that stalled every
+    acknowledgement; here each segment frees in microseconds and ``_GilPause`` lets the loop
+    in between.
+    """
+    pause = _GilPause()
+    while garbage:
+        segments = garbage.pop().release()
+        while segments:
+            segments.pop()  # the segment's last reference: its entries are freed here
+            pause()
+
+
 def _finish_in_thread(jobs: Sequence[_Job]) -> None:
     """Run each job's remaining fold steps (in a worker thread), one GIL pause for all."""
     pause = _GilPause()
@@ -282,6 +299,12 @@ class _FlushPath:
             for lock in held:
                 lock.release()
             outcome.failed.update((job.q.key, job.error) for job in jobs if job.error)
+            garbage = [job.items for job in jobs if job.items]
+            for job in jobs:
+                job.items = QueuedEntries()
+        if garbage:
+            # After the locks: the regions are free for the next flush meanwhile.
+            await anyio.to_thread.run_sync(_release_in_thread, garbage)
 
     async def _prepare(self, jobs: list[_Job]) -> None:
         """Region states, cutoffs, in-memory upgrades and generator output for each job."""

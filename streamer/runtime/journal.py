@@ -41,6 +41,7 @@ import msgspec
 
 from streamer.errors import ChecksumMismatch, MalformedFile, StorageUnavailable, WorldClosed
 from streamer.format.journal import encode_frame, scan_frames
+from streamer.runtime.fastsync import event_factory
 from streamer.schema.deltas import AnyDelta
 from streamer.storage.fs import FileSystem
 
@@ -162,7 +163,7 @@ class _Pending:
     batch: JournalBatch
     frame: bytes
     ticks: RegionTicks
-    done: anyio.Event = field(default_factory=anyio.Event)
+    done: anyio.Event
     error: BaseException | None = None
 
     async def wait(self) -> JournalBatch:
@@ -219,6 +220,7 @@ class Journal:
         self._next_seg = 1
         self._next_batch = 1
         self._pending: list[_Pending] = []
+        self._new_event = event_factory()  # one Event per batch: not anyio's lookup each
         self._wake = anyio.Event()
         self._idle = anyio.Event()
         self._idle.set()
@@ -319,9 +321,9 @@ class Journal:
         self._check_usable()
         if payload is None:
             payload = encode_batch(batch)
-        pending = _Pending(batch, encode_frame(payload), ticks)
+        pending = _Pending(batch, encode_frame(payload), ticks, self._new_event())
         self._pending.append(pending)
-        self._idle = anyio.Event() if self._idle.is_set() else self._idle
+        self._idle = self._new_event() if self._idle.is_set() else self._idle
         self._wake.set()
         return pending
 
@@ -354,7 +356,7 @@ class Journal:
                         timeout = max(0.0, self._last_sync + self._interval - time.monotonic())
                     with anyio.move_on_after(timeout):
                         await self._wake.wait()
-                    self._wake = anyio.Event()
+                    self._wake = self._new_event()
                     if not self._pending:
                         if self._unsynced and not self._closing:
                             await self._sync_now()

@@ -142,6 +142,11 @@ class QueuedEntries:
         self._segs.clear()
         self._len = 0
 
+    def release(self) -> deque[tuple[Queued, ...]]:
+        """Empty this FIFO and return its segments (for freeing them elsewhere)."""
+        segs, self._segs, self._len = self._segs, deque(), 0
+        return segs
+
     @property
     def segments(self) -> Iterable[tuple[Queued, ...]]:
         """The entries in order, a pushed batch part (tuple) at a time."""
