@@ -33,7 +33,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from itertools import chain
+from itertools import chain, islice
 from typing import TypeAlias
 
 import anyio
@@ -120,10 +120,19 @@ class QueuedEntries:
             index += self._len
         if not 0 <= index < self._len:
             raise IndexError("queue index out of range")
-        for seg in self._segs:
-            if index < len(seg):
-                return seg[index]
-            index -= len(seg)
+        if index >= self._len // 2:
+            # From the back: a flush's checks look near the end of what it took, and a busy
+            # region's queue holds hundreds of segments.
+            back = self._len - index  # 1 = the last entry
+            for seg in reversed(self._segs):
+                if back <= len(seg):
+                    return seg[len(seg) - back]
+                back -= len(seg)
+        else:
+            for seg in self._segs:
+                if index < len(seg):
+                    return seg[index]
+                index -= len(seg)
         raise AssertionError("unreachable")  # pragma: no cover
 
     def __repr__(self) -> str:
@@ -160,15 +169,26 @@ class QueuedEntries:
         collection that runs while the fold is busy (milliseconds each).
         """
         out = QueuedEntries()
-        for seg in self._segs:
-            if seg[-1].tick <= cutoff:
-                out.extend_segment(seg)
-                continue
+        segs = self._segs
+        # Ticks are non-decreasing, so the segments to leave behind are at the end: count
+        # them from there (usually none or a few) and copy the rest at C speed.
+        whole, left = len(segs), 0
+        while whole and segs[whole - 1][0].tick > cutoff:
+            whole -= 1
+            left += len(segs[whole])
+        if whole and segs[whole - 1][-1].tick > cutoff:  # straddles the cutoff
+            whole -= 1
+            seg = segs[whole]
+            left += len(seg)
             n = 0
-            while n < len(seg) and seg[n].tick <= cutoff:
+            while seg[n].tick <= cutoff:
                 n += 1
+            out._segs = deque(islice(segs, whole))
+            out._len = self._len - left
             out.extend_segment(seg[:n])
-            break
+            return out
+        out._segs = deque(islice(segs, whole))
+        out._len = self._len - left
         return out
 
     def is_prefix(self, items: Sequence[Queued] | QueuedEntries) -> bool:
