@@ -12,7 +12,7 @@ against a hang.
 from __future__ import annotations
 
 import errno
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import anyio
@@ -573,9 +573,9 @@ async def test_folded_entries_are_freed_in_a_worker_thread(
     released: list[tuple[int, int]] = []  # (thread ident, entries) per call
     orig = flushing._release_in_thread
 
-    def spy(garbage: list[QueuedEntries], busy: Callable[[], bool]) -> None:
+    def spy(garbage: list[QueuedEntries]) -> None:
         released.append((threading.get_ident(), sum(len(items) for items in garbage)))
-        orig(garbage, busy)
+        orig(garbage)
         assert garbage == []  # every FIFO handed over was emptied
 
     monkeypatch.setattr(flushing, "_release_in_thread", spy)
@@ -609,57 +609,8 @@ def test_release_in_thread_empties_what_it_is_given() -> None:
         )
     assert len(fifo) == 50 * 64
     garbage = [fifo, QueuedEntries()]
-    _release_in_thread(garbage, lambda: False)
+    _release_in_thread(garbage)
     assert garbage == [] and len(fifo) == 0 and not list(fifo)
-
-
-def test_gil_pause_stays_off_the_gil_while_a_commit_is_in_flight(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """The fold thread's pause sleeps while ``busy()`` (a journal commit in flight), and
-    stops waiting once it is not, or after ``_YIELD_MAX_S`` at the latest."""
-    from streamer.runtime import flushing
-
-    answers = [True, True, True, False, True]
-    calls = 0
-
-    def busy() -> bool:
-        nonlocal calls
-        calls += 1
-        return answers.pop(0)
-
-    monkeypatch.setattr(flushing, "_YIELD_MAX_S", 60.0)  # only the answers end the wait
-    flushing._GilPause(busy)()
-    assert calls == 4  # polled until the first False, not beyond
-    assert answers == [True]
-
-    # A commit that never ends: the pause still returns (bounded), having polled more than once.
-    monkeypatch.setattr(flushing, "_YIELD_MAX_S", 0.001)
-    calls = 0
-    answers = [True] * 1_000_000
-    flushing._GilPause(busy)()
-    assert 1 < calls < 1_000_000
-    # Without a busy callable it is the plain work/sleep pause.
-    flushing._GilPause()()
-
-
-async def test_fold_threads_see_the_journal_commit_in_flight(tmp_path: Path) -> None:
-    await new_world(tmp_path)
-    async with open_world(tmp_path, cfg()) as world:
-        journal = world._journal
-        assert journal is not None
-        assert not world._journal_busy()
-        seen: list[bool] = []
-        orig = journal._write_blocking
-
-        def write_blocking(data: bytes, sync: bool) -> object:
-            seen.append(world._journal_busy())  # read from the commit's own worker thread
-            return orig(data, sync)
-
-        journal._write_blocking = write_blocking  # type: ignore[method-assign,assignment]
-        await world.submit(edits(REGIONS[:2], 1))
-        assert seen and all(seen)
-        assert not world._journal_busy() and journal.committing == 0
 
 
 def test_tiles_helper_sanity() -> None:

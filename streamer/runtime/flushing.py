@@ -65,52 +65,32 @@ _FOLD_INLINE_S = 0.001
 #: thread has woken up).
 _GIL_WORK_S = 0.0001
 _GIL_SLEEP_S = 0.00005
-#: While a journal commit is in flight a fold thread sleeps in steps of this long, at most
-#: ``_YIELD_MAX_S`` per pause, so a fold always progresses.
-_YIELD_STEP_S = 0.0001
-_YIELD_MAX_S = 0.002
 
 
 class _GilPause:
-    """``advance``'s pause in a fold thread: every ``_GIL_WORK_S`` of work, sleep a moment;
-    and while ``busy()`` (a journal commit is in flight), stay off the GIL.
+    """``advance``'s pause in a fold thread: every ``_GIL_WORK_S`` of work, sleep a moment."""
 
-    Why the second: a commit's thread needs the GIL after each of its syscalls. With a
-    fold thread also waiting for it, each handover could take a switch interval (5 ms),
-    and acknowledgements during a fold came 5-15 ms late (12% of batches at 200k deltas/s,
-    measured; 1.5-2% with this).
-    """
+    __slots__ = ("_due",)
 
-    __slots__ = ("_busy", "_due")
-
-    def __init__(self, busy: Callable[[], bool] | None = None) -> None:
+    def __init__(self) -> None:
         self._due = time.perf_counter() + _GIL_WORK_S
-        self._busy = busy
 
     def __call__(self) -> None:
-        busy = self._busy
-        if busy is not None and busy():
-            give_up = time.perf_counter() + _YIELD_MAX_S
-            while True:
-                time.sleep(_YIELD_STEP_S)
-                if not busy() or time.perf_counter() >= give_up:
-                    break
-            self._due = time.perf_counter() + _GIL_WORK_S
-        elif time.perf_counter() >= self._due:
+        if time.perf_counter() >= self._due:
             time.sleep(_GIL_SLEEP_S)
             self._due = time.perf_counter() + _GIL_WORK_S
 
 
-def _release_in_thread(garbage: list[QueuedEntries], busy: Callable[[], bool]) -> None:
+def _release_in_thread(garbage: list[QueuedEntries]) -> None:
     """Drop folded queue entries (in a worker thread), a segment at a time.
 
     A flush's folded entries are often the last references to a hundred thousand deltas
     and more; freeing them is a cascade of deallocations that holds the GIL until it ends
     (25 ms for 8 busy regions, measured). On the event loop that stalled every
     acknowledgement; here each segment frees in microseconds and ``_GilPause`` lets the loop
-    in between (and stay off it while ``busy()``).
+    in between.
     """
-    pause = _GilPause(busy)
+    pause = _GilPause()
     while garbage:
         segments = garbage.pop().release()
         while segments:
@@ -118,10 +98,9 @@ def _release_in_thread(garbage: list[QueuedEntries], busy: Callable[[], bool]) -
             pause()
 
 
-def _finish_in_thread(jobs: Sequence[_Job], busy: Callable[[], bool]) -> None:
-    """Run each job's remaining fold steps (in a worker thread), one GIL pause for all
-    (off the GIL while ``busy()``)."""
-    pause = _GilPause(busy)
+def _finish_in_thread(jobs: Sequence[_Job]) -> None:
+    """Run each job's remaining fold steps (in a worker thread), one GIL pause for all."""
+    pause = _GilPause()
     for job in jobs:
         assert job.steps is not None
         try:
@@ -199,11 +178,6 @@ class _FlushPath:
     _check_open: Callable[[], None]
     _ensure_regions: Callable[[Iterable[RegionKey]], Awaitable[dict[RegionKey, Exception]]]
     _region_failed: Callable[[RegionKey, Exception], None]
-
-    def _journal_busy(self) -> bool:
-        """A journal commit is in flight (read from fold threads: one attribute load)."""
-        journal = self._journal
-        return journal is not None and journal.committing > 0
 
     # -- flushing -------------------------------------------------------------------------
 
@@ -330,7 +304,7 @@ class _FlushPath:
                 job.items = QueuedEntries()
         if garbage:
             # After the locks: the regions are free for the next flush meanwhile.
-            await anyio.to_thread.run_sync(_release_in_thread, garbage, self._journal_busy)
+            await anyio.to_thread.run_sync(_release_in_thread, garbage)
 
     async def _prepare(self, jobs: list[_Job]) -> None:
         """Region states, cutoffs, in-memory upgrades and generator output for each job."""
@@ -442,7 +416,7 @@ class _FlushPath:
                 if job.result is None:
                     later.append(job)
             if later:
-                await anyio.to_thread.run_sync(_finish_in_thread, later, self._journal_busy)
+                await anyio.to_thread.run_sync(_finish_in_thread, later)
 
     async def _write(self, jobs: list[_Job]) -> None:
         """Write every folded job's file in one hop (``put_many_atomic``)."""

@@ -232,9 +232,6 @@ class Journal:
         self._unsynced = 0
         self._last_sync = time.monotonic()
 
-        #: Group commits in flight (0 or 1): background threads yield the GIL while it is
-        #: not 0, since every acknowledgement waits for the commit's thread.
-        self.committing = 0
         self._commits = 0
         self._fsyncs = 0
         self._batches = 0
@@ -371,11 +368,9 @@ class Journal:
 
     async def _commit_group(self) -> None:
         group, self._pending = self._pending, []
-        self.committing += 1
         try:
             await self._commit(group)
         finally:
-            self.committing -= 1
             # Only reached with undone waiters when cancelled mid-commit: nobody may hang.
             self._fail([p for p in group if not p.done.is_set()], WorldClosed("journal stopped"))
 
