@@ -581,7 +581,13 @@ async def test_folded_entries_are_freed_in_a_worker_thread(
     monkeypatch.setattr(flushing, "_release_in_thread", spy)
     loop_thread = threading.get_ident()
     async with open_world(tmp_path, cfg()) as world:
-        batches = [edits(REGIONS, tick) for tick in (1, 2, 3)]
+        # A few entries are freed on the loop (cheaper than the hop)...
+        await world.submit(edits(REGIONS[:1], 1))
+        await world.flush()
+        assert released == []
+        # ... many in a worker thread (the threshold lowered so this test stays small).
+        monkeypatch.setattr(flushing, "_RELEASE_IN_THREAD", 10)  # per batch of 8 regions: 48
+        batches = [edits(REGIONS, tick) for tick in (2, 3, 4)]
         for batch in batches:
             await world.submit(batch)
         with anyio.fail_after(GUARD):
@@ -591,11 +597,13 @@ async def test_folded_entries_are_freed_in_a_worker_thread(
         # Every folded delta went through the release, none twice.
         assert sum(n for _, n in released) == sum(len(b) for b in batches)
         assert all(not q.entries for q in world._queues.regions.values())
-        await check_edits(world, REGIONS, [1, 2, 3])
+        await check_edits(world, REGIONS, [2, 3, 4])
+        await check_edits(world, REGIONS[:1], [1])
     monkeypatch.undo()
     async with open_world(tmp_path, cfg()) as world:
         assert world.stats().replayed_deltas == 0
-        await check_edits(world, REGIONS, [1, 2, 3])
+        await check_edits(world, REGIONS, [2, 3, 4])
+        await check_edits(world, REGIONS[:1], [1])
 
 
 def test_release_in_thread_empties_what_it_is_given() -> None:

@@ -65,6 +65,9 @@ _FOLD_INLINE_S = 0.001
 #: thread has woken up).
 _GIL_WORK_S = 0.0001
 _GIL_SLEEP_S = 0.00005
+#: Folded entries freed in a worker thread from this many on (fewer free on the loop in
+#: well under a millisecond, cheaper than the thread hop).
+_RELEASE_IN_THREAD = 4096
 
 
 class _GilPause:
@@ -302,7 +305,7 @@ class _FlushPath:
             garbage = [job.items for job in jobs if job.items]
             for job in jobs:
                 job.items = QueuedEntries()
-        if garbage:
+        if sum(map(len, garbage)) >= _RELEASE_IN_THREAD:
             # After the locks: the regions are free for the next flush meanwhile.
             await anyio.to_thread.run_sync(_release_in_thread, garbage)
 
