@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 import anyio
+import pytest
 
 from streamer.bench import runtime_bench as rb
 from streamer.bench.report import Figure, render
@@ -62,6 +63,23 @@ async def test_open_loop_counts_latency_from_the_schedule() -> None:
     assert lat.max_s >= 0.19 and lat.percentile_ms(85) >= 100
     assert behind >= 0.15
     assert rate > 0
+
+
+@pytest.mark.parametrize(("shards", "seconds", "rate"), [(1, 0.3, 800.0), (4, 0.25, 3200.0)])
+async def test_open_loop_batches_cover_every_send(shards: int, seconds: float, rate: float) -> None:
+    """The durable-deltas bench builds an open loop's batches beforehand: every batch the
+    loop sends must be among them, and not many more are built."""
+    counts = rb._open_loop_batches(shards, seconds, rate, 8)
+    sent: dict[int, int] = {}
+
+    async def submit(task: int, seq: int) -> int:
+        assert seq < counts[task], (task, seq, counts)
+        sent[task] = max(sent.get(task, 0), seq + 1)
+        return 8
+
+    await rb._open_loop(shards, seconds, rate, 8, submit)
+    assert set(sent) == set(range(shards))
+    assert all(counts[t] - 2 <= sent[t] for t in sent), (counts, sent)
 
 
 async def test_region_flushes(tmp_path: Path) -> None:
