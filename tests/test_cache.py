@@ -271,3 +271,37 @@ def test_random_workload_respects_budget(seed: int) -> None:
         assert s.held_bytes == sum(variants[h].nbytes for h in present_held)
         assert s.bytes == sum(variants[h].nbytes for h in universe if h in cache)
         assert s.pinned == len(pins) and s.dirty == len(dirty)
+
+
+def test_chunk_sized_from_its_stored_payload_is_never_smaller() -> None:
+    """Loads size a chunk from its stored payload (less the tiles) instead of encoding its
+    records again: that may only err high, and by little, never undercount the budget."""
+    from streamer.runtime.regionstate import build_chunk
+    from streamer.schema.codec import ChunkCodec, pack_tiles
+    from streamer.schema.records import Character, ChunkRecord, ItemStack
+
+    codec = ChunkCodec("msgpack")
+    base = np.zeros((64, 64), dtype=np.uint16)
+    base.flags.writeable = False
+    for n in (0, 1, 5, 120):
+        idx, val = pack_tiles(np.arange(0, 2 * n + 2, 2), np.full(n + 1, 7))
+        rec = ChunkRecord(
+            cx=1,
+            cy=2,
+            generator="g",
+            generator_version=1,
+            base_fingerprint=0,
+            tile_idx=idx,
+            tile_val=val,
+            features=[Feature(id=f"f{i}", kind="tree", x=64 + i % 64, y=128) for i in range(n)],
+            characters=[
+                Character(id=f"c{i}", given_name="n", x=70, y=130, inventory=[ItemStack("ore", 3)])
+                for i in range(n // 5)
+            ],
+        )
+        payload = codec.encode(rec)
+        plain = build_chunk(1, 2, base, rec, None, (), where="t")
+        sized = build_chunk(1, 2, base, rec, None, (), where="t", payload_size=len(payload))
+        assert sized.features == plain.features and sized.entities == plain.entities
+        assert np.array_equal(sized.tiles, plain.tiles)
+        assert plain.nbytes <= sized.nbytes <= plain.nbytes + 6 * 400, (n, plain, sized)

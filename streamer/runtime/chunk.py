@@ -110,12 +110,16 @@ class Chunk:
         features: tuple[Feature, ...],
         structures: tuple[Structure, ...],
         societies: tuple[Society, ...],
+        *,
+        records_encoded: int | None = None,
     ) -> Chunk:
         """Construct without normalising (the load path's hot constructor).
 
         ``tiles`` must be a fresh, read-only, C-contiguous ``uint16`` (64, 64) array that owns
         its data (what ``_frozen_tiles`` would return unchanged) and the records tuples;
-        ``nbytes`` is computed as by the regular constructor.
+        ``nbytes`` is computed as by the regular constructor, from ``records_encoded`` (the
+        records' msgpack size, or an upper bound of it: the stored payload's size less its
+        tiles) instead of encoding the records again when it is given.
         """
         self = object.__new__(cls)
         setattr_ = object.__setattr__
@@ -126,11 +130,15 @@ class Chunk:
         setattr_(self, "features", features)
         setattr_(self, "structures", structures)
         setattr_(self, "societies", societies)
-        records_nbytes = (
-            estimate_records_nbytes((*entities, *features, *structures, *societies))
-            if entities or features or structures or societies
-            else 0
-        )
+        if not (entities or features or structures or societies):
+            records_nbytes = 0
+        elif records_encoded is not None:
+            count = len(entities) + len(features) + len(structures) + len(societies)
+            records_nbytes = count * _RECORD_OVERHEAD + _BYTES_PER_ENCODED_BYTE * records_encoded
+        else:
+            records_nbytes = estimate_records_nbytes(
+                (*entities, *features, *structures, *societies)
+            )
         setattr_(self, "nbytes", _CHUNK_OVERHEAD + tiles.nbytes + records_nbytes)
         return self
 

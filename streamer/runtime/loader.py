@@ -43,6 +43,7 @@ import msgspec
 
 from streamer.errors import StreamerError, WorldClosed
 from streamer.runtime.chunk import Chunk, ChunkKey
+from streamer.runtime.fastsync import event_factory
 
 __all__ = ["ChunkLoader", "Latency", "LoadBatch", "LoaderStats", "OnLoaded"]
 
@@ -107,7 +108,7 @@ class _Flight:
         "waiters",
     )
 
-    def __init__(self, key: ChunkKey, priority: int, seq: int) -> None:
+    def __init__(self, key: ChunkKey, priority: int, seq: int, done: anyio.Event) -> None:
         self.key = key
         self.priority = priority
         # Identifies this flight's live heap entry; older entries for the key are stale.
@@ -115,7 +116,7 @@ class _Flight:
         self.state = _State.QUEUED
         self.waiters = 0
         self.prefetched = False
-        self.done = anyio.Event()
+        self.done = done
         self.chunk: Chunk | None = None
         self.error: BaseException | None = None
         self.traceback: TracebackType | None = None
@@ -159,6 +160,8 @@ class ChunkLoader:
         self._on_loaded = on_loaded
 
         self._flights: dict[ChunkKey, _Flight] = {}
+        #: Makes each flight's Event without anyio's backend lookup (see fastsync).
+        self._new_event: Callable[[], anyio.Event] | None = None
         self._heap: list[tuple[int, int, ChunkKey]] = []
         self._stale = 0
         self._seq = 0
@@ -336,7 +339,10 @@ class ChunkLoader:
         self._work.set()
 
     def _enqueue(self, key: ChunkKey, priority: int) -> _Flight:
-        flight = _Flight(key, priority, 0)
+        new_event = self._new_event
+        if new_event is None:  # resolved inside the running loop, once
+            new_event = self._new_event = event_factory()
+        flight = _Flight(key, priority, 0, new_event())
         self._flights[key] = flight
         self._queued += 1
         self._push(flight)

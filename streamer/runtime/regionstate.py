@@ -366,10 +366,15 @@ def build_chunk(
     queued: Sequence[ChunkDelta],
     *,
     where: str,
+    payload_size: int | None = None,
 ) -> Chunk:
-    """The served chunk: base terrain + stored record (or generator defaults) + queued deltas."""
+    """The served chunk: base terrain + stored record (or generator defaults) + queued deltas.
+
+    :param payload_size: the stored record's encoded size, if known (cache accounting then
+        need not encode the records again).
+    """
     if record is not None and not queued:
-        return _chunk_from_record(cx, cy, base, record, where=where)
+        return _chunk_from_record(cx, cy, base, record, where=where, payload_size=payload_size)
     if record is None:
         edit = ChunkEdit() if defaults is None else ChunkEdit.from_defaults(defaults)
     else:
@@ -395,7 +400,15 @@ def _by_id(records: Sequence[_R]) -> tuple[_R, ...]:
     return tuple({r.id: r for r in records}.values())
 
 
-def _chunk_from_record(cx: int, cy: int, base: Tiles, record: ChunkRecord, *, where: str) -> Chunk:
+def _chunk_from_record(
+    cx: int,
+    cy: int,
+    base: Tiles,
+    record: ChunkRecord,
+    *,
+    where: str,
+    payload_size: int | None = None,
+) -> Chunk:
     """``build_chunk`` of a stored record without queued deltas: the load path's common case,
     without a ``ChunkEdit`` in between (same result)."""
     idx, val = unpack_tiles(record.tile_idx, record.tile_val, where=where)
@@ -418,7 +431,16 @@ def _chunk_from_record(cx: int, cy: int, base: Tiles, record: ChunkRecord, *, wh
         raise ValueError(f"chunk tiles must have shape {_TILE_SHAPE}, got {arr.shape}")
     arr.reshape(-1)[idx] = val
     arr.flags.writeable = False
-    return Chunk._trusted(cx, cy, arr, entities, features, structures, societies)
+    # The payload less its tiles bounds the records' encoded size from above (it also holds
+    # the record's few scalar fields): what ``estimate_records_nbytes`` would encode again.
+    encoded = (
+        None
+        if payload_size is None
+        else max(0, payload_size - len(record.tile_idx) - len(record.tile_val))
+    )
+    return Chunk._trusted(
+        cx, cy, arr, entities, features, structures, societies, records_encoded=encoded
+    )
 
 
 @dataclass(frozen=True, slots=True)

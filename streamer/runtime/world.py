@@ -884,7 +884,9 @@ def _generate(
             try:
                 record = codec.decode_current(payload, where=where)
                 if record is not None:
-                    chunk = build_chunk(cx, cy, tiles, record, None, (), where=where)
+                    chunk = build_chunk(
+                        cx, cy, tiles, record, None, (), where=where, payload_size=len(payload)
+                    )
                     ok = record.base_fingerprint == tiles_fingerprint(tiles)
                     built = _Prebuilt(payload, record, chunk, ok)
             except StreamerError:
