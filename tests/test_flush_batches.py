@@ -606,6 +606,48 @@ async def test_folded_entries_are_freed_in_a_worker_thread(
         await check_edits(world, REGIONS[:1], [1])
 
 
+async def test_big_folds_go_to_the_thread_without_inline_steps(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fold of more than ``_FOLD_INLINE_MAX_ITEMS`` entries is not started on the event
+    loop (it could not finish there; its first steps would only delay acknowledgements); a
+    small one still runs inline. Both write what was queued."""
+    import threading
+
+    from streamer.runtime import flushing
+
+    await new_world(tmp_path)
+    from streamer.runtime.regionstate import advance as orig
+
+    calls: list[tuple[bool, int | None]] = []  # (on the loop thread, max_steps)
+    loop_thread = threading.get_ident()
+
+    def spy(steps: object, **kw: object) -> object:
+        calls.append((threading.get_ident() == loop_thread, kw.get("max_steps")))  # type: ignore[arg-type]
+        return orig(steps, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(flushing, "advance", spy)
+    monkeypatch.setattr(flushing, "_FOLD_INLINE_MAX_ITEMS", 10)
+    region = REGIONS[0]
+    x0, y0 = region[0] * REGION_TILES, region[1] * REGION_TILES
+    async with open_world(tmp_path, cfg()) as world:
+        await world.submit([TileSet(tick=1, x=x0 + i % 64, y=y0, tile=100 + i) for i in range(11)])
+        await world.flush()
+        assert calls and not any(on_loop for on_loop, _ in calls), calls
+        calls.clear()
+        await world.submit([TileSet(tick=2, x=x0 + i, y=y0 + 1, tile=200 + i) for i in range(10)])
+        await world.flush()
+        assert (True, flushing._FOLD_INLINE_STEPS) in calls, calls
+        c = await world.chunk(*chunk_of(region))
+        assert [int(v) for v in c.tiles[0, :11]] == [100 + i for i in range(11)]
+        assert [int(v) for v in c.tiles[1, :10]] == [200 + i for i in range(10)]
+    monkeypatch.undo()
+    async with open_world(tmp_path, cfg()) as world:
+        assert world.stats().replayed_deltas == 0
+        c = await world.chunk(*chunk_of(region))
+        assert [int(v) for v in c.tiles[0, :11]] == [100 + i for i in range(11)]
+
+
 def test_release_in_thread_empties_what_it_is_given() -> None:
     from streamer.runtime.flushing import _release_in_thread
     from streamer.runtime.queues import Queued, QueuedEntries

@@ -60,6 +60,10 @@ _FLUSH_BATCH = 16
 #: fold of a few edited chunks takes a dozen) and time for the whole batch.
 _FOLD_INLINE_STEPS = 32
 _FOLD_INLINE_S = 0.001
+#: A fold of more queued entries than this goes to the thread at once: it could not finish
+#: within the loop's budget anyway, and its first steps there only delay the batch's
+#: acknowledgements (each flush of busy regions cost them 1-1.5 ms at its start).
+_FOLD_INLINE_MAX_ITEMS = 2048
 #: A fold thread works this long, then sleeps ``_GIL_SLEEP_S`` so the loop can take the GIL
 #: (a bare ``sleep(0)`` is not enough: the thread usually takes it back before the loop's
 #: thread has woken up).
@@ -408,7 +412,7 @@ class _FlushPath:
                     region_size=self._region_size,
                     fresh=job.fresh,
                 )
-                if time.perf_counter() >= until:
+                if len(job.items) > _FOLD_INLINE_MAX_ITEMS or time.perf_counter() >= until:
                     later.append(job)
                     continue
                 try:

@@ -457,7 +457,7 @@ class FoldResult:
 
 #: Items a fold handles between two steps (grouping them per chunk, or applying them):
 #: a few hundred microseconds of work at most.
-_STEP_ITEMS = 1024
+_STEP_ITEMS = 256
 
 
 def _group(
