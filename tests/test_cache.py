@@ -273,17 +273,44 @@ def test_random_workload_respects_budget(seed: int) -> None:
         assert s.pinned == len(pins) and s.dirty == len(dirty)
 
 
-def test_chunk_sized_from_its_stored_payload_is_never_smaller() -> None:
-    """Loads size a chunk from its stored payload (less the tiles) instead of encoding its
-    records again: that may only err high, and by little, never undercount the budget."""
+def _without_defaults(rec: object) -> bytes:
+    """``rec`` msgpack-encoded as an older writer might have: nested records' fields that
+    hold their default left out (msgspec fills them in again on decode)."""
+    import msgspec
+
+    from streamer.schema.records import NESTED_TYPES
+
+    raw = msgspec.to_builtins(rec)
+    for field in ("characters", "features", "structures", "societies"):
+        for item in raw[field]:
+            rtype = NESTED_TYPES[item["type"]]
+            for f in msgspec.structs.fields(rtype):
+                if f.default is not msgspec.NODEFAULT:
+                    default = msgspec.to_builtins(f.default)
+                elif f.default_factory is not msgspec.NODEFAULT:
+                    default = msgspec.to_builtins(f.default_factory())
+                else:
+                    continue
+                if item.get(f.encode_name) == default:
+                    del item[f.encode_name]
+    for key in ("tile_idx", "tile_val"):
+        raw[key] = getattr(rec, key)  # bytes, as stored (to_builtins made them base64)
+    return msgspec.msgpack.encode(raw)
+
+
+@pytest.mark.parametrize("elided", [False, True])
+def test_chunk_sized_from_its_stored_payload_is_never_smaller(elided: bool) -> None:
+    """Loads size a chunk from its stored msgpack payload (less the tiles, plus the fields a
+    stored record may leave out) instead of encoding its records again: that may only err
+    high, never undercount the budget, also for payloads that leave defaults out."""
     from streamer.runtime.regionstate import build_chunk
     from streamer.schema.codec import ChunkCodec, pack_tiles
-    from streamer.schema.records import Character, ChunkRecord, ItemStack
+    from streamer.schema.records import Character, ChunkRecord, ItemStack, Society, Structure
 
     codec = ChunkCodec("msgpack")
     base = np.zeros((64, 64), dtype=np.uint16)
     base.flags.writeable = False
-    for n in (0, 1, 5, 120):
+    for n in (0, 1, 5, 40, 200):
         idx, val = pack_tiles(np.arange(0, 2 * n + 2, 2), np.full(n + 1, 7))
         rec = ChunkRecord(
             cx=1,
@@ -298,10 +325,16 @@ def test_chunk_sized_from_its_stored_payload_is_never_smaller() -> None:
                 Character(id=f"c{i}", given_name="n", x=70, y=130, inventory=[ItemStack("ore", 3)])
                 for i in range(n // 5)
             ],
+            structures=[Structure(id=f"s{i}", kind="hut", x=70, y=131) for i in range(n // 10)],
+            societies=[Society(id=f"o{i}", name="s", x=70, y=132) for i in range(n // 20)],
         )
-        payload = codec.encode(rec)
-        plain = build_chunk(1, 2, base, rec, None, (), where="t")
-        sized = build_chunk(1, 2, base, rec, None, (), where="t", payload_size=len(payload))
+        payload = _without_defaults(rec) if elided else codec.encode(rec)
+        stored = codec.decode(payload, where="t").record
+        for field in ("characters", "features", "structures", "societies"):
+            assert getattr(stored, field) == getattr(rec, field)
+        plain = build_chunk(1, 2, base, stored, None, (), where="t")
+        sized = build_chunk(1, 2, base, stored, None, (), where="t", payload_size=len(payload))
         assert sized.features == plain.features and sized.entities == plain.entities
         assert np.array_equal(sized.tiles, plain.tiles)
-        assert plain.nbytes <= sized.nbytes <= plain.nbytes + 6 * 400, (n, plain, sized)
+        count = len(rec.features) + len(rec.characters) + len(rec.structures) + len(rec.societies)
+        assert plain.nbytes <= sized.nbytes <= plain.nbytes + 6 * (80 * count + 400), (n, elided)

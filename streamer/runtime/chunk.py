@@ -51,6 +51,27 @@ _BYTES_PER_ENCODED_BYTE = 6
 _RECORD_OVERHEAD = 64
 
 
+def _elidable_bytes(rtype: type[Record]) -> int:
+    """The most a stored ``rtype`` record can be smaller than its re-encoding: every field
+    with a default, key and default value, left out (msgspec fills them in on decode)."""
+    total = 0
+    for f in msgspec.structs.fields(rtype):
+        if f.default is not msgspec.NODEFAULT:
+            value = f.default
+        elif f.default_factory is not msgspec.NODEFAULT:
+            value = f.default_factory()
+        else:
+            continue
+        total += len(_SIZE_ENCODER.encode(f.encode_name)) + len(_SIZE_ENCODER.encode(value))
+    return total
+
+
+_ELIDABLE_CHARACTER = _elidable_bytes(Character)
+_ELIDABLE_FEATURE = _elidable_bytes(Feature)
+_ELIDABLE_STRUCTURE = _elidable_bytes(Structure)
+_ELIDABLE_SOCIETY = _elidable_bytes(Society)
+
+
 def estimate_records_nbytes(records: Iterable[Record]) -> int:
     """Bytes the records of a chunk keep alive, for cache accounting.
 
@@ -117,9 +138,10 @@ class Chunk:
 
         ``tiles`` must be a fresh, read-only, C-contiguous ``uint16`` (64, 64) array that owns
         its data (what ``_frozen_tiles`` would return unchanged) and the records tuples;
-        ``nbytes`` is computed as by the regular constructor, from ``records_encoded`` (the
-        records' msgpack size, or an upper bound of it: the stored payload's size less its
-        tiles) instead of encoding the records again when it is given.
+        ``nbytes`` is computed as by the regular constructor; given ``records_encoded`` (the
+        msgpack payload the records were decoded from, less its packed tiles), from that
+        plus the fields a stored record may leave out, instead of encoding them again: an
+        upper bound of the regular figure, never below it.
         """
         self = object.__new__(cls)
         setattr_ = object.__setattr__
@@ -134,7 +156,16 @@ class Chunk:
             records_nbytes = 0
         elif records_encoded is not None:
             count = len(entities) + len(features) + len(structures) + len(societies)
-            records_nbytes = count * _RECORD_OVERHEAD + _BYTES_PER_ENCODED_BYTE * records_encoded
+            # A stored record written by older code may leave out fields with defaults that
+            # its re-encoding has: add the most that can be, so the estimate only errs high.
+            encoded = (
+                records_encoded
+                + len(entities) * _ELIDABLE_CHARACTER
+                + len(features) * _ELIDABLE_FEATURE
+                + len(structures) * _ELIDABLE_STRUCTURE
+                + len(societies) * _ELIDABLE_SOCIETY
+            )
+            records_nbytes = count * _RECORD_OVERHEAD + _BYTES_PER_ENCODED_BYTE * encoded
         else:
             records_nbytes = estimate_records_nbytes(
                 (*entities, *features, *structures, *societies)

@@ -94,8 +94,8 @@ def _release_in_thread(garbage: list[QueuedEntries]) -> None:
     A flush's folded entries are often the last references to a hundred thousand deltas
     and more; freeing them is a cascade of deallocations that holds the GIL until it ends
     (25 ms for 8 busy regions, measured). On the event loop that stalled every
-    acknowledgement; here each segment frees in microseconds and ``_GilPause`` lets the loop
-    in between.
+    acknowledgement; here a segment (one submitted batch's part for the region, usually tens
+    of deltas) frees at a time and ``_GilPause`` lets the loop in between.
     """
     pause = _GilPause()
     while garbage:
@@ -306,11 +306,14 @@ class _FlushPath:
             for lock in held:
                 lock.release()
             outcome.failed.update((job.q.key, job.error) for job in jobs if job.error)
-            garbage = [job.items for job in jobs if job.items]
+            # Installed jobs' entries left the queue: these are their last references. A
+            # failed job's entries are still queued (and shared), nothing to free there.
+            garbage = [job.items for job in jobs if job.items and job.q.key in outcome.written]
             for job in jobs:
                 job.items = QueuedEntries()
         if sum(map(len, garbage)) >= _RELEASE_IN_THREAD:
-            # After the locks: the regions are free for the next flush meanwhile.
+            # After the locks: other batches may take these regions meanwhile (this lane's
+            # next batch waits, as it waits for any hop of this one).
             await anyio.to_thread.run_sync(_release_in_thread, garbage)
 
     async def _prepare(self, jobs: list[_Job]) -> None:

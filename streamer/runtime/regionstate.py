@@ -370,8 +370,9 @@ def build_chunk(
 ) -> Chunk:
     """The served chunk: base terrain + stored record (or generator defaults) + queued deltas.
 
-    :param payload_size: the stored record's encoded size, if known (cache accounting then
-        need not encode the records again).
+    :param payload_size: the size of the msgpack payload ``record`` was decoded from, if
+        known: a chunk with tile edits is then sized for the cache from it instead of by
+        encoding its records again (never JSON: base64 tiles would count several times).
     """
     if record is not None and not queued:
         return _chunk_from_record(cx, cy, base, record, where=where, payload_size=payload_size)
@@ -431,8 +432,8 @@ def _chunk_from_record(
         raise ValueError(f"chunk tiles must have shape {_TILE_SHAPE}, got {arr.shape}")
     arr.reshape(-1)[idx] = val
     arr.flags.writeable = False
-    # The payload less its tiles bounds the records' encoded size from above (it also holds
-    # the record's few scalar fields): what ``estimate_records_nbytes`` would encode again.
+    # The payload less its tiles: the records' stored size plus the record's few scalar
+    # fields (``Chunk._trusted`` adds what older writers may have left out).
     encoded = (
         None
         if payload_size is None

@@ -885,7 +885,14 @@ def _generate(
                 record = codec.decode_current(payload, where=where)
                 if record is not None:
                     chunk = build_chunk(
-                        cx, cy, tiles, record, None, (), where=where, payload_size=len(payload)
+                        cx,
+                        cy,
+                        tiles,
+                        record,
+                        None,
+                        (),
+                        where=where,
+                        payload_size=len(payload) if codec.encoding == "msgpack" else None,
                     )
                     ok = record.base_fingerprint == tiles_fingerprint(tiles)
                     built = _Prebuilt(payload, record, chunk, ok)
