@@ -431,10 +431,12 @@ async def durable_deltas(
 
         tick0 = first + 1
 
-        async def submit(task: int, seq: int) -> int:
-            batch = _submitter_batch(task, seq, tick0 + seq, s.batch)
+        async def send(batch: list[TileSet]) -> int:
             await w.submit(batch)
             return len(batch)
+
+        async def submit(task: int, seq: int) -> int:
+            return await send(_submitter_batch(task, seq, tick0 + seq, s.batch))
 
         ours, lat = await _closed_loop(s.submitters, s.seconds, submit)
         after = w.stats()
@@ -445,9 +447,7 @@ async def durable_deltas(
         ready = prebuild(s.seconds, lambda seq: tick0 + seq)
 
         async def paced_submit(task: int, seq: int) -> int:
-            batch = ready.pop((task, seq))
-            await w.submit(batch)
-            return len(batch)
+            return await send(ready.pop((task, seq)))
 
         paced, paced_lat, paced_behind = await _open_loop(
             s.goal_submitters, s.seconds, s.goal_rate, s.batch, paced_submit
@@ -501,20 +501,19 @@ async def durable_deltas(
     # their latency includes that wait, as a shard server's would.
     sqlite_lock = anyio.Lock()
 
-    async def sqlite_submit(task: int, seq: int) -> int:
-        batch = _submitter_batch(task, seq, 2 + seq, s.batch)
+    async def sqlite_send(batch: list[TileSet]) -> int:
         async with sqlite_lock:
             await anyio.to_thread.run_sync(sqlite_batch, batch)
         return len(batch)
+
+    async def sqlite_submit(task: int, seq: int) -> int:
+        return await sqlite_send(_submitter_batch(task, seq, 2 + seq, s.batch))
 
     baseline, _ = await _closed_loop(s.submitters, s.seconds, sqlite_submit)
     sqlite_ready = prebuild(s.seconds / 2, lambda seq: 2 + seq)
 
     async def sqlite_paced(task: int, seq: int) -> int:
-        batch = sqlite_ready.pop((task, seq))
-        async with sqlite_lock:
-            await anyio.to_thread.run_sync(sqlite_batch, batch)
-        return len(batch)
+        return await sqlite_send(sqlite_ready.pop((task, seq)))
 
     base_paced, base_paced_lat, _ = await _open_loop(
         s.goal_submitters, s.seconds / 2, s.goal_rate, s.batch, sqlite_paced
