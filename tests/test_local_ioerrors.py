@@ -462,3 +462,48 @@ async def test_real_fs_put_many_atomic_fails_a_symlinked_item_alone(tmp_path: Pa
     assert (root / "regions" / "c").read_bytes() == b"new-c"
     assert list(outside.iterdir()) == []
     assert not [p for p in root.rglob("*") if is_temp_name(p.name)]
+
+
+async def test_put_many_atomic_dir_fsync_refusing_the_path_rolls_that_directory_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A directory swapped for an escaping symlink between the renames and the directory
+    fsync makes ``fsync_dir`` raise ``InvalidKey``: that directory's items fail with it and
+    are rolled back, the other directories' items still commit."""
+    fs = SimulatedFileSystem()
+    store = await _many_store(fs)
+    await store.put_atomic("players/p1", b"p-old")
+    orig = LocalStore._sync_dir
+
+    def sync_dir(self: LocalStore, path: str) -> None:
+        if path == "players":
+            raise InvalidKey("path escapes the store through a symlink", key=path)
+        orig(self, path)
+
+    monkeypatch.setattr(LocalStore, "_sync_dir", sync_dir)
+    items = [("regions/r.0.0.region", b"a-new"), ("players/p1", b"p-new")]
+    results = await store.put_many_atomic(items)
+    assert results[0] == content_version(b"a-new")
+    assert isinstance(results[1], InvalidKey)
+    assert temps(fs) == []
+    monkeypatch.undo()
+    expect: dict[str, bytes | None] = {
+        "regions/r.0.0.region": b"a-new",
+        "regions/r.0.1.region": b"b-old",
+        NEW_KEY: None,
+        "players/p1": b"p-old",
+    }
+    await _assert_many(store, expect)
+    await _assert_many(await LocalStore.open("/w", fs=fs.durable_image()), expect)
+
+
+async def test_put_many_atomic_on_a_closed_store_writes_nothing() -> None:
+    fs = SimulatedFileSystem()
+    store = await _many_store(fs)
+    assert await store.put_many_atomic([]) == []
+    await store.aclose()
+    with pytest.raises(StorageUnavailable):
+        await store.put_many_atomic([("regions/r.0.0.region", b"x")])
+    assert await store.put_many_atomic([]) == []  # nothing to write, as get_many([])
+    expect = dict(MANY_OLD)
+    await _assert_many(await LocalStore.open("/w", fs=fs.durable_image()), expect)

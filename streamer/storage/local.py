@@ -139,7 +139,9 @@ class _KeyLock:
     __slots__ = ("lock", "users")
 
     def __init__(self) -> None:
-        self.lock = anyio.Lock()
+        # A free lock is taken without a trip through the event loop (a batch takes one
+        # per key); cancellation is still checked.
+        self.lock = anyio.Lock(fast_acquire=True)
         self.users = 0
 
 
@@ -223,15 +225,8 @@ class LocalStore(BlobStore):
             entry = self._key_locks[key] = _KeyLock()
         entry.users += 1
         try:
-            # Free: taken without anyio's two event-loop trips (a batch takes one per key).
-            try:
-                entry.lock.acquire_nowait()
-            except anyio.WouldBlock:
-                await entry.lock.acquire()
-            try:
+            async with entry.lock:
                 yield
-            finally:
-                entry.lock.release()
         finally:
             entry.users -= 1
             if entry.users == 0:
@@ -356,15 +351,27 @@ class LocalStore(BlobStore):
             self._discard(tmp)
         else:
             backup = self._replace_keeping_backup(key, tmp)
-        if not self.fsync:
-            return
-        try:
-            self._sync_dir(_split(key)[0])
-        except OSError:
-            self._rollback(key, backup)
-            raise
-        # Not synced: if this unlink is lost in a crash, the backup is a temp and goes at open.
-        self._discard(backup)
+        error = self._commit_dir(_split(key)[0], [(key, backup)])
+        if error is not None:
+            raise error
+
+    def _commit_dir(
+        self, d: str, installed: Sequence[tuple[str, str | None]]
+    ) -> OSError | InvalidKey | None:
+        """Make the renames of ``installed`` (``(key, backup)``, all in directory ``d``)
+        durable with one fsync of ``d``; then their backups go. If that fsync fails, each
+        key is rolled back to its backup and the error is returned."""
+        if self.fsync:
+            try:
+                self._sync_dir(d)
+            except (OSError, InvalidKey) as exc:
+                for key, backup in installed:
+                    self._rollback(key, backup)
+                return exc
+        for _, backup in installed:
+            # Not synced: a backup whose unlink is lost is a temp, removed at open.
+            self._discard(backup)
+        return None
 
     def _replace_keeping_backup(self, key: str, tmp: str) -> str | None:
         """Rename ``tmp`` over ``key``; with fsync on, first hard-link the old object to a
@@ -428,7 +435,7 @@ class LocalStore(BlobStore):
         received a rename is fsynced once. An item's error fails that item alone, except a
         failed directory fsync, which rolls back every item renamed into that directory."""
         out: list[str | StorageError] = []
-        temps: list[str | None] = []
+        written: list[tuple[int, str]] = []  # (index, temp) of every item written
         locks = ExitStack()
         try:
             locks.enter_context(self._flocks([key for key, _ in items]))
@@ -436,17 +443,15 @@ class LocalStore(BlobStore):
             return [_unavailable(exc, key, "put_atomic") for key, _ in items]
         # Releasing is closing the lock files: it cannot fail in a way that keeps a lock.
         with locks:
-            for key, data in items:
+            for i, (key, data) in enumerate(items):
                 try:
-                    temps.append(self._write_temp(key, data))
+                    written.append((i, self._write_temp(key, data)))
                     out.append(content_version(data))
                 except (OSError, InvalidKey) as exc:
-                    temps.append(None)
                     out.append(_item_error(exc, key))
             by_dir: dict[str, list[tuple[int, str | None]]] = {}
-            for i, ((key, _), tmp) in enumerate(zip(items, temps, strict=True)):
-                if tmp is None:
-                    continue
+            for i, tmp in written:
+                key = items[i][0]
                 try:
                     backup = self._replace_keeping_backup(key, tmp)
                 except (OSError, InvalidKey) as exc:  # the temp (and any backup) is gone
@@ -454,18 +459,10 @@ class LocalStore(BlobStore):
                     continue
                 by_dir.setdefault(_split(key)[0], []).append((i, backup))
             for d, installed in by_dir.items():
-                if self.fsync:
-                    try:
-                        self._sync_dir(d)
-                    except OSError as exc:
-                        for i, backup in installed:
-                            key = items[i][0]
-                            self._rollback(key, backup)
-                            out[i] = _unavailable(exc, key, "put_atomic")
-                        continue
-                for _, backup in installed:
-                    # Not synced: a backup whose unlink is lost is a temp, removed at open.
-                    self._discard(backup)
+                error = self._commit_dir(d, [(items[i][0], backup) for i, backup in installed])
+                if error is not None:
+                    for i, _ in installed:
+                        out[i] = _item_error(error, items[i][0])
         return out
 
     def _copy_blocking(self, src: str, dst: str) -> str:
@@ -637,19 +634,22 @@ class LocalStore(BlobStore):
         Each item succeeds or fails on its own: the result at its index is the new version
         or the error (as ``put_atomic`` would raise it: ``StorageUnavailable``, or
         ``InvalidKey`` for a path the file system refuses, such as one through a symlink).
-        A crash leaves each key with its old or its new content, as a sequence of
-        ``put_atomic`` calls would; only items whose result is a version are durable.
+        A crash leaves each key with its old or its new content, independently of the other
+        keys; only items whose result is a version are durable.
 
         :raises ValueError: a key appears twice.
         :raises InvalidKey: a key is malformed as a key (nothing is written).
-        :raises StorageUnavailable: the store is closed (nothing is written).
+        :raises StorageUnavailable: the store is closed (nothing is written; an empty batch
+            returns ``[]`` either way, as ``get_many`` does).
         """
         keys = [key for key, _ in items]
         if len(set(keys)) != len(keys):
             raise ValueError("put_many_atomic: a key appears more than once")
         for key in keys:
             check_key(key)
-            self._check_open(key)
+        if not keys:
+            return []
+        self._check_open(keys[0])
         payload = [(key, bytes(data)) for key, data in items]
         async with AsyncExitStack() as stack:
             for key in sorted(keys):  # one order for every caller: no deadlock
