@@ -397,3 +397,82 @@ async def test_a_chunk_without_schema_version_is_refused_on_load(tmp_path: Path)
         with pytest.raises(MalformedFile, match=r"chunk \(0, 0\)"):
             await world.chunk(0, 0)
         assert (await world.chunk(1, 0)).cx == 1
+
+
+async def test_a_chunk_built_in_the_thread_is_not_used_once_a_delta_queued_meanwhile(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A delta acknowledged while the load's worker thread builds the chunk: the loop must
+    not serve the thread's chunk (built without it), but build one with the delta."""
+    import streamer.runtime.world as world_mod
+
+    store = await LocalStore.open(tmp_path, fsync=False)
+    await create_world(store, seed=SEED)
+    await store.aclose()
+    (tmp_path / "regions").mkdir(exist_ok=True)
+    gen = TerrainGenerator(SEED)
+    codec = ChunkCodec("msgpack")
+    rec = ChunkRecord(
+        cx=1,
+        cy=0,
+        generator=GENERATOR_NAME,
+        generator_version=GENERATOR_VERSION,
+        base_fingerprint=gen.fingerprint(1, 0),
+    )
+    write_region(tmp_path, 0, 0, {(1, 0): codec.encode(rec)})
+    async with open_world(tmp_path, CONF) as world:
+        prebuilt: list[bool] = []
+        generate = world_mod._generate
+
+        def spy(*args: Any, **kwargs: Any) -> Any:
+            out = generate(*args, **kwargs)
+            prebuilt.extend(v[2] is not None for v in out.values())
+            # The shard server's edit lands while this thread still holds its result.
+            anyio.from_thread.run(world.submit, [TileSet(tick=LPT + 1, x=64 + 5, y=9, tile=777)])
+            return out
+
+        monkeypatch.setattr(world_mod, "_generate", spy)
+        chunk = await world.chunk(1, 0)
+        assert prebuilt == [True]  # the thread did build it, without the edit
+        assert int(chunk.tiles[9, 5]) == 777
+        monkeypatch.undo()
+        await world.flush()
+    async with open_world(tmp_path, CONF) as world:
+        assert int((await world.chunk(1, 0)).tiles[9, 5]) == 777
+
+
+async def test_a_wrong_fingerprint_is_refused_for_a_chunk_built_in_the_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Edits stored on terrain the generator no longer makes: refused with IntegrityError
+    also when the chunk was built in the load's worker thread."""
+    import streamer.runtime.world as world_mod
+    from streamer.errors import IntegrityError
+
+    store = await LocalStore.open(tmp_path, fsync=False)
+    await create_world(store, seed=SEED)
+    await store.aclose()
+    (tmp_path / "regions").mkdir(exist_ok=True)
+    gen = TerrainGenerator(SEED)
+    codec = ChunkCodec("msgpack")
+    rec = ChunkRecord(
+        cx=1,
+        cy=0,
+        generator=GENERATOR_NAME,
+        generator_version=GENERATOR_VERSION,
+        base_fingerprint=gen.fingerprint(1, 0) ^ 1,
+    )
+    write_region(tmp_path, 0, 0, {(1, 0): codec.encode(rec)})
+    prebuilt: list[bool] = []
+    generate = world_mod._generate
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        out = generate(*args, **kwargs)
+        prebuilt.extend(v[2] is not None for v in out.values())
+        return out
+
+    monkeypatch.setattr(world_mod, "_generate", spy)
+    async with open_world(tmp_path, CONF) as world:
+        with pytest.raises(IntegrityError, match=r"chunk \(1, 0\)"):
+            await world.chunk(1, 0)
+    assert prebuilt == [True]
