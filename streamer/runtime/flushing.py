@@ -116,15 +116,6 @@ def _finish_in_thread(jobs: Sequence[_Job]) -> None:
             job.error = err
 
 
-async def _acquire(lock: anyio.Lock) -> None:
-    """``lock.acquire()`` without its two trips through the event loop when it is free (a
-    flush of 64 regions would otherwise queue behind every ready task 128 times)."""
-    try:
-        lock.acquire_nowait()
-    except anyio.WouldBlock:
-        await lock.acquire()
-
-
 async def _acquire_token(limiter: anyio.CapacityLimiter, borrower: object) -> None:
     """``limiter.acquire_on_behalf_of(borrower)``, without the loop trips when one is free."""
     try:
@@ -185,6 +176,15 @@ class _FlushPath:
     _check_open: Callable[[], None]
     _ensure_regions: Callable[[Iterable[RegionKey]], Awaitable[dict[RegionKey, Exception]]]
     _region_failed: Callable[[RegionKey, Exception], None]
+
+    def _flush_lock(self, key: RegionKey) -> anyio.Lock:
+        """The region's flush lock (held by a fold and write of it, live migration of its
+        file, recovery). A free one is taken without a trip through the event loop: a batch
+        takes one per region."""
+        lock = self._flush_locks.get(key)
+        if lock is None:
+            lock = self._flush_locks[key] = anyio.Lock(fast_acquire=True)
+        return lock
 
     # -- flushing -------------------------------------------------------------------------
 
@@ -269,10 +269,8 @@ class _FlushPath:
         try:
             # Regions in key order: a batch never waits for a lock while holding a later one.
             for job in jobs:
-                lock = self._flush_locks.get(job.q.key)
-                if lock is None:
-                    lock = self._flush_locks[job.q.key] = anyio.Lock()
-                await _acquire(lock)
+                lock = self._flush_lock(job.q.key)
+                await lock.acquire()
                 held.append(lock)
             # One flush token per batch (as one per region flush before): a snapshot takes
             # them all to pause flushing, and a batch never waits for a second one.
@@ -430,6 +428,13 @@ class _FlushPath:
 
     async def _write(self, jobs: list[_Job]) -> None:
         """Write every folded job's file in one hop (``put_many_atomic``)."""
+        for job in jobs:
+            # Before anything is written: a file folded from something other than the queue's
+            # prefix must never reach the disk (a bug; the queue stays as it was).
+            if job.result is not None and not job.q.entries.is_prefix(job.items):
+                job.error = AssertionError(
+                    f"region {job.q.key}: flush folded something other than its queue"
+                )
         ready = [job for job in jobs if job.result is not None and job.error is None]
         if not ready:
             return
@@ -452,8 +457,6 @@ class _FlushPath:
         """
         state, result, q = job.state, job.result, job.q
         assert state is not None and result is not None
-        if not q.entries.is_prefix(job.items):  # before any change: the queue stays as it was
-            raise AssertionError(f"region {q.key}: flush folded something other than its queue")
         upgraded = job.upgraded
         chunks = result.chunks
         # Chunks a load upgraded in memory while the fold ran keep their upgraded payload

@@ -230,7 +230,7 @@ class _LiveRun:
             if loading is not None:
                 await loading.wait()  # a load in flight: the region becomes resident (or not)
                 continue
-            lock = world._flush_locks.setdefault(rk, anyio.Lock())
+            lock = world._flush_lock(rk)
             async with lock:
                 state = world._regions.get(rk)
                 if state is None:

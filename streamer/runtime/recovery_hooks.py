@@ -471,7 +471,7 @@ class RecoveryHooks:
         gen, codec, manifest = world._gen, world._codec, world._manifest
         assert store is not None and gen is not None and codec is not None and manifest
         path = region_key(*key)
-        lock = world._flush_locks.setdefault(key, anyio.Lock())
+        lock = world._flush_lock(key)
         async with lock, world._flush_limiter:
             state = world._regions.get(key)
             if state is None:

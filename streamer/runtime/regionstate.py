@@ -15,7 +15,6 @@ worker thread while the event loop keeps serving.
 
 from __future__ import annotations
 
-import operator
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -31,7 +30,7 @@ from streamer.errors import IntegrityError
 from streamer.format.checksum import hex64
 from streamer.format.region import Encoding, decode_region, encode_region, region_key
 from streamer.runtime.chunk import Chunk
-from streamer.runtime.queues import ChunkDelta, Queued, QueuedEntries
+from streamer.runtime.queues import _CHUNK_OF, ChunkDelta, Queued, QueuedEntries
 from streamer.schema.codec import ChunkCodec, pack_tiles, unpack_tiles
 from streamer.schema.deltas import (
     EntityRemove,
@@ -72,7 +71,6 @@ _TILE_SHAPE = (CHUNK_SIZE, CHUNK_SIZE)
 #: ``local_index(x, y)`` is ``((y & _MASK) << _SHIFT) | (x & _MASK)`` (negatives included).
 _SHIFT = CHUNK_SIZE.bit_length() - 1
 _MASK = CHUNK_SIZE - 1
-_CHUNK_OF = operator.attrgetter("chunk")
 _R = TypeVar("_R", Character, Feature, Structure, Society)
 
 
@@ -622,6 +620,7 @@ def fold_steps(
         rec = edit.to_record(cx, cy, generator=gen_name, version=gen_version, fp=fp)
         chunks[ck] = codec.encode(rec)
         yield
+    yield  # the whole file's encoding is a step of its own (the loop's budget may be spent)
     data = encode_region(
         rx=rx,
         ry=ry,
