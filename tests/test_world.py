@@ -615,8 +615,8 @@ def test_fold_runs_in_short_steps_and_counts_items_per_chunk() -> None:
     in a thread), gives the same result however it is driven, and reports per-chunk counts
     so the loop's ``folded`` need not walk the items again."""
     from streamer.runtime.queues import RegionQueue
-    from streamer.runtime.regionstate import fold_region, fold_steps
-    from streamer.schema.codec import ChunkCodec
+    from streamer.runtime.regionstate import _STEP_ITEMS, fold_region, fold_steps
+    from streamer.schema.codec import ChunkCodec, unpack_tiles
 
     gen = TerrainGenerator(7)
     codec = ChunkCodec("msgpack")
@@ -625,8 +625,12 @@ def test_fold_runs_in_short_steps_and_counts_items_per_chunk() -> None:
     n = 5000  # more than one grouping step
     ticks = [1 + i // 100 for i in range(n)]
     keys = [chunks[i % 3] for i in range(n)]
-    deltas = [
-        TileSet(tick=t, x=c[0] * 64 + i % 64, y=c[1] * 64, tile=i % 7)
+    # Tile edits overwriting each other (i % 64 repeats), with a feature now and then in
+    # between: the result must be what applying everything in order gives.
+    deltas: list[TileSet | FeatureAdd] = [
+        FeatureAdd(tick=t, feature=Feature(id=f"f{i}", kind="well", x=c[0] * 64 + 3, y=c[1] * 64))
+        if i % 997 == 0
+        else TileSet(tick=t, x=c[0] * 64 + i % 64, y=c[1] * 64, tile=i % 7)
         for i, (t, c) in enumerate(zip(ticks, keys, strict=True))
     ]
     q.extend(ticks, keys, deltas)
@@ -654,9 +658,26 @@ def test_fold_runs_in_short_steps_and_counts_items_per_chunk() -> None:
             break
         n_steps += 1
     assert plain.chunks == stepped.chunks and plain.lpt == stepped.lpt
-    # Grouping n items takes n // 1024 steps, and each chunk two more.
-    assert n_steps >= n // 1024 + 2 * len(chunks)
+    # Grouping n items takes n // _STEP_ITEMS steps, and each chunk two more.
+    assert n_steps >= n // _STEP_ITEMS + 2 * len(chunks)
     assert plain.lpt == ticks[-1]
+    # Against a model that applies each delta in order.
+    want_tiles: dict[tuple[int, int], dict[int, int]] = {c: {} for c in chunks}
+    want_features: dict[tuple[int, int], list[str]] = {c: [] for c in chunks}
+    for c, d in zip(keys, deltas, strict=True):
+        if isinstance(d, TileSet):
+            want_tiles[c][(d.y % 64) * 64 + d.x % 64] = d.tile
+        else:
+            want_features[c].append(d.feature.id)
+    added = {d.feature.id for d in deltas if isinstance(d, FeatureAdd)}
+    assert added and all(want_features.values())
+    for c in chunks:
+        rec = codec.decode(plain.chunks[c], where="t").record
+        idx, val = unpack_tiles(rec.tile_idx, rec.tile_val, where="t")
+        assert dict(zip(idx.tolist(), val.tolist(), strict=True)) == want_tiles[c]
+        # The chunk's generated features come first; ours follow, in order.
+        ours = [f.id for f in rec.features if f.id in added]
+        assert ours == want_features[c]
     assert dict(plain.counts) == {c: keys.count(c) for c in chunks}
     assert sorted(q.folded(items, plain.lpt, counts=plain.counts)) == sorted(chunks)
     assert not q.entries and not q.per_chunk and q.lpt == ticks[-1]

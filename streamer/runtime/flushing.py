@@ -52,7 +52,8 @@ log = logging.getLogger("streamer.runtime.world")
 #: Chunks ``upgrade_in_memory`` looks at between two event-loop checkpoints of a flush.
 _UPGRADE_STEP = 4
 
-#: Regions per batch of a flush: one fold pass, one write hop and one directory fsync each.
+#: Most regions a lane of a flush folds and writes at once (a batch: one fold pass, one
+#: write hop and one directory fsync); more concurrency means more lanes.
 _FLUSH_BATCH = 16
 
 #: How much of a batch's folding may run on the event loop before the rest moves to a
@@ -233,7 +234,8 @@ class _FlushPath:
         A batch of up to ``_FLUSH_BATCH`` regions is prepared on the loop, folded (short
         folds on the loop, the rest in one thread hop), written with one
         ``put_many_atomic`` (one hop, one directory fsync) and installed. Batches run in
-        lanes, ``flush_concurrency`` regions in flight in all, so one batch folds while
+        lanes, ``flush_concurrency`` regions in flight per call (``flush()``, the scheduler and
+        live migration each make their own calls), so one batch folds while
         another is written. One region's failure fails it alone.
         """
         outcome = _Outcome()

@@ -19,10 +19,11 @@ Then, one of two paths, never both:
   is still old is upgraded through the codec's lazy path and its re-encoded current payload
   replaces the old one in the state (marked ``upgraded``); chunks the runtime already
   upgraded lazily hold current payloads and are skipped. The runtime's own write path
-  (``World._flush_region``) then persists the region, folding its deltas as a routine flush
-  would. One chunk at a time, with no await between reading a payload and replacing it, so
-  a player's load of the same chunk sees either the old payload (and upgrades it itself,
-  after which we find it current) or the new one: never both.
+  (``World._flush_region``, a one-region ``_flush_regions``) then persists the region,
+  folding its deltas as a routine flush would. One chunk at a time, with no await between
+  reading a payload and replacing it, so a player's load of the same chunk sees either the
+  old payload (and upgrades it itself, after which we find it current) or the new one:
+  never both.
 - **on file** (not resident): the batch's per-region step (``migrate_region_bytes``, the
   function behind ``streamer migrate``) rewrites the file with a compare-and-swap; cached
   chunks of the region are invalidated so the next read goes through the new file.
@@ -182,10 +183,11 @@ def upgrade_in_memory(
 ) -> set[ChunkKey]:
     """Upgrade the old payloads among ``keys`` in ``state``; return the chunks upgraded.
 
-    Used by ``World._flush_region`` before a fold hops to its worker thread: the fold then
-    finds current payloads, so a load of the same chunk during the fold does not migrate the
-    record a second time. Synchronous (run on the event loop, no await inside). A chunk that
-    fails is left as it is: the fold decodes it again and reports the error as before.
+    Used by a flush's preparation (``_FlushPath._prepare``) before its fold hops to a
+    worker thread: the fold then finds current payloads, so a load of the same chunk during
+    the fold does not migrate the record a second time. Synchronous (run on the event loop,
+    no await inside). A chunk that fails is left as it is: the fold decodes it again and
+    reports the error as before.
     """
     current = _current_heads(_registry().current_versions)
     scratch: Counter[tuple[str, int]] = Counter()

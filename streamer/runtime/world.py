@@ -12,7 +12,7 @@ Write path (design §5, ``runtime/submitting.py``): ``submit`` validates the who
 it lands, and appends ONE journal frame for the batch (group commit). Once the journal reports
 the batch durable, its ``on_durable`` hook — running in journal order — appends the deltas to
 their region queues and applies them to cached chunks; then ``submit`` returns. Flush workers
-(``runtime/flushing.py``) fold queues into new region files (``regionstate.fold_region``) and
+(``runtime/flushing.py``) fold queues into new region files (``regionstate.fold_steps``) and
 advance ``lastProcessedTick``; passed journal segments are deleted.
 
 Read path (design §6): ``chunk`` → cache hit, or the single-flight prioritised ``ChunkLoader``
