@@ -2,12 +2,12 @@
 
 A flush splits the dirty regions into lanes of batches: ``lanes = 1`` if
 ``flush_concurrency < 2``, else ``max(2, ceil(flush_concurrency / 16))``, and batches of
-``flush_concurrency // lanes`` regions (at most 16); each batch is written with one ``LocalStore.put_many_atomic`` call (one worker-thread hop,
-one directory fsync). These tests spy on the real store through class-level monkeypatches
-(the world builds its own ``LocalStore``), inject faults at the store's blocking helpers or
-in memory, and read region files back from disk. No assertion depends on timing: short
-sleeps only give a wrong ordering the chance to show, and ``anyio.fail_after`` only guards
-against a hang.
+``flush_concurrency // lanes`` regions (at most 16). Each batch is written with one
+``LocalStore.put_many_atomic`` call (one worker-thread hop, one directory fsync). These
+tests spy on the real store through class-level monkeypatches (the world builds its own
+``LocalStore``), inject faults at the store's blocking helpers or in memory, and read
+region files back from disk. No assertion depends on timing: short sleeps only give a
+wrong ordering the chance to show, and ``anyio.fail_after`` only guards against a hang.
 """
 
 from __future__ import annotations
