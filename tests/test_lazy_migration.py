@@ -335,6 +335,11 @@ def test_decode_current_never_migrates(monkeypatch: pytest.MonkeyPatch) -> None:
         raw = msgspec.msgpack.decode(payload)
         del raw[field]
         assert codec.decode_current(msgspec.msgpack.encode(raw), where="t") is None
+    # Current versions but packed tiles out of shape: reported, naming where.
+    raw = msgspec.msgpack.decode(payload)
+    raw["tile_idx"], raw["tile_val"] = b"\x01\x00", b""
+    with pytest.raises(MalformedFile, match="here"):
+        codec.decode_current(msgspec.msgpack.encode(raw), where="here")
     monkeypatch.undo()
     assert codec.decode(old, where="t").upgraded  # ...which decode does migrate
 

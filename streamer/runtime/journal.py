@@ -67,7 +67,8 @@ RegionKey: TypeAlias = tuple[int, int]
 RegionTicks: TypeAlias = Mapping[RegionKey, int]
 
 T = TypeVar("T")
-#: Runs a blocking callable in a worker thread (``LocalStore.run_sync``).
+#: Runs a blocking callable in a worker thread (the world gives the journal a thread of its
+#: own: ``anyio.to_thread.run_sync`` with a one-token limiter).
 RunSync: TypeAlias = Callable[..., Awaitable[Any]]
 
 
@@ -186,7 +187,8 @@ class Journal:
     """Group-committed write-ahead log; see the module docstring.
 
     :param fs: the file system the segments live in (``LocalStore.fs``).
-    :param run_sync: runs a blocking callable in a worker thread (``LocalStore.run_sync``).
+    :param run_sync: runs a blocking callable in a worker thread (the world's: a thread of
+        the journal's own, so commits never wait behind region writes).
     :param on_durable: called synchronously, in journal order, with each committed group
         before any of its callers wakes: the world applies batches to its queues here, so
         queue order always equals journal order.

@@ -565,6 +565,7 @@ class World(_SubmitPath, _FlushPath):
                     state.checked.add(key)
                 return built.chunk
         record: ChunkRecord | None = None
+        payload_size: int | None = None
         if payload is not None:
             decoded = codec.decode(payload, where=where)
             record = decoded.record
@@ -581,9 +582,13 @@ class World(_SubmitPath, _FlushPath):
                 state.chunks[key] = codec.encode(record)
                 state.upgraded.add(key)
                 self._flush_wake.set()
+            elif codec.encoding == "msgpack":
+                payload_size = len(payload)  # sized as the worker thread's build would be
         q = self._queues.get(region)
         queued = q.for_chunk(key) if q is not None else []
-        return build_chunk(cx, cy, base, record, defaults, queued, where=where)
+        return build_chunk(
+            cx, cy, base, record, defaults, queued, where=where, payload_size=payload_size
+        )
 
     async def _ensure_regions(self, keys: Iterable[RegionKey]) -> dict[RegionKey, Exception]:
         """Load region states not in memory (one ``get_many``); return per-region failures."""
