@@ -415,3 +415,39 @@ async def test_a_load_during_a_fold_does_not_migrate_a_chunk_again(
     assert ids == {f"c-{cx}-{cy}-{k}" for cx, cy in (a0, a1, a2) for k in range(2)} | {"s-0-0"}
     key = region_key(*REGIONS["A"])
     assert region_is_current(key, region_bytes(tmp_path)[key])
+
+
+async def test_an_unexpected_error_in_a_region_halts_the_live_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not a record failure (a bug in a region's step): the live run halts and reports it as
+    a failure, as the batch run does; it does not escape as a bare error, and the world
+    keeps serving and taking writes."""
+    from streamer.runtime import live_migrate
+
+    await old_world(tmp_path)
+    real = live_migrate._LiveRun.region
+    calls = 0
+
+    async def flaky(self: Any, key: str, rx: int, ry: int) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise RuntimeError("region step exploded")
+        await real(self, key, rx, ry)
+
+    monkeypatch.setattr(live_migrate._LiveRun, "region", flaky)
+    conf = Config(runtime=RuntimeSettings(flush_interval_ms=600_000))
+    async with open_world(tmp_path, conf) as world:
+        with pytest.raises(LiveMigrationFailed) as info:
+            await world.migrate(jobs=1)
+        report = info.value.report
+        assert report.status == "failed" and not report.rolled_back
+        assert report.failures and report.failures[0].error_type == "RuntimeError"
+        assert calls == 2  # halted: no region after the failing one was started (jobs=1)
+        await world.submit([TileSet(tick=LPT + 1, x=5, y=5, tile=99)])
+        await world.flush()
+        assert int((await world.chunk(0, 0)).tiles[5, 5]) == 99
+    census = record_census(tmp_path)
+    assert not census.duplicates
+    assert len([k for k in census.ids if k[0] != "chunk"]) == len(REGIONS) * 7
