@@ -557,12 +557,7 @@ class World(_SubmitPath, _FlushPath):
         if built is not None and built.payload is payload:
             q = self._queues.get(region)
             if q is None or key not in q.per_chunk:
-                if key not in state.checked:
-                    if not built.fingerprint_ok:
-                        gen = self._gen
-                        assert gen is not None
-                        check_fingerprint(built.record, gen, region, where)
-                    state.checked.add(key)
+                self._check_once(state, key, built.record, built.fingerprint_ok, where)
                 return built.chunk
         record: ChunkRecord | None = None
         payload_size: int | None = None
@@ -570,11 +565,8 @@ class World(_SubmitPath, _FlushPath):
             decoded = codec.decode(payload, where=where)
             record = decoded.record
             if key not in state.checked:
-                gen = self._gen
-                assert gen is not None
-                if record.base_fingerprint != tiles_fingerprint(base):
-                    check_fingerprint(record, gen, region, where)
-                state.checked.add(key)
+                ok = record.base_fingerprint == tiles_fingerprint(base)
+                self._check_once(state, key, record, ok, where)
             if decoded.upgraded:
                 # Lazy migration: rewrite the upgraded record at the region's next flush. The
                 # state keeps the upgraded payload, so neither that flush nor a reload of the
@@ -589,6 +581,19 @@ class World(_SubmitPath, _FlushPath):
         return build_chunk(
             cx, cy, base, record, defaults, queued, where=where, payload_size=payload_size
         )
+
+    def _check_once(
+        self, state: RegionState, key: ChunkKey, record: ChunkRecord, ok: bool, where: str
+    ) -> None:
+        """A stored chunk's first build in this region state: unless its base fingerprint
+        matched the terrain (``ok``), ``check_fingerprint`` says why not (or raises)."""
+        if key in state.checked:
+            return
+        if not ok:
+            gen = self._gen
+            assert gen is not None
+            check_fingerprint(record, gen, state.key, where)
+        state.checked.add(key)
 
     async def _ensure_regions(self, keys: Iterable[RegionKey]) -> dict[RegionKey, Exception]:
         """Load region states not in memory (one ``get_many``); return per-region failures."""
