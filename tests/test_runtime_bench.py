@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import math
 from pathlib import Path
 
@@ -94,3 +95,14 @@ def test_registered() -> None:
     assert registry["chunk-loads"] is rb.chunk_loads
     assert registry["durable-deltas"] is rb.durable_deltas
     assert registry["region-flushes"] is rb.region_flushes
+
+
+def test_prebuilt_batches_are_out_of_the_collectors_sight() -> None:
+    """The open loop's prebuilt batches must not be walked by the garbage collector in the
+    timed window: each is an untracked tuple, and so is the dict holding them."""
+    ready = rb._prebuild(2, 0.05, 4000.0, 8, lambda seq: 100 + seq)
+    counts = rb._open_loop_batches(2, 0.05, 4000.0, 8)
+    assert set(ready) == {(t, s) for t, n in enumerate(counts) for s in range(n)}
+    assert all(len(b) == 8 and all(d.tick == 100 + s for d in b) for (_, s), b in ready.items())
+    assert not any(gc.is_tracked(b) for b in ready.values())
+    assert not gc.is_tracked(ready)
