@@ -543,7 +543,7 @@ def test_refuse_unknown_versions_sees_a_newer_record_behind_current_ones(encodin
         base_fingerprint=1,
         characters=[Character(id="now", x=1, y=1)],
     )
-    codec.refuse_unknown_versions(codec.encode(rec), where="w")  # current: accepted
+    assert codec.refuse_unknown_versions(codec.encode(rec), where="w") is True  # current
     raw = msgspec.to_builtins(rec, builtin_types=(bytes,) if encoding == "msgpack" else ())
     future = dict(raw["characters"][0], id="later", schemaVersion=99)
     raw["characters"].append(future)
@@ -553,4 +553,51 @@ def test_refuse_unknown_versions_sees_a_newer_record_behind_current_ones(encodin
         codec.refuse_unknown_versions(enc(raw), where="regions/r.0.0.region chunk (0, 0)")
     assert (info.value.record_id, info.value.schema_version) == ("later", 99)
     assert "regions/r.0.0.region" in str(info.value)
-    codec.refuse_unknown_versions(b"\xff garbage", where="w")  # decode() reports garbage
+    # A malformed record_versions (decode() would call the chunk malformed) hides nothing.
+    raw["record_versions"] = {"character": "three"}
+    with pytest.raises(UnknownSchemaVersion):
+        codec.refuse_unknown_versions(enc(raw), where="w")
+    # decode() reports garbage; here it is only "not known current".
+    assert codec.refuse_unknown_versions(b"\xff garbage", where="w") is False
+
+
+@pytest.mark.parametrize("encoding", ["msgpack", "json"])
+def test_refuse_unknown_versions_tells_whether_decode_would_upgrade(encoding: str) -> None:
+    """Its answer is what ``decode`` does: True exactly when nothing would be upgraded (the
+    region loader trusts it to skip a flush's upgrade check)."""
+    from streamer.schema.records import CURRENT_VERSIONS
+
+    codec = ChunkCodec(encoding)  # type: ignore[arg-type]
+    rec = ChunkRecord(
+        cx=0,
+        cy=0,
+        generator="g",
+        generator_version=1,
+        base_fingerprint=1,
+        characters=[Character(id="a", x=1, y=1), Character(id="b", x=2, y=1)],
+    )
+    raw = msgspec.to_builtins(rec, builtin_types=(bytes,) if encoding == "msgpack" else ())
+    enc = msgspec.msgpack.encode if encoding == "msgpack" else msgspec.json.encode
+    old_char = CURRENT_VERSIONS["character"] - 1
+    variants = {
+        "current": raw,
+        "old chunk": dict(raw, schemaVersion=raw["schemaVersion"] - 1),
+        "one old record": dict(
+            raw,
+            characters=[raw["characters"][0], dict(raw["characters"][1], schemaVersion=old_char)],
+        ),
+        "old record_versions": dict(raw, record_versions={"character": old_char}),
+        "not a chunk": dict(raw, type="society"),
+    }
+    said_current = set()
+    for name, variant in variants.items():
+        payload = enc(variant)
+        try:
+            upgraded = codec.decode(payload, where="w").upgraded
+        except StreamerError:
+            upgraded = True  # not decodable as current either
+        answer = codec.refuse_unknown_versions(payload, where="w")
+        assert answer is (not upgraded), name
+        if answer:
+            said_current.add(name)
+    assert said_current == {"current"}

@@ -481,3 +481,42 @@ async def test_a_wrong_fingerprint_is_refused_for_a_chunk_built_in_the_thread(
         with pytest.raises(IntegrityError, match=r"chunk \(1, 0\)"):
             await world.chunk(1, 0)
     assert prebuilt == [True]
+
+
+async def test_a_flush_looks_only_at_chunks_that_were_old_when_their_region_loaded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Loading a region screens every chunk's versions anyway; the chunks found current then
+    are never peeked at again by a flush's in-memory upgrade (on the event loop). The old
+    ones still are, so a load racing the fold does not migrate them twice."""
+    from streamer.runtime.live_migrate import upgrade_in_memory
+    from streamer.runtime.regionstate import region_state_from_bytes
+
+    payloads = await old_world(tmp_path)
+    state = region_state_from_bytes((tmp_path / region_key(0, 0)).read_bytes(), (0, 0))
+    assert state.current == {(1, 0)}
+    assert set(state.chunks) == set(payloads["r00"])
+
+    looked: list[tuple[int, int]] = []
+
+    def recording(state: Any, keys: Any, codec: ChunkCodec) -> set[tuple[int, int]]:
+        keys = list(keys)
+        looked.extend(keys)
+        return upgrade_in_memory(state, keys, codec)
+
+    monkeypatch.setattr("streamer.runtime.flushing.upgrade_in_memory", recording)
+    async with open_world(tmp_path, CONF) as world:
+        await world.submit(
+            [
+                TileSet(tick=LPT + 1, x=cx * 64 + 1, y=cy * 64 + 1, tile=9)
+                for cx, cy in payloads["r00"]
+            ]
+        )
+        await world.flush()
+        assert sorted(looked) == [(0, 0), (2, 0)]
+        for cx, cy in payloads["r00"]:
+            assert int((await world.chunk(cx, cy)).tiles[1, 1]) == 9
+    lpt, _, chunks = region_chunks(tmp_path, 0, 0)
+    assert lpt == LPT + 1
+    codec = ChunkCodec("msgpack")
+    assert not any(codec.decode(p, where="r").upgraded for p in chunks.values())

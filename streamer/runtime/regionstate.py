@@ -102,6 +102,10 @@ class RegionState:
     upgraded: set[ChunkKey] = field(default_factory=set)
     #: Chunks whose base fingerprint has been checked against the generator.
     checked: set[ChunkKey] = field(default_factory=set)
+    #: Chunks whose payload was at the current record versions when the region loaded (seen
+    #: by the load's screening), so a flush's in-memory upgrade need not look at them again.
+    #: Payloads only ever change to current ones, so membership stays true.
+    current: set[ChunkKey] = field(default_factory=set)
 
     @property
     def path(self) -> str:
@@ -133,13 +137,17 @@ def region_state_from_bytes(data: bytes | None, key: RegionKey) -> RegionState:
     # A record from newer code makes the whole region refuse to load (design §7): nothing may
     # be queued against it, since no flush could ever fold into it without downgrading.
     codec = _screening_codec(rf.header.encoding)
-    for (cx, cy), payload in rf.chunks.items():
-        codec.refuse_unknown_versions(payload, where=f"{path} chunk ({cx}, {cy})")
+    current = {
+        (cx, cy)
+        for (cx, cy), payload in rf.chunks.items()
+        if codec.refuse_unknown_versions(payload, where=f"{path} chunk ({cx}, {cy})")
+    }
     return RegionState(
         key,
         generation=rf.header.generation,
         lpt=rf.header.last_processed_tick,
         chunks=dict(rf.chunks),
+        current=current,
     )
 
 

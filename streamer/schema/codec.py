@@ -141,20 +141,21 @@ class ChunkCodec:
     def __repr__(self) -> str:
         return f"ChunkCodec({self.encoding!r})"
 
-    def refuse_unknown_versions(self, payload: bytes, *, where: str) -> None:
-        """Raise if the chunk or any record in it is newer than this code knows.
+    def refuse_unknown_versions(self, payload: bytes, *, where: str) -> bool:
+        """Raise if the chunk or any record in it is newer than this code knows; return
+        whether the payload is current throughout (what :meth:`decode` would not upgrade).
 
         Cheap (~1-2 µs: only ``type``/``schemaVersion`` of each record are built), so a whole
         region can be screened when it loads: a region holding a record from the future is
         refused as a whole, before anything could be queued against it. Unparseable payloads
-        pass here; :meth:`decode` reports them.
+        pass here (as not current); :meth:`decode` reports them.
 
         :raises UnknownSchemaVersion: names the record type, id, version and ``where``.
         """
         try:
             peek = self._versions.decode(payload)
         except _DECODE_ERRORS:
-            return
+            return False
         if peek.schemaVersion > _CHUNK_VERSION:
             raise UnknownSchemaVersion(
                 f"chunk written at schemaVersion {peek.schemaVersion}, newer than this code "
@@ -163,9 +164,13 @@ class ChunkCodec:
                 schema_version=peek.schemaVersion,
                 where=where,
             )
-        for field, rtype, current in _NESTED_ATTRS:
+        current = peek.schemaVersion == _CHUNK_VERSION and peek.type == "chunk"
+        for field, rtype, version in _NESTED_ATTRS:
             for i, rec in enumerate(getattr(peek, field)):
-                if rec.schemaVersion > current:
+                if rec.schemaVersion == version:
+                    continue
+                current = False
+                if rec.schemaVersion > version:
                     # Rare: decode the payload once more for the record's id in the message.
                     raw = self._raw.decode(payload)[field][i]
                     rid = raw.get("id") if isinstance(raw, dict) else None
@@ -177,6 +182,15 @@ class ChunkCodec:
                         schema_version=rec.schemaVersion,
                         where=where,
                     )
+        if not current:
+            return False
+        # The rest of ``decode_current``'s criteria. Peeked separately: a malformed
+        # ``record_versions`` must not keep the screening above from seeing a newer record.
+        try:
+            rv = self._peek.decode(payload).record_versions
+        except _DECODE_ERRORS:
+            return False
+        return rv.items() <= _CURRENT_NESTED_ITEMS
 
     # -- encode ---------------------------------------------------------------------------
 
