@@ -528,23 +528,24 @@ def test_tiles_property(overrides: dict[int, int], seed: int) -> None:
     assert np.array_equal(out, expected)
 
 
+def _screened(encoding: str, *chars: Character) -> tuple[ChunkCodec, ChunkRecord, dict[str, Any]]:
+    """A codec, a current chunk holding ``chars``, and that chunk as plain data to alter."""
+    codec = ChunkCodec(encoding)  # type: ignore[arg-type]
+    rec = ChunkRecord(
+        cx=0, cy=0, generator="g", generator_version=1, base_fingerprint=1, characters=list(chars)
+    )
+    raw = msgspec.to_builtins(rec, builtin_types=(bytes,) if encoding == "msgpack" else ())
+    return codec, rec, raw
+
+
 @pytest.mark.parametrize("encoding", ["msgpack", "json"])
 def test_refuse_unknown_versions_sees_a_newer_record_behind_current_ones(encoding: str) -> None:
     """``record_versions`` holds minimums, so a v99 record beside a v3 one must be found by
     looking at every record, which the screening peek does."""
     from streamer.schema.records import CURRENT_VERSIONS
 
-    codec = ChunkCodec(encoding)  # type: ignore[arg-type]
-    rec = ChunkRecord(
-        cx=0,
-        cy=0,
-        generator="g",
-        generator_version=1,
-        base_fingerprint=1,
-        characters=[Character(id="now", x=1, y=1)],
-    )
+    codec, rec, raw = _screened(encoding, Character(id="now", x=1, y=1))
     assert codec.refuse_unknown_versions(codec.encode(rec), where="w") is True  # current
-    raw = msgspec.to_builtins(rec, builtin_types=(bytes,) if encoding == "msgpack" else ())
     future = dict(raw["characters"][0], id="later", schemaVersion=99)
     raw["characters"].append(future)
     raw["record_versions"] = {"character": CURRENT_VERSIONS["character"]}
@@ -567,16 +568,7 @@ def test_refuse_unknown_versions_tells_whether_decode_would_upgrade(encoding: st
     region loader trusts it to skip a flush's upgrade check)."""
     from streamer.schema.records import CURRENT_VERSIONS
 
-    codec = ChunkCodec(encoding)  # type: ignore[arg-type]
-    rec = ChunkRecord(
-        cx=0,
-        cy=0,
-        generator="g",
-        generator_version=1,
-        base_fingerprint=1,
-        characters=[Character(id="a", x=1, y=1), Character(id="b", x=2, y=1)],
-    )
-    raw = msgspec.to_builtins(rec, builtin_types=(bytes,) if encoding == "msgpack" else ())
+    codec, _, raw = _screened(encoding, Character(id="a", x=1, y=1), Character(id="b", x=2, y=1))
     enc = msgspec.msgpack.encode if encoding == "msgpack" else msgspec.json.encode
     old_char = CURRENT_VERSIONS["character"] - 1
     variants = {
