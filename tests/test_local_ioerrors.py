@@ -507,3 +507,46 @@ async def test_put_many_atomic_on_a_closed_store_writes_nothing() -> None:
     assert await store.put_many_atomic([]) == []  # nothing to write, as get_many([])
     expect = dict(MANY_OLD)
     await _assert_many(await LocalStore.open("/w", fs=fs.durable_image()), expect)
+
+
+class _RollbackFails(SimulatedFileSystem):
+    """Once armed, a directory fsync fails with EIO, and so does every replace or unlink
+    after it (the rollback's)."""
+
+    armed = False
+    dir_failed = False
+
+    def fsync_dir(self, path: str) -> None:
+        if self.armed:
+            self.dir_failed = True
+            raise OSError(errno.EIO, "Input/output error")
+        super().fsync_dir(path)
+
+    def replace(self, src: str, dst: str) -> None:
+        if self.dir_failed:
+            raise OSError(errno.EIO, "Input/output error")
+        super().replace(src, dst)
+
+    def unlink(self, path: str) -> None:
+        if self.dir_failed:
+            raise OSError(errno.EIO, "Input/output error")
+        super().unlink(path)
+
+
+@pytest.mark.parametrize("existed", [True, False], ids=["replacing", "creating"])
+async def test_a_rollback_that_fails_is_logged_and_the_write_still_fails(
+    existed: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The directory fsync fails and so does putting the old object (or its absence) back:
+    the write raises the fsync's error as always, and the operator is told which key now
+    shows a version that may not be durable."""
+    fs = _RollbackFails()
+    store = await LocalStore.open("/w", fs=fs)
+    if existed:
+        await store.put_atomic(KEY, b"old")
+    fs.armed = True
+    with pytest.raises(StorageUnavailable, match="EIO") as info:
+        await store.put_atomic(KEY, b"new")
+    assert info.value.key == KEY
+    msgs = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert any(KEY in m and "previous version back" in m for m in msgs), msgs

@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import logging
 import os
 import secrets
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -80,6 +81,8 @@ from streamer.storage.fs import (
     check_key,
     is_temp_name,
 )
+
+log = logging.getLogger(__name__)
 
 __all__ = ["LOCK_STRIPES", "LocalStore", "content_version"]
 
@@ -397,14 +400,24 @@ class LocalStore(BlobStore):
         return backup
 
     def _rollback(self, key: str, backup: str | None) -> None:
-        """After a failed directory fsync, put the old object (or its absence) back."""
+        """After a failed directory fsync, put the old object (or its absence) back.
+
+        If that fails too, the caller still raises the fsync's error (the write is not
+        durable), but the new object stays visible in this process until the next write of
+        the key; the operator hears about it here, since the error does not say so.
+        """
         try:
             if backup is not None:
                 self.fs.replace(backup, key)
             else:
                 self.fs.unlink(key)
-        except OSError:
-            pass
+        except OSError as exc:
+            log.error(
+                "%s: the write failed (directory fsync), and putting the previous version back "
+                "failed too (%s): the new, possibly not durable version stays visible",
+                key,
+                exc,
+            )
 
     def _current_version(self, key: str) -> str | None:
         try:
