@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -348,3 +349,136 @@ async def test_failed_directory_fsync_of_a_new_segment_leaks_no_handle() -> None
     await j.aclose()
     replay = await Journal(fs.durable_image(), run_sync).open(ticks_of)
     assert [b.seq for b in replay.batches] == [b2.seq]
+
+
+class _SlowUnlink(SimulatedFileSystem):
+    """Unlinking a journal segment blocks until released (a big file freed by a slow disk)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def unlink(self, path: str) -> None:
+        if path.startswith(JOURNAL_DIR):
+            self.entered.set()
+            assert self.release.wait(30)
+        super().unlink(path)
+
+
+async def _acknowledged(j: Journal, ticks: range) -> None:
+    """One batch per tick, each awaited until acknowledged."""
+    for t in ticks:
+        b = batch(j, t)
+        await j.append(b, ticks_of(b)).wait()
+
+
+async def _journal_with_dead_segments(fs: SimulatedFileSystem) -> Journal:
+    j = Journal(fs, run_sync, segment_bytes=4096)
+    await j.open(ticks_of)
+    return j
+
+
+async def test_acknowledgements_do_not_wait_for_segment_deletion() -> None:
+    """Collection unlinks passed segments outside the writer's lock: a batch submitted while
+    an unlink is stuck is still written, fsynced and acknowledged."""
+    fs = _SlowUnlink()
+    j = await _journal_with_dead_segments(fs)
+    deleted: list[int] = []
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(j.run)
+        await _acknowledged(j, range(1, 101))
+        before = j.segment_seqs()
+        assert len(before) >= 3
+
+        async def collect() -> None:
+            deleted.append(await j.collect(lambda r: 100))
+
+        tg.start_soon(collect)
+        await anyio.to_thread.run_sync(fs.entered.wait)  # an unlink is in progress
+        late = batch(j, 101)
+        with anyio.fail_after(10):  # with the unlink under the writer's lock: never
+            await j.append(late, ticks_of(late)).wait()
+        assert not deleted  # the collection is still stuck
+        fs.release.set()
+        with anyio.fail_after(10):
+            while not deleted:
+                await anyio.sleep(0.01)
+        j.begin_close()
+    await j.aclose()
+    assert deleted[0] >= 2
+    replay = await Journal(fs.durable_image(), run_sync).open(ticks_of)
+    assert replay.batches[-1].seq == late.seq
+    assert len(fs.listdir(JOURNAL_DIR)) == len(j.segment_seqs())
+
+
+async def test_a_pause_waits_for_a_collection_in_progress() -> None:
+    """A snapshot's pause (``Journal.paused``) must not begin while passed segments are
+    being unlinked (outside the writer's lock), nor let a collection begin during it."""
+    fs = _SlowUnlink()
+    j = await _journal_with_dead_segments(fs)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(j.run)
+        await _acknowledged(j, range(1, 101))
+        on_disk = fs.listdir(JOURNAL_DIR)
+        seen_in_pause: list[list[str]] = []
+
+        async def collect() -> None:
+            await j.collect(lambda r: 100)
+
+        async def snapshot() -> None:
+            async with j.paused():
+                seen_in_pause.append(fs.listdir(JOURNAL_DIR))
+
+        tg.start_soon(collect)
+        await anyio.to_thread.run_sync(fs.entered.wait)  # unlinking, stuck
+        tg.start_soon(snapshot)
+        await anyio.sleep(0.1)
+        assert not seen_in_pause  # the pause waits for the collection
+        fs.release.set()
+        with anyio.fail_after(10):
+            while not seen_in_pause:
+                await anyio.sleep(0.01)
+        # The copy would see the journal after the collection, never halfway through it.
+        assert len(seen_in_pause[0]) < len(on_disk)
+        assert seen_in_pause[0] == fs.listdir(JOURNAL_DIR)
+
+        # And a collection asked for during a pause waits for its end.
+        await _acknowledged(j, range(101, 201))
+        before = fs.listdir(JOURNAL_DIR)
+        done: list[int] = []
+
+        async def collect_again() -> None:
+            done.append(await j.collect(lambda r: 200))
+
+        async with j.paused():
+            tg.start_soon(collect_again)
+            await anyio.sleep(0.1)
+            assert not done and fs.listdir(JOURNAL_DIR) == before
+        with anyio.fail_after(10):
+            while not done:
+                await anyio.sleep(0.01)
+        assert done[0] >= 1
+        j.begin_close()
+    await j.aclose()
+
+
+async def test_a_world_acknowledges_while_its_journal_deletes_segments(tmp_path: Path) -> None:
+    """Through ``open_world``: the journal writes on one thread of its own, so deleting
+    passed segments must not take that thread (nor its lock) while a flush collects them."""
+    fs = _SlowUnlink()
+    store = await LocalStore.open(tmp_path, fs=fs)
+    await create_world(store, seed=3)
+    conf = Config(runtime=RuntimeSettings(flush_interval_ms=60_000, journal_segment_bytes=4096))
+    async with open_world(tmp_path, conf, fs=fs) as world:
+        for t in range(1, 6):
+            await world.submit([TileSet(tick=t, x=i % 64, y=i // 64, tile=t) for i in range(200)])
+        assert world.stats().journal_segments >= 3
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(world.flush)
+            await anyio.to_thread.run_sync(fs.entered.wait)  # collecting, stuck in an unlink
+            with anyio.fail_after(10):  # on the writer's thread or under its lock: never
+                await world.submit([TileSet(tick=6, x=1, y=1, tile=42)])
+            fs.release.set()
+        assert world.stats().journal.segments_deleted >= 2
+        assert int((await world.chunk(0, 0)).tiles[1, 1]) == 42

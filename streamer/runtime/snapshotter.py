@@ -7,8 +7,8 @@ flushed completely (every acknowledged delta folded, passed journal segments del
 
 - every token of the world's flush limiter is held, so no region file is rewritten (a
   running flush finishes first);
-- the journal's I/O lock is held, so the writer appends nothing and segment collection
-  (and the ``players.idx`` write that follows it) waits.
+- the journal is paused (``Journal.paused``), so the writer appends nothing and segment
+  collection (and the ``players.idx`` write that follows it) waits.
 
 Submits keep being accepted meanwhile but are acknowledged only after the pause (their
 journal write waits), so what the snapshot holds is exactly: region files + journal =
@@ -121,9 +121,8 @@ class Snapshotter:
                 b = object()
                 await limiter.acquire_on_behalf_of(b)
                 borrowers.append(b)
-            # The journal has no public pause; its I/O lock serialises the writer and
-            # collection, which is exactly what must not run during the copy.
-            async with journal._io_lock:
+            # Neither the writer nor segment collection may run during the copy.
+            async with journal.paused():
                 yield
         finally:
             for b in borrowers:

@@ -389,6 +389,8 @@ class World(_SubmitPath, _FlushPath):
             fsync=fsync,
             on_durable=self._on_durable,
             on_failed=self._on_failed,
+            # Segment deletion on anyio's shared threads, not the writer's only one.
+            collect_run_sync=anyio.to_thread.run_sync,
         )
         self._journal = journal
         replay = await journal.open(self._batch_ticks)
