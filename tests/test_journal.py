@@ -395,7 +395,7 @@ async def test_acknowledgements_do_not_wait_for_segment_deletion() -> None:
             deleted.append(await j.collect(lambda r: 100))
 
         tg.start_soon(collect)
-        await anyio.to_thread.run_sync(fs.entered.wait)  # an unlink is in progress
+        assert await anyio.to_thread.run_sync(fs.entered.wait, 10)  # an unlink is in progress
         late = batch(j, 101)
         with anyio.fail_after(10):  # with the unlink under the writer's lock: never
             await j.append(late, ticks_of(late)).wait()
@@ -431,7 +431,7 @@ async def test_a_pause_waits_for_a_collection_in_progress() -> None:
                 seen_in_pause.append(fs.listdir(JOURNAL_DIR))
 
         tg.start_soon(collect)
-        await anyio.to_thread.run_sync(fs.entered.wait)  # unlinking, stuck
+        assert await anyio.to_thread.run_sync(fs.entered.wait, 10)  # unlinking, stuck
         tg.start_soon(snapshot)
         await anyio.sleep(0.1)
         assert not seen_in_pause  # the pause waits for the collection
@@ -476,7 +476,9 @@ async def test_a_world_acknowledges_while_its_journal_deletes_segments(tmp_path:
         assert world.stats().journal_segments >= 3
         async with anyio.create_task_group() as tg:
             tg.start_soon(world.flush)
-            await anyio.to_thread.run_sync(fs.entered.wait)  # collecting, stuck in an unlink
+            assert await anyio.to_thread.run_sync(
+                fs.entered.wait, 10
+            )  # collecting, stuck in an unlink
             with anyio.fail_after(10):  # on the writer's thread or under its lock: never
                 await world.submit([TileSet(tick=6, x=1, y=1, tile=42)])
             fs.release.set()

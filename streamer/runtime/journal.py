@@ -575,8 +575,10 @@ class Journal:
                     f"cannot delete passed journal segments: {exc}", key=JOURNAL_DIR
                 ) from exc
             gone = {id(s) for s in dead}
-            async with self._io_lock:  # the writer's thread appends new segments to the list
-                self._segments = [s for s in self._segments if id(s) not in gone]
+            # Shielded: the files are gone, the list must say so even if we are cancelled.
+            with anyio.CancelScope(shield=True):
+                async with self._io_lock:  # the writer's thread appends to the list
+                    self._segments = [s for s in self._segments if id(s) not in gone]
             self._deleted += len(dead)
             return len(dead)
 

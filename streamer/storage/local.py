@@ -411,7 +411,7 @@ class LocalStore(BlobStore):
                 self.fs.replace(backup, key)
             else:
                 self.fs.unlink(key)
-        except OSError as exc:
+        except (OSError, InvalidKey) as exc:
             log.error(
                 "%s: the write failed (directory fsync), and putting the previous version back "
                 "failed too (%s): the new, possibly not durable version stays visible",
