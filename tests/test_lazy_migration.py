@@ -116,12 +116,17 @@ def raw_of(payload: bytes) -> Raw:
     return out
 
 
-async def old_world(root: Path) -> dict[str, dict[tuple[int, int], bytes]]:
-    """Region (0, 0): two old chunks and a current one; region (-1, 0): a v99 record."""
+async def empty_world(root: Path) -> None:
+    """A new world at ``root`` with an empty regions directory (files are written by hand)."""
     store = await LocalStore.open(root, fsync=False)
     await create_world(store, seed=SEED)
     await store.aclose()
     (root / "regions").mkdir(exist_ok=True)
+
+
+async def old_world(root: Path) -> dict[str, dict[tuple[int, int], bytes]]:
+    """Region (0, 0): two old chunks and a current one; region (-1, 0): a v99 record."""
+    await empty_world(root)
     gen = TerrainGenerator(SEED)
     codec = ChunkCodec("msgpack")
     current = ChunkRecord(
@@ -381,10 +386,7 @@ async def test_loads_built_in_the_worker_thread_match_the_loop(
 async def test_a_chunk_without_schema_version_is_refused_on_load(tmp_path: Path) -> None:
     """A stored chunk payload missing ``schemaVersion`` is a clear error at load, whichever
     thread would have built it, and the region's other chunks still load."""
-    store = await LocalStore.open(tmp_path, fsync=False)
-    await create_world(store, seed=SEED)
-    await store.aclose()
-    (tmp_path / "regions").mkdir(exist_ok=True)
+    await empty_world(tmp_path)
     gen = TerrainGenerator(SEED)
     codec = ChunkCodec("msgpack")
     good = ChunkRecord(
@@ -411,10 +413,7 @@ async def test_a_chunk_built_in_the_thread_is_not_used_once_a_delta_queued_meanw
     not serve the thread's chunk (built without it), but build one with the delta."""
     import streamer.runtime.world as world_mod
 
-    store = await LocalStore.open(tmp_path, fsync=False)
-    await create_world(store, seed=SEED)
-    await store.aclose()
-    (tmp_path / "regions").mkdir(exist_ok=True)
+    await empty_world(tmp_path)
     gen = TerrainGenerator(SEED)
     codec = ChunkCodec("msgpack")
     rec = ChunkRecord(
@@ -454,10 +453,7 @@ async def test_a_wrong_fingerprint_is_refused_for_a_chunk_built_in_the_thread(
     import streamer.runtime.world as world_mod
     from streamer.errors import IntegrityError
 
-    store = await LocalStore.open(tmp_path, fsync=False)
-    await create_world(store, seed=SEED)
-    await store.aclose()
-    (tmp_path / "regions").mkdir(exist_ok=True)
+    await empty_world(tmp_path)
     gen = TerrainGenerator(SEED)
     codec = ChunkCodec("msgpack")
     rec = ChunkRecord(
