@@ -45,7 +45,6 @@ import multiprocessing
 import multiprocessing.process
 import os
 import pickle
-import struct
 import time
 import traceback
 from collections import Counter
@@ -77,6 +76,13 @@ from streamer.schema.codec import ChunkCodec, Encoding
 from streamer.schema.migrations import CHUNK_NESTED_FIELDS, REGISTRY, MigrationRegistry, RawRecord
 from streamer.schema.records import ChunkRecord
 from streamer.storage.base import BlobStore
+from streamer.subproc import (
+    FRAME_LEN,
+    read_exact,
+    read_exact_blocking,
+    write_all,
+    write_all_blocking,
+)
 from streamer.worlddir import read_manifest
 
 __all__ = [
@@ -641,23 +647,6 @@ def _migrate_in_worker(
 
 # One message each way per region, framed as an 8-byte length and a pickle. Our own framing
 # (not ``Connection.send``) so the parent can do its side without blocking the event loop.
-_FRAME_LEN: Final = struct.Struct("<Q")
-
-
-def _read_exact_blocking(fd: int, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        part = os.read(fd, n - len(buf))
-        if not part:
-            raise EOFError
-        buf += part
-    return bytes(buf)
-
-
-def _write_all_blocking(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
 
 
 def _worker_main(conn: Connection, registry: MigrationRegistry | None) -> None:
@@ -671,8 +660,8 @@ def _worker_main(conn: Connection, registry: MigrationRegistry | None) -> None:
     fd = conn.fileno()
     while True:
         try:
-            (n,) = _FRAME_LEN.unpack(_read_exact_blocking(fd, _FRAME_LEN.size))
-            args = pickle.loads(_read_exact_blocking(fd, n))
+            (n,) = FRAME_LEN.unpack(read_exact_blocking(fd, FRAME_LEN.size))
+            args = pickle.loads(read_exact_blocking(fd, n))
         except EOFError:
             return
         try:
@@ -690,7 +679,7 @@ def _worker_main(conn: Connection, registry: MigrationRegistry | None) -> None:
             else:
                 failed = RuntimeError(f"worker process: {failed!r}")
             out = pickle.dumps((False, failed, reply[2]), protocol=pickle.HIGHEST_PROTOCOL)
-        _write_all_blocking(fd, _FRAME_LEN.pack(len(out)) + out)
+        write_all_blocking(fd, FRAME_LEN.pack(len(out)) + out)
 
 
 class _RemoteTraceback(Exception):
@@ -800,9 +789,9 @@ class _ProcessWorkers:
             worker = self._idle.pop()
             fd = worker.conn.fileno()
             try:
-                await _write_all(fd, _FRAME_LEN.pack(len(request)) + request)
-                (n,) = _FRAME_LEN.unpack(await _read_exact(fd, _FRAME_LEN.size))
-                ok, value, remote_tb = pickle.loads(await _read_exact(fd, n))
+                await write_all(fd, FRAME_LEN.pack(len(request)) + request)
+                (n,) = FRAME_LEN.unpack(await read_exact(fd, FRAME_LEN.size))
+                ok, value, remote_tb = pickle.loads(await read_exact(fd, n))
             except (EOFError, OSError) as exc:
                 # The worker died (killed, out of memory); it is not put back.
                 await anyio.to_thread.run_sync(worker.process.join, 5.0)
@@ -836,29 +825,6 @@ class _ProcessWorkers:
             if worker.process.exitcode is None:
                 worker.process.kill()
                 worker.process.join()
-
-
-async def _read_exact(fd: int, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        try:
-            part = os.read(fd, n - len(buf))
-        except BlockingIOError:
-            await anyio.wait_readable(fd)
-            continue
-        if not part:
-            raise EOFError
-        buf += part
-    return bytes(buf)
-
-
-async def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        try:
-            view = view[os.write(fd, view) :]
-        except BlockingIOError:
-            await anyio.wait_writable(fd)
 
 
 # -- the engine ----------------------------------------------------------------------------
