@@ -58,6 +58,9 @@ class RuntimeSettings(_Section):
     #: A chunk is released only once it is this many chunks beyond the view radius.
     hysteresis: Annotated[int, msgspec.Meta(ge=0, le=16)] = 1
     load_workers: Annotated[int, msgspec.Meta(ge=1, le=256)] = 4
+    #: Worker processes generating terrain for chunk loads, off this process's GIL. "auto":
+    #: one if the machine has two or more cores, else none; 0: terrain in threads only.
+    terrain_processes: Annotated[int, msgspec.Meta(ge=0, le=64)] | Literal["auto"] = "auto"
     flush_concurrency: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 16
     #: A dirty region is folded into its file at most this long after its first delta.
     flush_interval_ms: PositiveInt = 1000

@@ -88,6 +88,7 @@ from streamer.runtime.regionstate import (
 from streamer.runtime.scrubber import Scrubber
 from streamer.runtime.snapshotter import Snapshotter
 from streamer.runtime.submitting import _DIRECT_PRIORITY, _I32, _Routed, _SubmitPath
+from streamer.runtime.terrain_process import TerrainProcess, terrain_processes_for
 from streamer.schema.codec import ChunkCodec
 from streamer.schema.records import Character, ChunkRecord
 from streamer.storage.fs import FileSystem
@@ -109,6 +110,12 @@ Ts = TypeVarTuple("Ts")
 
 Tiles: TypeAlias = npt.NDArray[np.uint16]
 
+#: Terrain worker processes start once this many load batches found other loads queued or
+#: in flight. A worker only helps then (one batch alone runs its stages one after the
+#: other wherever terrain is made), and a world that loads a few chunks one at a time (a
+#: tool, a restart check) does not pay for a process start: a new interpreter, ~0.3 s of
+#: CPU, once per process; a fork after that.
+TERRAIN_PROCESS_AFTER = 4
 #: Clean region states kept in memory (each is its region file's chunk payloads).
 _CLEAN_REGIONS_KEPT = 512
 
@@ -138,6 +145,12 @@ class WorldStats(msgspec.Struct, frozen=True, kw_only=True):
     loader: LoaderStats
     journal: JournalStats
     recovery: RecoveryStats = msgspec.field(default_factory=RecoveryStats)
+    #: Terrain worker processes running now (see ``runtime.terrain_processes``).
+    terrain_processes: int = 0
+    #: Load batches whose terrain came from a worker process (the rest: from threads).
+    terrain_process_batches: int = 0
+    #: Terrain worker processes that died or failed to start (each one logged).
+    terrain_process_failures: int = 0
 
 
 def open_world(
@@ -206,6 +219,9 @@ class World(_SubmitPath, _FlushPath):
         #: once in ``submit``, used by ``_on_durable``. Value: (parts, no entity deltas).
         self._routing: dict[int, tuple[_Routed, bool]] = {}
         self._chunk_keys: dict[ChunkKey, ChunkKey] = {}
+        #: Terrain worker processes (started once loads are sustained: TERRAIN_PROCESS_AFTER).
+        self._terrain: list[TerrainProcess] = []
+        self._terrain_wanted = 0
         #: Regions refused after unrecoverable corruption (the recovery ladder fills this).
         self._inactive: set[RegionKey] = set()
         # Recovery integration lives in its own modules (runtime/recovery_hooks.py etc.).
@@ -309,6 +325,8 @@ class World(_SubmitPath, _FlushPath):
     async def _release(self) -> None:
         if self._journal is not None:
             self._journal.begin_close()
+        for proc in self._terrain:
+            await proc.aclose()
         if self._lock is not None:
             lock, self._lock = self._lock, None
             await anyio.to_thread.run_sync(lock.release)
@@ -360,6 +378,10 @@ class World(_SubmitPath, _FlushPath):
         self._bound = manifest.bound_tiles
         self._gen = TerrainGenerator(manifest.seed, params_from_dict(manifest.generator_params))
         self._codec = ChunkCodec(manifest.encoding)
+        self._terrain = [
+            TerrainProcess(self._gen.seed, self._gen.params)
+            for _ in range(terrain_processes_for(rt.terrain_processes))
+        ]
 
         try:
             blob = await store.get(PLAYERS_KEY)
@@ -519,8 +541,9 @@ class World(_SubmitPath, _FlushPath):
                     payloads[k] = (payload, "")  # stored, but built on the loop
         gen, codec = self._gen, self._codec
         assert gen is not None and codec is not None
+        tiles = await self._process_tiles(live) if self._terrain else None
         generated = await anyio.to_thread.run_sync(
-            partial(_generate, gen, codec, live, payloads, rs), limiter=self._cpu_limiter
+            partial(_generate, gen, codec, live, payloads, rs, tiles), limiter=self._cpu_limiter
         )
         # A clean region state may have been evicted during the hop: fetch it again.
         while missing := {region_of_chunk(k[0], k[1], rs) for k in live} - set(self._regions):
@@ -541,6 +564,22 @@ class World(_SubmitPath, _FlushPath):
             except StreamerError as err:
                 out[key] = err
         return out
+
+    async def _process_tiles(self, keys: list[ChunkKey]) -> bytes | None:
+        """``keys``' terrain from a worker process, or ``None`` (generated in the thread)."""
+        tg = self._tg
+        if self._loader.inflight > len(keys) or self._loader.queue_depth:
+            self._terrain_wanted += 1  # another batch waits or runs: stages could overlap
+        if tg is not None and self._terrain_wanted >= TERRAIN_PROCESS_AFTER:
+            for proc in self._terrain:
+                if proc.should_start():
+                    tg.start_soon(proc.start, name="terrain-process-start")
+        running = [p for p in self._terrain if p.running]
+        if not running:
+            return None
+        # An idle worker if there is one; else the batches queue on the first one's lock.
+        proc = next((p for p in running if not p.busy), running[0])
+        return await proc.tiles(keys)
 
     def _build(
         self,
@@ -840,6 +879,9 @@ class World(_SubmitPath, _FlushPath):
             loader=loader,
             journal=js,
             recovery=self._recovery.stats(),
+            terrain_processes=sum(p.running for p in self._terrain),
+            terrain_process_batches=sum(p.batches for p in self._terrain),
+            terrain_process_failures=sum(p.failures for p in self._terrain),
         )
 
     @property
@@ -861,6 +903,21 @@ async def _exists(store: LocalStore, key: str) -> bool:
     return True
 
 
+def _terrain_of(
+    gen: TerrainGenerator, keys: Sequence[ChunkKey], process_tiles: bytes | None
+) -> list[Tiles]:
+    if process_tiles is None:
+        return gen.chunks_tiles(list(keys))
+    batch = np.frombuffer(process_tiles, dtype=np.uint16).reshape(len(keys), CHUNK_SIZE, CHUNK_SIZE)
+    out: list[Tiles] = []
+    for tiles in batch:
+        # Own arrays, as ``chunks_tiles`` gives: a cached chunk must not keep the batch alive.
+        own = tiles.copy()
+        own.flags.writeable = False
+        out.append(own)
+    return out
+
+
 @dataclass(frozen=True, slots=True)
 class _Prebuilt:
     """A chunk built from a stored record in a worker thread (see ``World._load_batch``)."""
@@ -878,14 +935,16 @@ def _generate(
     keys: Sequence[ChunkKey],
     payloads: Mapping[ChunkKey, tuple[bytes, str]],
     region_size: int,
+    process_tiles: bytes | None = None,
 ) -> Mapping[ChunkKey, tuple[Tiles, ChunkDefaults | None, _Prebuilt | None]]:
     """Worker-thread half of a load, in one hop: terrain for every key, defaults for
     pristine chunks, and the finished chunk for stored ones that may be built here
     (``payloads[key] = (payload, where)``, ``where`` empty if not). A record that needs a
     migration, or fails to decode, is left to the loop (which migrates it, once, or reports
-    it): no migration step ever runs here."""
+    it): no migration step ever runs here. ``process_tiles``: the keys' terrain from a
+    worker process, if it gave it (see ``terrain_process``)."""
     out: dict[ChunkKey, tuple[Tiles, ChunkDefaults | None, _Prebuilt | None]] = {}
-    for (cx, cy), tiles in zip(keys, gen.chunks_tiles(list(keys)), strict=True):
+    for (cx, cy), tiles in zip(keys, _terrain_of(gen, keys, process_tiles), strict=True):
         stored = payloads.get((cx, cy))
         if stored is None:
             out[(cx, cy)] = (tiles, gen.chunk_defaults(cx, cy, region_size), None)

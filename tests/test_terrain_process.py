@@ -1,0 +1,258 @@
+"""Terrain in a worker process: same tiles, falls back to threads, never outlives its world."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import anyio
+import numpy as np
+import pytest
+
+from streamer import TileSet, open_world
+from streamer.config import Config, RuntimeSettings, StorageSettings, load_config
+from streamer.errors import ConfigError
+from streamer.runtime import terrain_process, terrain_server
+from streamer.runtime.terrain_process import TerrainProcess
+from streamer.runtime.world import TERRAIN_PROCESS_AFTER, World
+from streamer.storage.local import LocalStore
+from streamer.worlddir import create_world
+from streamer.worldgen import TerrainGenerator
+from streamer.worldgen.params import DEFAULT_PARAMS
+
+SEED = 23
+
+
+def cfg(processes: int) -> Config:
+    return Config(
+        runtime=RuntimeSettings(flush_interval_ms=60_000, terrain_processes=processes),
+        storage=StorageSettings(fsync=False),
+    )
+
+
+async def new_world(path: Path) -> Path:
+    async with await LocalStore.open(path, fsync=False) as store:
+        await create_world(store, seed=SEED)
+    return path
+
+
+def alive(pid: int) -> bool:
+    """Running (a zombie is not: an orphan's may wait for a reaper this VM's init lacks)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+async def wait_until(what: str, cond: object, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await anyio.sleep(0.02)
+
+
+async def concurrent_loads(world: World, keys: list[tuple[int, int]]) -> None:
+    async with anyio.create_task_group() as tg:
+        for key in keys:
+            tg.start_soon(world.chunk, *key)
+
+
+async def worker_up(world: World) -> None:
+    """Concurrent loads (several batches at once) until the worker has started and serves."""
+    keys = [(1000 + i, 1000) for i in range(16 * 4 * TERRAIN_PROCESS_AFTER)]
+    await concurrent_loads(world, keys)
+    await wait_until("the terrain worker", lambda: world.stats().terrain_processes == 1)
+
+
+async def test_worker_gives_the_generators_tiles_and_exits_on_close() -> None:
+    gen = TerrainGenerator(SEED)
+    proc = TerrainProcess(SEED, DEFAULT_PARAMS)
+    await proc.start()
+    assert proc.running and alive(proc.pid)
+    keys = [(0, 0), (-1, 2), (-300, -7), (5, 9), *[(i, -i) for i in range(20)]]
+    raw = await proc.tiles(keys)
+    assert raw is not None
+    got = np.frombuffer(raw, dtype=np.uint16).reshape(len(keys), 64, 64)
+    for key, tiles in zip(keys, got, strict=True):
+        assert np.array_equal(tiles, gen.chunk_tiles(*key)), key
+    assert proc.batches == 1 and proc.failures == 0
+    pid = proc.pid
+    await proc.aclose()
+    assert proc.pid == -1
+    assert await proc.tiles(keys) is None
+    await wait_until("the worker to exit", lambda: not alive(pid))
+
+
+async def test_a_batch_the_worker_cannot_compute_is_left_to_the_caller() -> None:
+    proc = TerrainProcess(SEED, DEFAULT_PARAMS)
+    await proc.start()
+    try:
+        assert await proc.tiles([(0, 0), (1 << 45, 0)]) is None  # out of the generator's range
+        assert await proc.tiles([(0, 0)]) is not None  # still in step
+        assert proc.failures == 0
+    finally:
+        await proc.aclose()
+
+
+async def test_world_loads_through_the_worker_with_edits_applied(tmp_path: Path) -> None:
+    await new_world(tmp_path)
+    gen = TerrainGenerator(SEED)
+    keys = [(cx, cy) for cx in range(-4, 4) for cy in range(-4, 4)]
+    async with open_world(tmp_path, cfg(1)) as world:
+        await world.submit(
+            [TileSet(tick=1, x=cx * 64 + 1, y=cy * 64 + 2, tile=77) for cx, cy in keys]
+        )
+        await world.flush()
+    async with open_world(tmp_path, cfg(1)) as world:
+        await worker_up(world)
+        chunks = {}
+
+        async def load(key: tuple[int, int]) -> None:
+            chunks[key] = await world.chunk(*key)
+
+        async with anyio.create_task_group() as tg:
+            for key in keys:
+                tg.start_soon(load, key)
+        for key in keys:
+            expect = np.array(gen.chunk_tiles(*key))
+            expect[2, 1] = 77
+            assert np.array_equal(chunks[key].tiles, expect), key
+            assert not chunks[key].tiles.flags.writeable
+        stats = world.stats()
+        assert stats.terrain_process_batches >= 1
+        assert stats.terrain_process_failures == 0
+
+
+async def test_zero_processes_means_threads_only(tmp_path: Path) -> None:
+    await new_world(tmp_path)
+    async with open_world(tmp_path, cfg(0)) as world:
+        for i in range(TERRAIN_PROCESS_AFTER + 2):
+            c = await world.chunk(3, i)
+            assert np.array_equal(c.tiles, TerrainGenerator(SEED).chunk_tiles(3, i))
+        await anyio.sleep(0.2)
+        stats = world.stats()
+        assert stats.terrain_processes == 0 and stats.terrain_process_batches == 0
+
+
+async def test_only_overlapping_loads_start_a_process(tmp_path: Path) -> None:
+    """Loads one at a time gain nothing from a worker and never start one."""
+    await new_world(tmp_path)
+    async with open_world(tmp_path, cfg(1)) as world:
+        for i in range(4 * TERRAIN_PROCESS_AFTER):
+            await world.chunk(i, 0)
+        await anyio.sleep(0.2)
+        assert world.stats().terrain_processes == 0
+        assert not any(p.running for p in world._terrain)
+        await concurrent_loads(world, [(i, 1) for i in range(16 * 4 * TERRAIN_PROCESS_AFTER)])
+        await wait_until("the terrain worker", lambda: world.stats().terrain_processes == 1)
+
+
+async def test_a_killed_worker_is_logged_loads_go_on_and_a_new_one_starts(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(terrain_process, "RESTART_DELAY_S", 0.0)
+    await new_world(tmp_path)
+    gen = TerrainGenerator(SEED)
+    async with open_world(tmp_path, cfg(1)) as world:
+        await worker_up(world)
+        (proc,) = world._terrain
+        old = proc.pid
+        os.kill(old, signal.SIGKILL)
+        await wait_until("the worker to die", lambda: not alive(old))
+        with caplog.at_level(logging.WARNING, logger="streamer.runtime.terrain_process"):
+            c = await world.chunk(7, -7)  # finds the worker dead: generated in a thread
+        assert np.array_equal(c.tiles, gen.chunk_tiles(7, -7))
+        assert world.stats().terrain_process_failures == 1
+        assert any(str(old) in r.getMessage() for r in caplog.records)
+        await world.chunk(8, -7)  # the next load starts a replacement
+        await wait_until("a new worker", lambda: world.stats().terrain_processes == 1)
+        assert proc.pid not in (old, -1)
+        batches = world.stats().terrain_process_batches
+        c = await world.chunk(9, -7)
+        assert np.array_equal(c.tiles, gen.chunk_tiles(9, -7))
+        assert world.stats().terrain_process_batches == batches + 1
+
+
+async def test_a_dead_server_is_started_again() -> None:
+    proc = TerrainProcess(SEED, DEFAULT_PARAMS)
+    await proc.start()
+    await proc.aclose()
+    server = terrain_server._server
+    assert server is not None
+    server[0].kill()
+    server[0].wait()
+    again = TerrainProcess(SEED, DEFAULT_PARAMS)
+    await again.start()
+    try:
+        assert again.running and await again.tiles([(1, 1)]) is not None
+        assert terrain_server._server is not None and terrain_server._server[0] is not server[0]
+    finally:
+        await again.aclose()
+
+
+def test_negative_terrain_processes_is_a_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "streamer.toml"
+    for bad, needle in (("-1", ">= 0"), ('"many"', "Invalid")):
+        path.write_text(f"[runtime]\nterrain_processes = {bad}\n")
+        with pytest.raises(ConfigError) as info:
+            load_config(path, env={})
+        assert info.value.key == "runtime.terrain_processes", info.value
+        assert needle in str(info.value)
+    path.write_text("[runtime]\nterrain_processes = 2\n")
+    assert load_config(path, env={}).runtime.terrain_processes == 2
+    assert (
+        load_config(None, env={"STREAMER_RUNTIME_TERRAIN_PROCESSES": "0"}).runtime.terrain_processes
+        == 0
+    )
+
+
+_CHILD = textwrap.dedent(
+    """
+    import sys, anyio
+    from streamer import open_world
+    from streamer.config import Config, RuntimeSettings, StorageSettings
+    from streamer.runtime import terrain_server
+
+    async def main():
+        rt = RuntimeSettings(terrain_processes=1)
+        cfg = Config(runtime=rt, storage=StorageSettings(fsync=False))
+        async with open_world(sys.argv[1], cfg) as world:
+            i = 0
+            while world.stats().terrain_processes == 0:
+                async with anyio.create_task_group() as tg:
+                    for _ in range(64):
+                        tg.start_soon(world.chunk, i, 0)
+                        i += 1
+                await anyio.sleep(0.02)
+            print(world._terrain[0].pid, terrain_server._server[0].pid, flush=True)
+            await anyio.sleep(60)
+
+    anyio.run(main)
+    """
+)
+
+
+def test_worker_and_server_exit_when_their_parent_is_killed(tmp_path: Path) -> None:
+    anyio.run(new_world, tmp_path)
+    with subprocess.Popen(
+        [sys.executable, "-c", _CHILD, str(tmp_path)], stdout=subprocess.PIPE, text=True
+    ) as child:
+        try:
+            assert child.stdout is not None
+            worker, server = (int(v) for v in child.stdout.readline().split())
+            assert alive(worker) and alive(server)
+        finally:
+            child.kill()
+    deadline = time.monotonic() + 20
+    while (alive(worker) or alive(server)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not alive(worker), "terrain worker outlived its killed parent"
+    assert not alive(server), "terrain server outlived its killed parent"
