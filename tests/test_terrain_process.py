@@ -9,6 +9,8 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import anyio
@@ -72,34 +74,72 @@ async def worker_up(world: World) -> None:
     await wait_until("the terrain worker", lambda: world.stats().terrain_processes == 1)
 
 
-async def test_worker_gives_the_generators_tiles_and_exits_on_close() -> None:
-    gen = TerrainGenerator(SEED)
+@asynccontextmanager
+async def worker() -> AsyncIterator[TerrainProcess]:
     proc = TerrainProcess(SEED, DEFAULT_PARAMS)
-    await proc.start()
-    assert proc.running and alive(proc.pid)
-    keys = [(0, 0), (-1, 2), (-300, -7), (5, 9), *[(i, -i) for i in range(20)]]
-    raw = await proc.tiles(keys)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(proc.run)
+        await wait_until("the worker to start", lambda: proc.running)
+        try:
+            yield proc
+        finally:
+            tg.cancel_scope.cancel()
+    await proc.aclose()
+
+
+def check_tiles(raw: bytes | None, keys: list[tuple[int, int]]) -> None:
     assert raw is not None
+    gen = TerrainGenerator(SEED)
     got = np.frombuffer(raw, dtype=np.uint16).reshape(len(keys), 64, 64)
     for key, tiles in zip(keys, got, strict=True):
         assert np.array_equal(tiles, gen.chunk_tiles(*key)), key
-    assert proc.batches == 1 and proc.failures == 0
-    pid = proc.pid
-    await proc.aclose()
-    assert proc.pid == -1
+
+
+async def test_worker_gives_the_generators_tiles_and_exits_on_close() -> None:
+    keys = [(0, 0), (-1, 2), (-300, -7), (5, 9), *[(i, -i) for i in range(20)]]
+    async with worker() as proc:
+        assert alive(proc.pid)
+        check_tiles(await proc.tiles(keys), keys)
+        assert proc.batches == 1 and proc.failures == 0
+        pid = proc.pid
+    assert proc.pid == -1 and not proc.running
     assert await proc.tiles(keys) is None
+    assert proc.failures == 0  # a close is not a failure
     await wait_until("the worker to exit", lambda: not alive(pid))
 
 
+async def test_pipelined_requests_each_get_their_own_tiles() -> None:
+    batches = [[(b * 100 + i, -b) for i in range(1 + b % 5)] for b in range(12)]
+    results: dict[int, bytes | None] = {}
+    async with worker() as proc:
+
+        async def fetch(b: int) -> None:
+            results[b] = await proc.tiles(batches[b])
+
+        async with anyio.create_task_group() as tg:
+            for b in range(len(batches)):
+                tg.start_soon(fetch, b)
+        for b, keys in enumerate(batches):
+            check_tiles(results[b], keys)
+        assert proc.batches == len(batches) and proc.outstanding == 0
+
+
+async def test_a_cancelled_request_does_not_put_the_replies_out_of_step() -> None:
+    async with worker() as proc:
+        async with anyio.create_task_group() as tg:
+            # Big enough (~0.1 s in the worker) to be seen outstanding.
+            tg.start_soon(proc.tiles, [(7, i) for i in range(1024)])
+            await wait_until("the request to go out", lambda: proc.outstanding == 1)
+            tg.cancel_scope.cancel()  # gives up on its reply once it is sent
+        check_tiles(await proc.tiles([(1, 2)]), [(1, 2)])  # not the abandoned reply
+        assert proc.outstanding == 0 and proc.failures == 0
+
+
 async def test_a_batch_the_worker_cannot_compute_is_left_to_the_caller() -> None:
-    proc = TerrainProcess(SEED, DEFAULT_PARAMS)
-    await proc.start()
-    try:
+    async with worker() as proc:
         assert await proc.tiles([(0, 0), (1 << 45, 0)]) is None  # out of the generator's range
-        assert await proc.tiles([(0, 0)]) is not None  # still in step
+        check_tiles(await proc.tiles([(0, 0)]), [(0, 0)])  # still in step
         assert proc.failures == 0
-    finally:
-        await proc.aclose()
 
 
 async def test_world_loads_through_the_worker_with_edits_applied(tmp_path: Path) -> None:
@@ -182,20 +222,15 @@ async def test_a_killed_worker_is_logged_loads_go_on_and_a_new_one_starts(
 
 
 async def test_a_dead_server_is_started_again() -> None:
-    proc = TerrainProcess(SEED, DEFAULT_PARAMS)
-    await proc.start()
-    await proc.aclose()
+    async with worker():
+        pass
     server = terrain_server._server
     assert server is not None
     server[0].kill()
     server[0].wait()
-    again = TerrainProcess(SEED, DEFAULT_PARAMS)
-    await again.start()
-    try:
-        assert again.running and await again.tiles([(1, 1)]) is not None
+    async with worker() as again:
+        check_tiles(await again.tiles([(1, 1)]), [(1, 1)])
         assert terrain_server._server is not None and terrain_server._server[0] is not server[0]
-    finally:
-        await again.aclose()
 
 
 def test_negative_terrain_processes_is_a_config_error(tmp_path: Path) -> None:

@@ -26,6 +26,7 @@ import os
 import signal
 import socket
 import time
+from collections import deque
 from collections.abc import Sequence
 from typing import Final, Literal
 
@@ -56,10 +57,23 @@ def terrain_processes_for(setting: int | Literal["auto"]) -> int:
     return 1 if (os.cpu_count() or 1) >= 2 else 0
 
 
+class _Pending:
+    """One request's reply, filled in by the reader; ``None`` if the worker could not answer."""
+
+    __slots__ = ("data", "done")
+
+    def __init__(self) -> None:
+        self.done = anyio.Event()
+        self.data: bytes | None = None
+
+
 class TerrainProcess:
     """One terrain worker process for one open world; see the module docstring.
 
-    Used from one event loop. Requests are served one at a time, in the order they come.
+    :meth:`run` (a task in the world's task group) starts the worker and reads its replies;
+    :meth:`tiles` sends requests. Requests are pipelined: the worker always has the next
+    batch waiting while this side handles the last reply, and replies come back in the
+    order the requests went out. Used from one event loop.
     """
 
     def __init__(self, seed: int, params: GeneratorParams) -> None:
@@ -67,7 +81,9 @@ class TerrainProcess:
         self._params = params
         self._sock: socket.socket | None = None
         self._pid = -1
-        self._lock = anyio.Lock()
+        self._send_lock = anyio.Lock()
+        #: Requests sent and not yet answered, in the order they were sent.
+        self._pending: deque[_Pending] = deque()
         self._starting = False
         self._closed = False
         self._last_start = -RESTART_DELAY_S
@@ -86,9 +102,9 @@ class TerrainProcess:
         return self._pid
 
     @property
-    def busy(self) -> bool:
-        """Serving a request (others wait their turn)."""
-        return self._lock.locked()
+    def outstanding(self) -> int:
+        """Requests sent and not yet answered."""
+        return len(self._pending)
 
     def should_start(self) -> bool:
         """Whether a start is due: no worker, none starting, and the restart delay passed."""
@@ -99,9 +115,10 @@ class TerrainProcess:
             and time.monotonic() - self._last_start >= RESTART_DELAY_S
         )
 
-    async def start(self) -> None:
-        """Start the worker (in a thread: the first start in a process launches the terrain
-        server). Never raises: on failure, loads go on in threads and the failure is logged."""
+    async def run(self) -> None:
+        """Start the worker (spawned in a thread: the first start in a process launches the
+        terrain server), then read its replies until it dies or this task is cancelled.
+        Never raises but for cancellation: on failure, loads go on in threads, logged."""
         if not self.should_start():
             return
         self._starting = True
@@ -118,57 +135,80 @@ class TerrainProcess:
             sock.close()
             return
         self._sock, self._pid = sock, pid
+        why: str | None = None
+        try:
+            fd = sock.fileno()
+            while True:
+                (n,) = FRAME_LEN.unpack(await read_exact(fd, FRAME_LEN.size))
+                data = await read_exact(fd, n)
+                if not self._pending:
+                    self._lost(sock, "answered a request it was not sent", kill=True)
+                    return
+                pending = self._pending.popleft()
+                pending.data = data
+                pending.done.set()
+        except (EOFError, OSError) as exc:
+            why = f"died ({exc!r})"
+        finally:
+            self._lost(sock, why)
+
+    def _lost(self, sock: socket.socket, why: str | None, *, kill: bool = False) -> None:
+        """The worker is gone, going or out of step: fail what waits on it and let it go.
+
+        ``kill``: out of step, so it may be computing a batch nobody will read. Otherwise
+        the EOF of closing our end stops it (a dead one's pid may already be reused).
+        """
+        if self._sock is not sock:
+            return
+        pid = self._pid
+        self._sock, self._pid = None, -1
+        sock.close()
+        if kill:
+            _kill(pid)
+        while self._pending:
+            self._pending.popleft().done.set()  # data None: generated in threads
+        if why is not None and not self._closed:
+            self.failures += 1
+            log.warning(
+                "terrain worker process %d %s; generating in threads until a new one starts",
+                pid,
+                why,
+            )
 
     async def tiles(self, keys: Sequence[tuple[int, int]]) -> bytes | None:
         """The tiles of ``keys`` as one ``uint16`` buffer of shape ``(len(keys), 64, 64)``,
         or ``None`` if the worker cannot give them (the caller generates them itself)."""
-        if not keys or not self.running:
+        sock = self._sock
+        if not keys or sock is None:
             return None
         request = np.asarray(keys, dtype=np.int64).tobytes()
-        async with self._lock:
-            sock = self._sock
-            if sock is None:  # died while we waited
+        pending = _Pending()
+        async with self._send_lock:
+            if self._sock is not sock:  # died while we waited for our turn
                 return None
-            fd = sock.fileno()
             try:
-                await write_all(fd, FRAME_LEN.pack(len(request)) + request)
-                (n,) = FRAME_LEN.unpack(await read_exact(fd, FRAME_LEN.size))
-                out = await read_exact(fd, n)
-            except (EOFError, OSError) as exc:
-                self._lost(f"died ({exc!r})")
-                return None
+                await write_all(sock.fileno(), FRAME_LEN.pack(len(request)) + request)
+            except OSError:
+                return None  # the reader sees the worker gone and says so
             except BaseException:
-                # Cancelled mid-message: the stream is out of step; a new worker takes over.
-                self._lost(None)
+                # Cancelled with part of a frame written: the stream is out of step.
+                self._lost(sock, "was cut off mid-request", kill=True)
                 raise
-        if len(out) != len(keys) * _CHUNK_BYTES:
-            return None  # it could not compute this batch; the thread reports why
+            self._pending.append(pending)
+        # A waiter cancelled here leaves its entry: the reader still consumes the reply.
+        await pending.done.wait()
+        out = pending.data
+        if out is None or len(out) != len(keys) * _CHUNK_BYTES:
+            return None  # empty: it could not compute this batch; the thread says why
         self.batches += 1
         return out
 
-    def _lost(self, why: str | None) -> None:
-        sock, pid = self._sock, self._pid
-        self._sock, self._pid = None, -1
-        if sock is not None:
-            sock.close()
-        if why is None:
-            _kill(pid)  # it may be mid-reply; EOF would stop it only after that
-            return
-        self.failures += 1
-        log.warning(
-            "terrain worker process %d %s; generating in threads until a new one starts",
-            pid,
-            why,
-        )
-
     async def aclose(self) -> None:
-        """Stop the worker: closing its socket is its EOF. Shielded from cancellation."""
+        """Stop the worker, if :meth:`run` has not already (its cancellation does)."""
         self._closed = True
-        with anyio.CancelScope(shield=True):
-            async with self._lock:
-                sock, self._sock, self._pid = self._sock, None, -1
-                if sock is not None:
-                    sock.close()
+        sock = self._sock
+        if sock is not None:
+            self._lost(sock, None)
 
 
 def _kill(pid: int) -> None:

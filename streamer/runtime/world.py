@@ -573,13 +573,11 @@ class World(_SubmitPath, _FlushPath):
         if tg is not None and self._terrain_wanted >= TERRAIN_PROCESS_AFTER:
             for proc in self._terrain:
                 if proc.should_start():
-                    tg.start_soon(proc.start, name="terrain-process-start")
+                    tg.start_soon(proc.run, name="terrain-process")
         running = [p for p in self._terrain if p.running]
         if not running:
             return None
-        # An idle worker if there is one; else the batches queue on the first one's lock.
-        proc = next((p for p in running if not p.busy), running[0])
-        return await proc.tiles(keys)
+        return await min(running, key=lambda p: p.outstanding).tiles(keys)
 
     def _build(
         self,
