@@ -18,6 +18,7 @@ import random
 import resource
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -116,10 +117,25 @@ class DemoSummary(msgspec.Struct, kw_only=True):
     verify: list[tuple[int, int, int]]
 
 
-def peak_rss_mib() -> float:
+def peak_rss_mib(helpers: Sequence[int] = ()) -> float:
+    """Peak resident memory of this process plus that of running ``helpers`` (the world's
+    terrain processes: part of what the service costs, invisible to ``getrusage``)."""
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     # Linux reports KiB, macOS bytes.
-    return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
+    own = rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
+    return own + sum(_peak_kib(pid) for pid in helpers) / 1024
+
+
+def _peak_kib(pid: int) -> int:
+    """VmHWM of a running process in KiB; 0 if it is gone or this is not Linux."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0
+    for line in status.splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return 0
 
 
 async def ensure_world(path: Path, config: Config) -> bool:
@@ -249,9 +265,11 @@ class Demo:
         finally:
             self._scope = None
         elapsed = time.monotonic() - self._t0
-        return self._summary(elapsed, interrupted=stop.is_set() or self._aborted)
+        helpers = self.world.stats().terrain_process_pids
+        peak = await anyio.to_thread.run_sync(peak_rss_mib, helpers)
+        return self._summary(elapsed, interrupted=stop.is_set() or self._aborted, peak_mib=peak)
 
-    def _summary(self, elapsed: float, *, interrupted: bool) -> DemoSummary:
+    def _summary(self, elapsed: float, *, interrupted: bool, peak_mib: float) -> DemoSummary:
         opts, m, world = self.options, self.metrics, self.world
         s = world.stats()
         base = self._base or s
@@ -288,7 +306,7 @@ class Demo:
             cache_hit_rate=_hit_rate(
                 s.cache_hits - base.cache_hits, s.cache_misses - base.cache_misses
             ),
-            peak_rss_mib=peak_rss_mib(),
+            peak_rss_mib=peak_mib,
             last_tick=dict(sorted(m.last_tick.items())),
             verify=self._ledger.sample(_VERIFY_SAMPLE, random.Random(opts.seed)),
         )

@@ -35,7 +35,7 @@ from streamer.subproc import FRAME_LEN, read_exact_blocking, write_all_blocking
 from streamer.worldgen.params import GeneratorParams
 from streamer.worldgen.terrain import TerrainGenerator
 
-__all__ = ["spawn_worker"]
+__all__ = ["server_pid", "shutdown", "spawn_worker"]
 
 _PID: Final = struct.Struct("<q")
 # Not ``-m``: this module is already imported by the package, and runpy warns about that.
@@ -193,6 +193,12 @@ def _stop(proc: subprocess.Popen[bytes], ctl: socket.socket) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+def server_pid() -> int | None:
+    """The running server's pid, if one is running."""
+    server = _server
+    return server[0].pid if server is not None and server[0].poll() is None else None
 
 
 def shutdown() -> None:

@@ -89,6 +89,7 @@ from streamer.runtime.scrubber import Scrubber
 from streamer.runtime.snapshotter import Snapshotter
 from streamer.runtime.submitting import _DIRECT_PRIORITY, _I32, _Routed, _SubmitPath
 from streamer.runtime.terrain_process import TerrainProcess, terrain_processes_for
+from streamer.runtime.terrain_server import server_pid as terrain_server_pid
 from streamer.schema.codec import ChunkCodec
 from streamer.schema.records import Character, ChunkRecord
 from streamer.storage.fs import FileSystem
@@ -151,6 +152,8 @@ class WorldStats(msgspec.Struct, frozen=True, kw_only=True):
     terrain_process_batches: int = 0
     #: Terrain worker processes that died or failed to start (each one logged).
     terrain_process_failures: int = 0
+    #: Pids of the running terrain workers and of the terrain server that forks them (last).
+    terrain_process_pids: tuple[int, ...] = ()
 
 
 def open_world(
@@ -880,6 +883,7 @@ class World(_SubmitPath, _FlushPath):
             terrain_processes=sum(p.running for p in self._terrain),
             terrain_process_batches=sum(p.batches for p in self._terrain),
             terrain_process_failures=sum(p.failures for p in self._terrain),
+            terrain_process_pids=_terrain_pids(self._terrain),
         )
 
     @property
@@ -899,6 +903,12 @@ async def _exists(store: LocalStore, key: str) -> bool:
     except NotFound:
         return False
     return True
+
+
+def _terrain_pids(procs: Sequence[TerrainProcess]) -> tuple[int, ...]:
+    pids = tuple(p.pid for p in procs if p.running)
+    server = terrain_server_pid()
+    return (*pids, server) if pids and server is not None else pids
 
 
 def _terrain_of(
