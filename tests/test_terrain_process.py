@@ -221,6 +221,40 @@ async def test_a_killed_worker_is_logged_loads_go_on_and_a_new_one_starts(
         assert world.stats().terrain_process_batches == batches + 1
 
 
+async def test_a_hung_worker_is_killed_and_replaced_and_no_load_waits_on_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGSTOP: alive but silent. Its batch falls back to a thread after the reply timeout;
+    closing its socket under the reader (waiting on that fd) leaves the world's tasks
+    unharmed, and the replacement (often on the same fd number) serves."""
+    monkeypatch.setattr(terrain_process, "REPLY_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(terrain_process, "RESTART_DELAY_S", 0.0)
+    await new_world(tmp_path)
+    gen = TerrainGenerator(SEED)
+    async with open_world(tmp_path, cfg(1)) as world:
+        await worker_up(world)
+        (proc,) = world._terrain
+        stopped = proc.pid
+        os.kill(stopped, signal.SIGSTOP)
+        try:
+            with caplog.at_level(logging.WARNING, logger="streamer.runtime.terrain_process"):
+                c = await world.chunk(-9, 9)
+            assert np.array_equal(c.tiles, gen.chunk_tiles(-9, 9))
+            assert any("did not answer" in r.getMessage() for r in caplog.records)
+            assert world.stats().terrain_process_failures == 1
+            await wait_until("the hung worker to be killed", lambda: not alive(stopped))
+        finally:
+            if alive(stopped):
+                os.kill(stopped, signal.SIGKILL)
+        await concurrent_loads(world, [(i, 50) for i in range(64)])
+        await wait_until("a new worker", lambda: world.stats().terrain_processes == 1)
+        assert proc.pid not in (stopped, -1)
+        before = world.stats().terrain_process_batches
+        c = await world.chunk(-9, 10)
+        assert np.array_equal(c.tiles, gen.chunk_tiles(-9, 10))
+        assert world.stats().terrain_process_batches == before + 1
+
+
 async def test_a_dead_server_is_started_again() -> None:
     async with worker():
         pass

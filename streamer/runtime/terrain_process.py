@@ -36,15 +36,18 @@ import numpy as np
 
 from streamer.coords import CHUNK_SIZE
 from streamer.runtime.terrain_server import spawn_worker
-from streamer.subproc import FRAME_LEN, read_exact, write_all
+from streamer.subproc import FRAME_LEN
 from streamer.worldgen.params import GeneratorParams
 
-__all__ = ["RESTART_DELAY_S", "TerrainProcess", "terrain_processes_for"]
+__all__ = ["REPLY_TIMEOUT_S", "RESTART_DELAY_S", "TerrainProcess", "terrain_processes_for"]
 
 log = logging.getLogger(__name__)
 
 #: Least time between two starts of the worker after a failure.
 RESTART_DELAY_S: Final = 5.0
+#: Longest wait for a reply (a batch takes milliseconds); a worker that takes longer is
+#: killed and its batches are generated in threads.
+REPLY_TIMEOUT_S: Final = 5.0
 _CHUNK_BYTES: Final = CHUNK_SIZE * CHUNK_SIZE * 2
 
 
@@ -137,18 +140,21 @@ class TerrainProcess:
         self._sock, self._pid = sock, pid
         why: str | None = None
         try:
-            fd = sock.fileno()
             while True:
-                (n,) = FRAME_LEN.unpack(await read_exact(fd, FRAME_LEN.size))
-                data = await read_exact(fd, n)
+                (n,) = FRAME_LEN.unpack(await _recv_exact(sock, FRAME_LEN.size))
+                data = await _recv_exact(sock, n)
                 if not self._pending:
                     self._lost(sock, "answered a request it was not sent", kill=True)
                     return
                 pending = self._pending.popleft()
                 pending.data = data
                 pending.done.set()
+        except anyio.ClosedResourceError:
+            pass  # another task let it go (and said why)
         except (EOFError, OSError) as exc:
             why = f"died ({exc!r})"
+        except Exception as exc:  # never the world's task group's problem
+            why = f"could not be read ({exc!r})"
         finally:
             self._lost(sock, why)
 
@@ -162,6 +168,9 @@ class TerrainProcess:
             return
         pid = self._pid
         self._sock, self._pid = None, -1
+        # Wakes a task waiting on it (with ClosedResourceError) before its fd number can be
+        # reused; every use goes through the socket object, which fails once closed.
+        anyio.notify_closing(sock)
         sock.close()
         if kill:
             _kill(pid)
@@ -187,16 +196,23 @@ class TerrainProcess:
             if self._sock is not sock:  # died while we waited for our turn
                 return None
             try:
-                await write_all(sock.fileno(), FRAME_LEN.pack(len(request)) + request)
-            except OSError:
+                await _send_all(sock, FRAME_LEN.pack(len(request)) + request)
+            except (OSError, anyio.ClosedResourceError):
                 return None  # the reader sees the worker gone and says so
             except BaseException:
                 # Cancelled with part of a frame written: the stream is out of step.
                 self._lost(sock, "was cut off mid-request", kill=True)
                 raise
+            if self._sock is not sock:  # lost while we wrote: nobody will answer
+                return None
             self._pending.append(pending)
         # A waiter cancelled here leaves its entry: the reader still consumes the reply.
-        await pending.done.wait()
+        with anyio.move_on_after(REPLY_TIMEOUT_S) as waited:
+            await pending.done.wait()
+        if waited.cancelled_caught:
+            # Stopped, frozen or looping: never let a load wait on it for good.
+            self._lost(sock, f"did not answer within {REPLY_TIMEOUT_S:g} s", kill=True)
+            return None
         out = pending.data
         if out is None or len(out) != len(keys) * _CHUNK_BYTES:
             return None  # empty: it could not compute this batch; the thread says why
@@ -209,6 +225,30 @@ class TerrainProcess:
         sock = self._sock
         if sock is not None:
             self._lost(sock, None)
+
+
+async def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    """``n`` bytes from non-blocking ``sock``. :raises EOFError: the worker closed it."""
+    buf = bytearray()
+    while len(buf) < n:
+        try:
+            part = sock.recv(n - len(buf))
+        except BlockingIOError:
+            await anyio.wait_readable(sock)
+            continue
+        if not part:
+            raise EOFError
+        buf += part
+    return bytes(buf)
+
+
+async def _send_all(sock: socket.socket, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[sock.send(view) :]
+        except BlockingIOError:
+            await anyio.wait_writable(sock)
 
 
 def _kill(pid: int) -> None:

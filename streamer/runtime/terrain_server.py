@@ -25,6 +25,7 @@ import struct
 import subprocess
 import sys
 import threading
+import traceback
 from pathlib import Path
 from typing import Final
 
@@ -99,14 +100,23 @@ def _serve(ctl: socket.socket) -> None:
                         ctl.close()
                         _worker_main(fds[0], spawn.seed, spawn.params)
                         code = 0
+                    except BrokenPipeError:
+                        code = 0  # the parent closed its end mid-reply: nobody is waiting
+                    except BaseException:
+                        traceback.print_exc()  # the parent logs the death; this says why
                     finally:
                         os._exit(code)
         for fd in fds:
             os.close(fd)
-        ctl.send(_PID.pack(pid))
+        try:
+            ctl.send(_PID.pack(pid))
+        except OSError:
+            return  # the parent is gone
 
 
 def main() -> None:
+    # Ctrl-C in the parent's terminal is for the parent: it stops us by closing its end.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     ctl = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, fileno=int(sys.argv[1]))
     _serve(ctl)
 
@@ -124,14 +134,17 @@ def _start_server() -> tuple[subprocess.Popen[bytes], socket.socket]:
     # are of no use to terrain and should not be around when the server forks.
     here = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH")) if p)
-    env.setdefault("OPENBLAS_NUM_THREADS", "1")
-    env.setdefault("OMP_NUM_THREADS", "1")
+    env["OPENBLAS_NUM_THREADS"] = "1"
+    env["OMP_NUM_THREADS"] = "1"
     try:
         proc = subprocess.Popen(
-            [sys.executable, "-c", _SERVER_MAIN, str(theirs.fileno())],
+            # -P: the working directory is not put first on sys.path, so a stray
+            # `streamer/` or `numpy.py` there cannot stand in for the real ones.
+            [sys.executable, "-P", "-c", _SERVER_MAIN, str(theirs.fileno())],
             pass_fds=[theirs.fileno()],
             stdin=subprocess.DEVNULL,
             env=env,
+            start_new_session=True,  # not in the terminal's process group: see main()
         )
     except BaseException:
         ours.close()
@@ -149,35 +162,37 @@ def spawn_worker(seed: int, params: GeneratorParams) -> tuple[int, socket.socket
     :raises OSError: the server could not be started or could not start a worker.
     """
     global _server
-    ours, theirs = socket.socketpair()
-    try:
-        with _lock:
-            for attempt in range(2):
-                if _server is not None and _server[0].poll() is not None:
-                    _stop(*_server)  # it died since the last spawn
-                    _server = None
-                if _server is None:
-                    _server = _start_server()
-                    atexit.register(shutdown)
-                proc, ctl = _server
-                try:
-                    payload = msgspec.json.encode(_Spawn(seed, params))
-                    socket.send_fds(ctl, [payload], [theirs.fileno()])
-                    reply = ctl.recv(_PID.size)
-                except OSError:
-                    reply = b""
-                if len(reply) == _PID.size:
-                    break
-                # The server died (killed, out of memory): a new one, once.
-                _stop(proc, ctl)
+    payload = msgspec.json.encode(_Spawn(seed, params))
+    with _lock:
+        for attempt in range(2):
+            if _server is not None and _server[0].poll() is not None:
+                _stop(*_server)  # it died since the last spawn
                 _server = None
-                if attempt:
-                    raise OSError("the terrain server died while starting a worker")
-    except BaseException:
-        ours.close()
-        raise
-    finally:
-        theirs.close()
+            if _server is None:
+                _server = _start_server()
+                atexit.register(shutdown)
+            proc, ctl = _server
+            # A fresh pair each attempt: a server that forked a worker on the last one and
+            # died before answering may have left that worker reading it.
+            ours, theirs = socket.socketpair()
+            try:
+                socket.send_fds(ctl, [payload], [theirs.fileno()])
+                reply = ctl.recv(_PID.size)
+            except OSError:
+                reply = b""
+            except BaseException:
+                ours.close()
+                raise
+            finally:
+                theirs.close()
+            if len(reply) == _PID.size:
+                break
+            ours.close()
+            # The server died (killed, out of memory): a new one, once.
+            _stop(proc, ctl)
+            _server = None
+            if attempt:
+                raise OSError("the terrain server died while starting a worker")
     (pid,) = _PID.unpack(reply)
     if pid < 0:
         ours.close()
