@@ -95,6 +95,18 @@ def check_tiles(raw: bytes | None, keys: list[tuple[int, int]]) -> None:
         assert np.array_equal(tiles, gen.chunk_tiles(*key)), key
 
 
+async def replacement_serves(world: World, old: int, key: tuple[int, int]) -> None:
+    """The next load starts a new worker (restart delay patched to 0), and it serves."""
+    await world.chunk(*key)
+    await wait_until("a new worker", lambda: world.stats().terrain_processes == 1)
+    (proc,) = world._terrain
+    assert proc.pid not in (old, -1)
+    before = world.stats().terrain_process_batches
+    c = await world.chunk(key[0], key[1] + 1)
+    assert np.array_equal(c.tiles, TerrainGenerator(SEED).chunk_tiles(key[0], key[1] + 1))
+    assert world.stats().terrain_process_batches == before + 1
+
+
 async def test_worker_gives_the_generators_tiles_and_exits_on_close() -> None:
     keys = [(0, 0), (-1, 2), (-300, -7), (5, 9), *[(i, -i) for i in range(20)]]
     async with worker() as proc:
@@ -212,13 +224,7 @@ async def test_a_killed_worker_is_logged_loads_go_on_and_a_new_one_starts(
         assert np.array_equal(c.tiles, gen.chunk_tiles(7, -7))
         assert world.stats().terrain_process_failures == 1
         assert any(str(old) in r.getMessage() for r in caplog.records)
-        await world.chunk(8, -7)  # the next load starts a replacement
-        await wait_until("a new worker", lambda: world.stats().terrain_processes == 1)
-        assert proc.pid not in (old, -1)
-        batches = world.stats().terrain_process_batches
-        c = await world.chunk(9, -7)
-        assert np.array_equal(c.tiles, gen.chunk_tiles(9, -7))
-        assert world.stats().terrain_process_batches == batches + 1
+        await replacement_serves(world, old, (8, -7))
 
 
 async def test_a_hung_worker_is_killed_and_replaced_and_no_load_waits_on_it(
@@ -246,13 +252,7 @@ async def test_a_hung_worker_is_killed_and_replaced_and_no_load_waits_on_it(
         finally:
             if alive(stopped):
                 os.kill(stopped, signal.SIGKILL)
-        await concurrent_loads(world, [(i, 50) for i in range(64)])
-        await wait_until("a new worker", lambda: world.stats().terrain_processes == 1)
-        assert proc.pid not in (stopped, -1)
-        before = world.stats().terrain_process_batches
-        c = await world.chunk(-9, 10)
-        assert np.array_equal(c.tiles, gen.chunk_tiles(-9, 10))
-        assert world.stats().terrain_process_batches == before + 1
+        await replacement_serves(world, stopped, (-9, 10))
 
 
 async def test_a_dead_server_is_started_again() -> None:
