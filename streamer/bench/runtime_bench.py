@@ -256,7 +256,7 @@ async def _load_rounds(
 
 
 async def chunk_loads(work: Path, quick: bool, *, sizes: LoadSizes | None = None) -> list[Figure]:
-    s = sizes or (LoadSizes(4, 2, 64) if quick else LoadSizes(16, 5, 64))
+    s = sizes or (LoadSizes(4, 2, 64) if quick else LoadSizes(16, 8, 64))
     world = work / "loads"
     gen = await _new_world(world)
     keys = [k for r in range(s.regions) for k in _region_chunks(r, 0)]
