@@ -326,3 +326,29 @@ def test_worker_and_server_exit_when_their_parent_is_killed(tmp_path: Path) -> N
         time.sleep(0.05)
     assert not alive(worker), "terrain worker outlived its killed parent"
     assert not alive(server), "terrain server outlived its killed parent"
+
+
+async def test_a_worker_that_cannot_start_is_retried_ever_more_rarely(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A platform that cannot run it gets a few warnings, not one every few seconds; loads
+    never depend on it (tiles() answers None: generate in a thread)."""
+
+    def refuse(seed: int, params: object) -> tuple[int, object]:
+        raise OSError("no SOCK_SEQPACKET here")
+
+    monkeypatch.setattr(terrain_process, "spawn_worker", refuse)
+    proc = TerrainProcess(SEED, DEFAULT_PARAMS)
+    assert proc.should_start() and proc.restart_delay == 0
+    delays = []
+    with caplog.at_level(logging.WARNING, logger="streamer.runtime.terrain_process"):
+        for _ in range(8):
+            await proc.run()
+            assert not proc.running and not proc.should_start()  # not right away
+            assert await proc.tiles([(0, 0)]) is None
+            delays.append(proc.restart_delay)
+            proc._last_start -= proc.restart_delay  # as if that long had passed
+            assert proc.should_start()
+    assert delays == [5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 300.0, 300.0]
+    assert proc.failures == 8
+    assert sum("no SOCK_SEQPACKET" in r.getMessage() for r in caplog.records) == 8

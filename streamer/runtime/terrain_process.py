@@ -16,7 +16,10 @@ its end or this process dies, even by SIGKILL.
 It is an optimisation, never a dependency: until the worker is up, when it fails to start,
 and after it dies, :meth:`TerrainProcess.tiles` returns ``None`` and the caller generates in a
 thread, as with ``terrain_processes = 0``. A death is logged and counted, and a replacement
-is started on a later load (at most one start every ``RESTART_DELAY_S``).
+is started on a later load: ``RESTART_DELAY_S`` after the first failure, twice as long
+after each further one without a batch served in between (up to ``MAX_RESTART_DELAY_S``),
+so a platform that cannot run it (no ``SOCK_SEQPACKET``, no ``fork``) logs a few warnings,
+not one every few seconds.
 """
 
 from __future__ import annotations
@@ -39,12 +42,19 @@ from streamer.runtime.terrain_server import spawn_worker
 from streamer.subproc import FRAME_LEN
 from streamer.worldgen.params import GeneratorParams
 
-__all__ = ["REPLY_TIMEOUT_S", "RESTART_DELAY_S", "TerrainProcess", "terrain_processes_for"]
+__all__ = [
+    "MAX_RESTART_DELAY_S",
+    "REPLY_TIMEOUT_S",
+    "RESTART_DELAY_S",
+    "TerrainProcess",
+    "terrain_processes_for",
+]
 
 log = logging.getLogger(__name__)
 
 #: Least time between two starts of the worker after a failure.
 RESTART_DELAY_S: Final = 5.0
+MAX_RESTART_DELAY_S: Final = 300.0
 #: Longest wait for a reply (a batch takes milliseconds); a worker that takes longer is
 #: killed and its batches are generated in threads.
 REPLY_TIMEOUT_S: Final = 5.0
@@ -89,7 +99,9 @@ class TerrainProcess:
         self._pending: deque[_Pending] = deque()
         self._starting = False
         self._closed = False
-        self._last_start = -RESTART_DELAY_S
+        self._last_start = -MAX_RESTART_DELAY_S
+        #: Failures since a batch was last served (sets the wait before the next start).
+        self._failed_in_a_row = 0
         #: Batches whose terrain came from the worker.
         self.batches = 0
         #: Times the worker died, failed to start or answered out of step.
@@ -109,13 +121,20 @@ class TerrainProcess:
         """Requests sent and not yet answered."""
         return len(self._pending)
 
+    @property
+    def restart_delay(self) -> float:
+        """Seconds from the last start before another may begin."""
+        if self._failed_in_a_row == 0:
+            return 0.0
+        return min(RESTART_DELAY_S * (1 << min(self._failed_in_a_row - 1, 16)), MAX_RESTART_DELAY_S)
+
     def should_start(self) -> bool:
         """Whether a start is due: no worker, none starting, and the restart delay passed."""
         return (
             not self._closed
             and not self._starting
             and self._sock is None
-            and time.monotonic() - self._last_start >= RESTART_DELAY_S
+            and time.monotonic() - self._last_start >= self.restart_delay
         )
 
     async def run(self) -> None:
@@ -130,6 +149,7 @@ class TerrainProcess:
             pid, sock = await anyio.to_thread.run_sync(spawn_worker, self._seed, self._params)
         except Exception as exc:
             self.failures += 1
+            self._failed_in_a_row += 1
             log.warning("terrain worker process did not start (%r); generating in threads", exc)
             return
         finally:
@@ -178,6 +198,7 @@ class TerrainProcess:
             self._pending.popleft().done.set()  # data None: generated in threads
         if why is not None and not self._closed:
             self.failures += 1
+            self._failed_in_a_row += 1
             log.warning(
                 "terrain worker process %d %s; generating in threads until a new one starts",
                 pid,
@@ -217,6 +238,7 @@ class TerrainProcess:
         if out is None or len(out) != len(keys) * _CHUNK_BYTES:
             return None  # empty: it could not compute this batch; the thread says why
         self.batches += 1
+        self._failed_in_a_row = 0
         return out
 
     async def aclose(self) -> None:
