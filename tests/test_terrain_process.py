@@ -95,6 +95,19 @@ def check_tiles(raw: bytes | None, keys: list[tuple[int, int]]) -> None:
         assert np.array_equal(tiles, gen.chunk_tiles(*key)), key
 
 
+@asynccontextmanager
+async def world_with_worker(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[tuple[World, int]]:
+    """An open world whose terrain worker is up (its pid given), restarts without delay."""
+    monkeypatch.setattr(terrain_process, "RESTART_DELAY_S", 0.0)
+    await new_world(tmp_path)
+    async with open_world(tmp_path, cfg(1)) as world:
+        await worker_up(world)
+        (proc,) = world._terrain
+        yield world, proc.pid
+
+
 async def replacement_serves(world: World, old: int, key: tuple[int, int]) -> None:
     """The next load starts a new worker (restart delay patched to 0), and it serves."""
     await world.chunk(*key)
@@ -210,13 +223,8 @@ async def test_only_overlapping_loads_start_a_process(tmp_path: Path) -> None:
 async def test_a_killed_worker_is_logged_loads_go_on_and_a_new_one_starts(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(terrain_process, "RESTART_DELAY_S", 0.0)
-    await new_world(tmp_path)
     gen = TerrainGenerator(SEED)
-    async with open_world(tmp_path, cfg(1)) as world:
-        await worker_up(world)
-        (proc,) = world._terrain
-        old = proc.pid
+    async with world_with_worker(tmp_path, monkeypatch) as (world, old):
         os.kill(old, signal.SIGKILL)
         await wait_until("the worker to die", lambda: not alive(old))
         with caplog.at_level(logging.WARNING, logger="streamer.runtime.terrain_process"):
@@ -235,13 +243,8 @@ async def test_a_hung_worker_is_killed_and_replaced_and_no_load_waits_on_it(
     unharmed, and the replacement (often on the same fd number) serves."""
     # Short, but far above a healthy reply even on a loaded CI machine (milliseconds).
     monkeypatch.setattr(terrain_process, "REPLY_TIMEOUT_S", 2.0)
-    monkeypatch.setattr(terrain_process, "RESTART_DELAY_S", 0.0)
-    await new_world(tmp_path)
     gen = TerrainGenerator(SEED)
-    async with open_world(tmp_path, cfg(1)) as world:
-        await worker_up(world)
-        (proc,) = world._terrain
-        stopped = proc.pid
+    async with world_with_worker(tmp_path, monkeypatch) as (world, stopped):
         os.kill(stopped, signal.SIGSTOP)
         try:
             with caplog.at_level(logging.WARNING, logger="streamer.runtime.terrain_process"):

@@ -646,9 +646,8 @@ def _migrate_in_worker(
 
 
 # One message each way per region, framed as an 8-byte length and a pickle. Our own framing
-# (not ``Connection.send``) so the parent can do its side without blocking the event loop.
-
-
+# (streamer.subproc, not ``Connection.send``) so the parent can do its side without
+# blocking the event loop.
 def _worker_main(conn: Connection, registry: MigrationRegistry | None) -> None:
     """A worker process: region in, result (or the failure, pickled) out, until EOF.
 
