@@ -38,7 +38,7 @@ import os
 import uuid
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -90,6 +90,7 @@ from streamer.runtime.snapshotter import Snapshotter
 from streamer.runtime.submitting import _DIRECT_PRIORITY, _I32, _Routed, _SubmitPath
 from streamer.runtime.terrain_process import TerrainProcess, terrain_processes_for
 from streamer.runtime.terrain_server import server_pid as terrain_server_pid
+from streamer.runtime.thread_lane import ThreadLane
 from streamer.schema.codec import ChunkCodec
 from streamer.schema.records import Character, ChunkRecord
 from streamer.storage.fs import FileSystem
@@ -224,6 +225,7 @@ class World(_SubmitPath, _FlushPath):
         self._chunk_keys: dict[ChunkKey, ChunkKey] = {}
         #: Terrain worker processes (started once loads are sustained: TERRAIN_PROCESS_AFTER).
         self._terrain: list[TerrainProcess] = []
+        self._journal_lane = ThreadLane("streamer-journal")
         self._terrain_wanted = 0
         #: Regions refused after unrecoverable corruption (the recovery ladder fills this).
         self._inactive: set[RegionKey] = set()
@@ -328,6 +330,7 @@ class World(_SubmitPath, _FlushPath):
     async def _release(self) -> None:
         if self._journal is not None:
             self._journal.begin_close()
+        await self._journal_lane.aclose()
         for proc in self._terrain:
             await proc.aclose()
         if self._lock is not None:
@@ -400,14 +403,9 @@ class World(_SubmitPath, _FlushPath):
 
         # The journal's own worker thread: behind region writes queued for the store's
         # threads, an acknowledgement would wait for whole region files to be fsynced.
-        journal_limiter = anyio.CapacityLimiter(1)
-
-        async def journal_run_sync(fn: Callable[[*Ts], T], *args: *Ts) -> T:
-            return await anyio.to_thread.run_sync(fn, *args, limiter=journal_limiter)
-
         journal = Journal(
             store.fs,
-            journal_run_sync,
+            self._journal_lane.run,
             durability=rt.durability,
             fsync_interval_ms=rt.fsync_interval_ms,
             segment_bytes=rt.journal_segment_bytes,
