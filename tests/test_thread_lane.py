@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
 import anyio
 import pytest
@@ -11,7 +12,7 @@ from streamer.runtime.thread_lane import ThreadLane
 
 
 async def test_calls_run_in_order_on_one_thread_of_its_own() -> None:
-    lane = ThreadLane("lane-test")
+    lane = ThreadLane("lane-order")
     seen: list[tuple[int, str]] = []
 
     def record(i: int) -> int:
@@ -30,12 +31,12 @@ async def test_calls_run_in_order_on_one_thread_of_its_own() -> None:
     assert results == {i: i * i for i in range(50)}
     # Handed over in the order the tasks started; all on the lane's own thread.
     assert [i for i, _ in seen] == list(range(50))
-    assert {name for _, name in seen} == {"lane-test"}
-    assert threading.current_thread().name != "lane-test"
+    assert {name for _, name in seen} == {"lane-order"}
+    assert threading.current_thread().name != "lane-order"
 
 
 async def test_an_exception_reaches_the_caller_and_the_lane_goes_on() -> None:
-    lane = ThreadLane("lane-test")
+    lane = ThreadLane("lane-error")
 
     def fail() -> None:
         raise OSError(5, "injected")
@@ -46,8 +47,8 @@ async def test_an_exception_reaches_the_caller_and_the_lane_goes_on() -> None:
     await lane.aclose()
 
 
-async def test_a_cancelled_caller_waits_for_its_call_to_end() -> None:
-    lane = ThreadLane("lane-test")
+async def test_a_cancelled_caller_gets_the_outcome_then_the_cancellation() -> None:
+    lane = ThreadLane("lane-cancel")
     started, release = threading.Event(), threading.Event()
     finished: list[bool] = []
 
@@ -57,40 +58,65 @@ async def test_a_cancelled_caller_waits_for_its_call_to_end() -> None:
         finished.append(True)
         return "done"
 
-    outcome: list[str] = []
-    scope = anyio.CancelScope()
+    def failing() -> None:
+        started.set()
+        release.wait(10)
+        raise OSError(5, "fsync failed")
 
-    async def caller() -> None:
+    outcome: list[object] = []
+
+    async def caller(fn: Callable[[], object]) -> None:
         with scope:
             try:
-                await lane.run(slow)
-            except anyio.get_cancelled_exc_class():
-                # Cancelled, and only once the call had ended: nothing it touches still moves.
-                outcome.append("cancelled after end" if finished else "cancelled early")
-                raise
+                # As anyio's run_sync: the call's result (or error) reaches its caller even
+                # though the scope was cancelled meanwhile, and only once the call has ended.
+                outcome.append(("returned", await lane.run(fn), bool(finished)))
+            except OSError as err:
+                outcome.append(("raised", str(err)))
+            await anyio.sleep(10)  # the cancellation lands at the next checkpoint
+            outcome.append("not cancelled")
         outcome.append("left")
 
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(caller)
-        await anyio.to_thread.run_sync(started.wait, 10)
-        scope.cancel()
-        await anyio.sleep(0.05)
-        assert outcome == []  # still waiting for the call
-        release.set()
-    assert outcome == ["cancelled after end", "left"]
+    for fn, expected in (
+        (slow, [("returned", "done", True), "left"]),
+        (failing, [("raised", "[Errno 5] fsync failed"), "left"]),
+    ):
+        started.clear()
+        release.clear()
+        outcome.clear()
+        scope = anyio.CancelScope()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(caller, fn)
+            await anyio.to_thread.run_sync(started.wait, 10)
+            scope.cancel()
+            await anyio.sleep(0.05)
+            assert outcome == []  # still waiting for the call
+            release.set()
+        assert outcome == expected
     assert await lane.run(lambda: 1) == 1  # the lane is still usable
     await lane.aclose()
 
 
+async def test_stop_iteration_reaches_the_caller_as_runtime_error() -> None:
+    lane = ThreadLane("lane-stopiteration")
+
+    def stop() -> None:
+        raise StopIteration
+
+    with anyio.fail_after(10), pytest.raises(RuntimeError, match="StopIteration"):
+        await lane.run(stop)
+    await lane.aclose()
+
+
 async def test_close_stops_the_thread_after_queued_calls_and_refuses_new_ones() -> None:
-    lane = ThreadLane("lane-test")
+    lane = ThreadLane("lane-close")
     await lane.run(lambda: None)
-    threads = [t for t in threading.enumerate() if t.name == "lane-test"]
+    threads = [t for t in threading.enumerate() if t.name == "lane-close"]
     assert len(threads) == 1
     await lane.aclose()
     assert not threads[0].is_alive()
     await lane.aclose()  # idempotent
-    with pytest.raises(RuntimeError, match="lane-test.*closed"):
+    with pytest.raises(RuntimeError, match=r"'lane-close' is closed"):
         await lane.run(lambda: None)
 
 

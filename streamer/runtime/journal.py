@@ -68,7 +68,7 @@ RegionTicks: TypeAlias = Mapping[RegionKey, int]
 
 T = TypeVar("T")
 #: Runs a blocking callable in a worker thread (the world gives the journal a thread of its
-#: own: ``anyio.to_thread.run_sync`` with a one-token limiter).
+#: own: ``ThreadLane.run``); calls made one after another must run in that order.
 RunSync: TypeAlias = Callable[..., Awaitable[Any]]
 
 

@@ -4,13 +4,15 @@
 call (a checkpoint, then the capacity limiter's), and each yield puts the caller behind
 every other ready task. On a busy loop that is most of a commit's cost: 16 shards at
 200,000 deltas/s waited 1.9-2.1 ms (p50) from ``submit`` to acknowledgement with it and
-1.1-1.2 ms with a lane, for the same 0.2 ms fsync (``docs/performance.md``).
+1.0-1.5 ms with a lane, for the same ~0.2 ms fsync (``docs/performance.md``).
 
 A :class:`ThreadLane` runs calls in the order they were made, one at a time, on one thread
-it starts on first use: the same ordering as a capacity limiter of 1. A call handed over
-always runs to the end, and a caller cancelled meanwhile raises the cancellation only once
-it has (its result is dropped, as an exception or a cancellation drops any result). Outside
-asyncio (anyio's other backends) it is ``run_sync`` with a limiter of 1.
+it starts on first use: the same ordering as a capacity limiter of 1. Cancellation is
+``run_sync``'s (``abandon_on_cancel=False``): a call handed over always runs to the end,
+and its caller gets its result or its exception even if cancelled meanwhile; an anyio
+cancellation then lands at the caller's next checkpoint. Unlike ``run_sync``, a caller in a
+scope that is already cancelled still hands its call over (there is no checkpoint before
+it). Outside asyncio (anyio's other backends) it is ``run_sync`` with a limiter of 1.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ _Work = tuple[Callable[..., Any], tuple[Any, ...], "asyncio.Future[Any]", asynci
 
 
 def _resolve(fut: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
-    if fut.done():  # cancelled by plain asyncio despite the shield: nobody waits for it
+    if fut.done():  # defensive: callers await it through a shield, nothing cancels it
         return
     if error is not None:
         fut.set_exception(error)
@@ -73,11 +75,12 @@ class ThreadLane:
         try:
             return await asyncio.shield(fut)
         except asyncio.CancelledError:
-            # The call runs on regardless: its caller hears of the cancellation only once
-            # it has ended, so nothing it touches is still changing behind the caller.
+            # The call runs on regardless, and what it did must reach its caller (a failed
+            # fsync that nobody hears of would leave acknowledged data unsynced): wait for
+            # it, then hand over its outcome. anyio cancels again at the next checkpoint.
             with anyio.CancelScope(shield=True):
                 await asyncio.wait([fut])
-            raise
+            return fut.result()
 
     def _work(self) -> None:
         while True:
@@ -89,13 +92,16 @@ class ThreadLane:
             result: Any = None
             try:
                 result = fn(*args)
+            except StopIteration as exc:  # a Future refuses it; run_sync converts it too
+                error = RuntimeError(f"{fn!r} raised StopIteration")
+                error.__cause__ = exc
             except BaseException as exc:  # handed to the awaiting caller, as run_sync does
                 error = exc
             try:
                 loop.call_soon_threadsafe(_resolve, fut, result, error)
             except RuntimeError:  # the loop is closed: its caller is gone with it
                 pass
-            del item, fn, args, fut, result, error  # nothing of a call outlives it here
+            del item, fn, args, fut, loop, result, error  # nothing of a call outlives it here
 
     async def aclose(self) -> None:
         """Stop the thread once the calls handed over so far have run (idempotent)."""

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeAlias, TypeVar, TypeVarTuple
+from typing import Any, TypeAlias
 
 import anyio
 import anyio.abc
@@ -107,8 +107,6 @@ __all__ = ["World", "WorldStats", "open_world"]
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
-Ts = TypeVarTuple("Ts")
 
 Tiles: TypeAlias = npt.NDArray[np.uint16]
 
@@ -252,7 +250,10 @@ class World(_SubmitPath, _FlushPath):
             tg = anyio.create_task_group()
             await tg.__aenter__()
         except BaseException:
-            await self._release()
+            # Shielded: a cancelled open must still let go of the lock, the store and the
+            # journal's thread.
+            with anyio.CancelScope(shield=True):
+                await self._release()
             self._closed = True
             raise
         self._tg = tg
