@@ -24,12 +24,18 @@ class _Fakes:
         self.enabled = enabled
         self.collected: list[int] = []
         self.passes = 0
+        self.now = 0.0
+        self.last = [float("-inf")]  # this test's own "last collection in the process"
 
     async def sleep(self, interval: float) -> None:
         assert interval == 0.01
         if self.passes == len(self.young):
             raise anyio.get_cancelled_exc_class()  # ends run() after the scripted passes
         self.passes += 1
+        self.now += interval
+
+    def clock(self) -> float:
+        return self.now
 
     def young_count(self) -> int:
         return self.young[self.passes - 1]
@@ -45,13 +51,40 @@ class _Fakes:
 async def test_collects_the_young_generation_only_when_something_is_young_and_gc_is_on() -> None:
     f = _Fakes(young=[5, 0, 700, 3, 1], enabled=[True, True, True, False, True])
     pacer = YoungGcPacer(
-        0.01, sleep=f.sleep, collect=f.collect, enabled=f.is_enabled, young_count=f.young_count
+        0.01,
+        sleep=f.sleep,
+        collect=f.collect,
+        enabled=f.is_enabled,
+        young_count=f.young_count,
+        clock=f.clock,
+        last_collect=f.last,
     )
     with pytest.raises(anyio.get_cancelled_exc_class()):
         await pacer.run()
     # Pass 2 had nothing young; pass 4 ran with the collector switched off by the app.
     assert f.collected == [0, 0, 0]
     assert pacer.collections == 3
+
+
+async def test_a_pass_is_skipped_when_another_pacer_just_collected() -> None:
+    """The collector is per process: with several worlds open, their pacers share one pace."""
+    f = _Fakes(young=[5, 5, 5], enabled=[True, True, True])
+    pacer = YoungGcPacer(
+        0.01,
+        sleep=f.sleep,
+        collect=f.collect,
+        enabled=f.is_enabled,
+        young_count=f.young_count,
+        clock=f.clock,
+        last_collect=f.last,
+    )
+    # Another world's pacer collected 0.006 s into this one's first interval: at its first
+    # pass (0.01) that was 0.004 s ago, under half an interval, so that pass is skipped.
+    f.last[0] = 0.006
+    with pytest.raises(anyio.get_cancelled_exc_class()):
+        await pacer.run()
+    assert pacer.collections == 2
+    assert f.last[0] == pytest.approx(0.03)
 
 
 def test_a_non_positive_interval_is_refused() -> None:

@@ -12,15 +12,21 @@ each pass well under a millisecond: loop lags over 3 ms fell from 7-12 to 1-2 pe
 the worst from 11-21 ms to 3-9 ms (``docs/performance.md``).
 
 The pacer only runs what the interpreter runs anyway, at a steadier rate, and never when
-the application has switched the collector off (``gc.disable()``).
+the application has switched the collector off (``gc.disable()``). The collector is one
+per process: with several worlds open, a pacer skips its pass when another one collected
+within the last half interval.
 """
 
 from __future__ import annotations
 
 import gc
+import time
 from collections.abc import Awaitable, Callable
 
 import anyio
+
+#: When any pacer in this process last collected (``time.monotonic``).
+_last_collect = [float("-inf")]
 
 
 class YoungGcPacer:
@@ -34,6 +40,8 @@ class YoungGcPacer:
         collect: Callable[[int], int] = gc.collect,
         enabled: Callable[[], bool] = gc.isenabled,
         young_count: Callable[[], int] = lambda: gc.get_count()[0],
+        clock: Callable[[], float] = time.monotonic,
+        last_collect: list[float] = _last_collect,
     ) -> None:
         if interval_s <= 0:
             raise ValueError(f"interval_s must be > 0, got {interval_s}")
@@ -42,6 +50,8 @@ class YoungGcPacer:
         self._collect = collect
         self._enabled = enabled
         self._young_count = young_count
+        self._clock = clock
+        self._last = last_collect
         #: Collections this pacer ran (``WorldStats.gc_young_collections``).
         self.collections = 0
 
@@ -49,8 +59,14 @@ class YoungGcPacer:
         """Pace collections until cancelled (run it in a task group)."""
         while True:
             await self._sleep(self._interval)
-            # Nothing allocated since the last pass (an idle world) or the collector off:
-            # there is nothing this pass could keep short.
-            if self._young_count() > 0 and self._enabled():
+            # Nothing allocated since the last pass (an idle world), the collector off, or
+            # another world's pacer just collected: there is nothing this pass would shorten.
+            now = self._clock()
+            if (
+                self._young_count() > 0
+                and self._enabled()
+                and now - self._last[0] >= self._interval / 2
+            ):
                 self._collect(0)
+                self._last[0] = now
                 self.collections += 1
