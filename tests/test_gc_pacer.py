@@ -47,18 +47,22 @@ class _Fakes:
         self.collected.append(generation)
         return 0
 
+    def pacer(self) -> YoungGcPacer:
+        """A pacer (every 0.01 s) that sees only this script."""
+        return YoungGcPacer(
+            0.01,
+            sleep=self.sleep,
+            collect=self.collect,
+            enabled=self.is_enabled,
+            young_count=self.young_count,
+            clock=self.clock,
+            last_collect=self.last,
+        )
+
 
 async def test_collects_the_young_generation_only_when_something_is_young_and_gc_is_on() -> None:
     f = _Fakes(young=[5, 0, 700, 3, 1], enabled=[True, True, True, False, True])
-    pacer = YoungGcPacer(
-        0.01,
-        sleep=f.sleep,
-        collect=f.collect,
-        enabled=f.is_enabled,
-        young_count=f.young_count,
-        clock=f.clock,
-        last_collect=f.last,
-    )
+    pacer = f.pacer()
     with pytest.raises(anyio.get_cancelled_exc_class()):
         await pacer.run()
     # Pass 2 had nothing young; pass 4 ran with the collector switched off by the app.
@@ -69,15 +73,7 @@ async def test_collects_the_young_generation_only_when_something_is_young_and_gc
 async def test_a_pass_is_skipped_when_another_pacer_just_collected() -> None:
     """The collector is per process: with several worlds open, their pacers share one pace."""
     f = _Fakes(young=[5, 5, 5], enabled=[True, True, True])
-    pacer = YoungGcPacer(
-        0.01,
-        sleep=f.sleep,
-        collect=f.collect,
-        enabled=f.is_enabled,
-        young_count=f.young_count,
-        clock=f.clock,
-        last_collect=f.last,
-    )
+    pacer = f.pacer()
     # Another world's pacer collected 0.006 s into this one's first interval: at its first
     # pass (0.01) that was 0.004 s ago, under half an interval, so that pass is skipped.
     f.last[0] = 0.006
