@@ -70,10 +70,6 @@ class RuntimeSettings(_Section):
     durability: Literal["sync", "interval"] = "sync"
     fsync_interval_ms: PositiveInt = 10
     journal_segment_bytes: Annotated[int, msgspec.Meta(ge=4096)] = 64 * 1024 * 1024
-    #: Collect Python's young generation every this many ms while the world runs, so that no
-    #: collection grows into a pause of the event loop (see runtime/gc_pacer.py); 0: leave
-    #: collections to the interpreter alone.
-    gc_young_interval_ms: Annotated[int, msgspec.Meta(ge=0, le=60_000)] = 10
 
 
 class SnapshotSettings(_Section):

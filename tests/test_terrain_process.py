@@ -19,6 +19,7 @@ import pytest
 
 from streamer import TileSet, open_world
 from streamer.config import Config, RuntimeSettings, StorageSettings, load_config
+from streamer.errors import ConfigError
 from streamer.runtime import terrain_process, terrain_server
 from streamer.runtime.terrain_process import TerrainProcess
 from streamer.runtime.world import TERRAIN_PROCESS_AFTER, World
@@ -26,7 +27,6 @@ from streamer.storage.local import LocalStore
 from streamer.worlddir import create_world
 from streamer.worldgen import TerrainGenerator
 from streamer.worldgen.params import DEFAULT_PARAMS
-from tests.helpers.config_errors import assert_runtime_setting_refused
 
 SEED = 23
 
@@ -272,8 +272,13 @@ async def test_a_dead_server_is_started_again() -> None:
 
 
 def test_negative_terrain_processes_is_a_config_error(tmp_path: Path) -> None:
-    cases = (("-1", ">= 0"), ('"many"', "Invalid"))
-    path = assert_runtime_setting_refused(tmp_path, "terrain_processes", cases)
+    path = tmp_path / "streamer.toml"
+    for bad, needle in (("-1", ">= 0"), ('"many"', "Invalid")):
+        path.write_text(f"[runtime]\nterrain_processes = {bad}\n")
+        with pytest.raises(ConfigError) as info:
+            load_config(path, env={})
+        assert info.value.key == "runtime.terrain_processes", info.value
+        assert needle in str(info.value)
     path.write_text("[runtime]\nterrain_processes = 2\n")
     assert load_config(path, env={}).runtime.terrain_processes == 2
     assert (

@@ -72,7 +72,6 @@ from streamer.runtime.cache import CacheStats, ChunkCache
 from streamer.runtime.chunk import Chunk, ChunkKey
 from streamer.runtime.events import EventStream
 from streamer.runtime.flushing import _FlushPath
-from streamer.runtime.gc_pacer import YoungGcPacer
 from streamer.runtime.interest import InterestTracker
 from streamer.runtime.journal import Journal, JournalBatch, JournalStats
 from streamer.runtime.live_migrate import LiveMigrationReport, migrate_live
@@ -154,8 +153,6 @@ class WorldStats(msgspec.Struct, frozen=True, kw_only=True):
     terrain_process_failures: int = 0
     #: Pids of the running terrain workers and of the terrain server that forks them (last).
     terrain_process_pids: tuple[int, ...] = ()
-    #: Young-generation collections run by the world's pacer (``runtime.gc_young_interval_ms``).
-    gc_young_collections: int = 0
 
 
 def open_world(
@@ -227,8 +224,6 @@ class World(_SubmitPath, _FlushPath):
         #: Terrain worker processes (started once loads are sustained: TERRAIN_PROCESS_AFTER).
         self._terrain: list[TerrainProcess] = []
         self._journal_lane = ThreadLane("streamer-journal")
-        gc_ms = config.runtime.gc_young_interval_ms
-        self._gc_pacer = YoungGcPacer(gc_ms / 1000) if gc_ms > 0 else None
         self._terrain_wanted = 0
         #: Regions refused after unrecoverable corruption (the recovery ladder fills this).
         self._inactive: set[RegionKey] = set()
@@ -267,8 +262,6 @@ class World(_SubmitPath, _FlushPath):
         self._loader.run(tg)
         tg.start_soon(self._flush_scheduler, name="flush-scheduler")
         self._recovery.start(tg)
-        if self._gc_pacer is not None:
-            tg.start_soon(self._gc_pacer.run, name="gc-pacer")
         if self.config.scrub.interval_s > 0:
             tg.start_soon(self._scrubber.run, name="scrubber")
         if self.config.snapshots.interval_s > 0:
@@ -890,7 +883,6 @@ class World(_SubmitPath, _FlushPath):
             terrain_process_batches=sum(p.batches for p in self._terrain),
             terrain_process_failures=sum(p.failures for p in self._terrain),
             terrain_process_pids=_terrain_pids(self._terrain),
-            gc_young_collections=self._gc_pacer.collections if self._gc_pacer else 0,
         )
 
     @property
