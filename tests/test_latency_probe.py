@@ -1,0 +1,35 @@
+"""scripts/latency-probe: the open-loop diagnostic behind docs/performance.md."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from streamer.bench.latency_probe import main, probe
+
+
+async def test_probe_times_every_batch_both_ways(tmp_path: Path) -> None:
+    r = await probe(tmp_path / "w", seconds=0.3, rate=20_000)
+    assert r.acked_per_s > 0
+    assert r.scheduled.count > 0
+    # Every batch the schedule sent was timed from submit to acknowledgement too.
+    assert r.submit_to_ack.count == r.scheduled.count
+    assert all(lag > 0.003 for lag in r.lags)
+    assert len(r.lines()) == 5
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["--seconds", "0"], "--seconds and --rate must be > 0"),
+        (["--rate", "-5"], "--seconds and --rate must be > 0"),
+    ],
+)
+def test_bad_arguments_are_refused(
+    argv: list[str], needle: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    assert needle in capsys.readouterr().err
