@@ -2,9 +2,10 @@
 
 ``anyio.to_thread.run_sync`` yields to the event loop twice before the thread even gets the
 call (a checkpoint, then the capacity limiter's), and each yield puts the caller behind
-every other ready task. On a busy loop that is most of a commit's cost: 16 shards at
-200,000 deltas/s waited 1.9-2.1 ms (p50) from ``submit`` to acknowledgement with it and
-1.0-1.5 ms with a lane, for the same ~0.2 ms fsync (``docs/performance.md``).
+every other ready task. On a busy loop that is a large share of a commit's cost: 16 shards
+at 200,000 deltas/s waited 2.5-2.7 ms (p50) from ``submit`` to acknowledgement with it and
+2.0-2.1 ms with a lane (``scripts/latency-probe --closed-first``, a slow stretch of the VM;
+1.9-2.1 against 1.0-1.5 ms on a faster one, see ``docs/performance.md``).
 
 A :class:`ThreadLane` runs calls in the order they were made, one at a time, on one thread
 it starts on first use: the same ordering as a capacity limiter of 1. Cancellation is
