@@ -113,6 +113,28 @@ def test_torn_image_keeps_a_prefix_of_unsynced_appends() -> None:
     assert len(seen) > 3
 
 
+def test_torn_image_keeps_a_prefix_of_unsynced_writes_in_place() -> None:
+    fs = SimulatedFileSystem()
+    write_file(fs, "seg", b"head|" + bytes(20))  # preallocated: zeros after a synced head
+    fs.fsync_dir("")
+    h = fs.open_write("seg")
+    fs.write(h, b"head|")
+    fs.fdatasync(h)
+    fs.write(h, b"0123456789")  # in place over the zeros, not synced
+    assert fs.read("seg") == b"head|0123456789" + bytes(10)
+    assert fs.durable_image().read("seg") == b"head|" + bytes(20)
+    seen = set()
+    for seed in range(40):
+        data = fs.durable_image(torn=True, rng=random.Random(seed)).read("seg")
+        assert len(data) == 25  # an overwrite never changes the size
+        kept = data[5:15].rstrip(b"\0")
+        assert b"0123456789".startswith(kept) and data[15:] == bytes(10)
+        seen.add(len(kept))
+    assert len(seen) > 3
+    fs.fdatasync(h)
+    assert fs.durable_image(torn=True).read("seg") == b"head|0123456789" + bytes(10)
+
+
 def test_failed_fsync_drops_the_data_and_a_retry_does_not_bring_it_back() -> None:
     fs = SimulatedFileSystem()
     h = fs.create("f")
@@ -218,7 +240,7 @@ def _run(fs: FileSystem, program: list[tuple[Any, ...]]) -> list[Outcome]:
         except InvalidKey:
             out.append(("err", ("InvalidKey", None)))
             continue
-        if name in ("create", "open_append"):
+        if name in ("create", "open_append", "open_write"):
             handles.append(result)
             result = "handle"
         out.append(("ok", result))
@@ -253,6 +275,12 @@ SCRIPT: list[tuple[Any, ...]] = [
     ("fsync", ("h", 0)),
     ("close", ("h", 0)),
     ("create", "d/f"),
+    ("open_write", "d/f"),
+    ("write", ("h", 1), b"J"),
+    ("fdatasync", ("h", 1)),
+    ("close", ("h", 1)),
+    ("open_write", "d/missing"),
+    ("open_write", "d"),
     ("read", "d/f"),
     ("pread", "d/f", 6, 100),
     ("pread", "d/f", 100, 5),
@@ -340,11 +368,12 @@ def _random_program(rng: random.Random, length: int) -> list[tuple[Any, ...]]:
         op = rng.choice(
             [
                 "read", "pread", "size", "exists", "isdir", "listdir", "makedirs", "makedirs",
-                "create", "create", "open_append", "write", "write", "fsync", "truncate",
+                "create", "create", "open_append", "open_write", "write", "write", "fsync",
+                "fdatasync", "truncate",
                 "replace", "link", "unlink", "rmdir", "fsync_dir",
             ]
         )  # fmt: skip
-        if op in ("write", "fsync"):
+        if op in ("write", "fsync", "fdatasync"):
             if not n_handles:
                 continue
             h = ("h", rng.randrange(n_handles))
@@ -357,7 +386,7 @@ def _random_program(rng: random.Random, length: int) -> list[tuple[Any, ...]]:
             program.append((op, p, q))
         else:
             program.append((op, p))
-        if op in ("create", "open_append"):
+        if op in ("create", "open_append", "open_write"):
             n_handles += 1
     return program
 
@@ -382,9 +411,9 @@ def _resolve_handles(program: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
             result = getattr(sim, name)(*real)
         except OSError:
             result = None
-        if name in ("create", "open_append") and result is not None:
+        if name in ("create", "open_append", "open_write") and result is not None:
             handles.append(result)
-        elif name in ("create", "open_append"):
+        elif name in ("create", "open_append", "open_write"):
             continue  # the failed open is dropped, keeping handle numbering dense
         out.append((name, *args))
     return out

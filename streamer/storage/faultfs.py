@@ -11,8 +11,9 @@ Model (pessimistic, as POSIX allows):
   parent that gained an entry, as the protocol says.
 - ``durable_image()`` is what a reboot would find: walk durable entries from the root and
   take each inode's durable data (hard links stay shared). With ``torn=True`` an inode whose
-  current data extends its durable data may keep any prefix of the extension (partial
-  writeback of appended, un-fsynced data).
+  current data is not shorter than its durable data may keep any prefix of its un-fsynced
+  changes, from the first byte that differs (partial writeback of appended data, or of data
+  written in place over a preallocated file).
 - A failed ``fsync`` models Linux after writeback errors: the dirty pages are dropped as if
   clean, so a retried fsync on that inode reports success but persists nothing written
   before the failure. A writer that retries fsync is caught by a durability check.
@@ -103,6 +104,22 @@ class _Handle:
         self.pos = 0
 
 
+def _first_difference(a: bytes, b: bytes) -> int:
+    """Offset of the first byte where ``a`` and ``b`` differ (``min(len)`` if one prefixes
+    the other)."""
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    lo, hi = 0, n  # a[:lo] == b[:lo], a[:hi] != b[:hi]: bisect in C-speed slices
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
 def _err(code: int, path: str) -> OSError:
     return OSError(code, os.strerror(code), path)
 
@@ -173,14 +190,14 @@ class SimulatedFileSystem:
 
             def survive(node: _File) -> bytes:
                 cur, dur = bytes(node.data), node.durable
-                if (
-                    torn
-                    and not node.writeback_failed
-                    and len(cur) > len(dur)
-                    and cur.startswith(dur)
-                ):
-                    return cur[: rng.randint(len(dur), len(cur))]
-                return dur
+                if not torn or node.writeback_failed or len(cur) < len(dur) or cur == dur:
+                    return dur
+                # Writeback went in file order and stopped somewhere after the first byte
+                # that differs: appended data keeps a prefix of the extension, data written
+                # in place over older bytes a prefix of the overwrite.
+                first = _first_difference(cur, dur)
+                cut = rng.randint(first, len(cur))
+                return cur[:cut] + dur[cut:]
 
             def copy_dir(src: _Dir, dst: _Dir) -> None:
                 dirs.add(id(src))
@@ -377,6 +394,11 @@ class SimulatedFileSystem:
                 raise _err(errno.EISDIR, path)
             return self._open(node, path, append=True)
 
+    def open_write(self, path: str) -> int:
+        with self._lock:
+            self._enter("open_write", path)
+            return self._open(self._file(path), path, append=False)
+
     def _open(self, node: _File, path: str, *, append: bool) -> int:
         handle = self._next_handle
         self._next_handle += 1
@@ -396,14 +418,21 @@ class SimulatedFileSystem:
             h.pos = pos + len(data)
 
     def fsync(self, handle: int) -> None:
+        self._sync(handle, "fsync")
+
+    def fdatasync(self, handle: int) -> None:
+        # The model keeps no timestamps, so data and size are all a file has to sync.
+        self._sync(handle, "fdatasync")
+
+    def _sync(self, handle: int, op: str) -> None:
         with self._lock:
             h = self._handle(handle)
             try:
-                self._enter("fsync", h.path)
+                self._enter(op, h.path)
             except OSError:
                 h.node.writeback_failed = True
                 raise
-            self._commit("fsync", h.path)
+            self._commit(op, h.path)
             if not h.node.writeback_failed:
                 h.node.durable = bytes(h.node.data)
 

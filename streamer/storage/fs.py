@@ -59,11 +59,21 @@ class FileSystem(Protocol):
         """Open for appending, creating it if missing; return a handle."""
         ...
 
+    def open_write(self, path: str) -> int:
+        """Open an existing file for writing in place from offset 0, without truncating it
+        (``O_WRONLY``); return a handle. ``FileNotFoundError`` if missing."""
+        ...
+
     def write(self, handle: int, data: bytes) -> None:
         """Write all of ``data`` at the handle's position."""
         ...
 
     def fsync(self, handle: int) -> None: ...
+
+    def fdatasync(self, handle: int) -> None:
+        """Make the data durable, and the size, but not timestamps (``fdatasync``): over
+        preallocated blocks that is a data flush with no file-system journal commit."""
+        ...
 
     def close(self, handle: int) -> None: ...
 
@@ -305,6 +315,9 @@ class OsFileSystem:
     def open_append(self, path: str) -> int:
         return self._open(path, os.O_CREAT | os.O_APPEND | os.O_WRONLY)
 
+    def open_write(self, path: str) -> int:
+        return self._open(path, os.O_WRONLY)
+
     def write(self, handle: int, data: bytes) -> None:
         view = memoryview(data)
         while view:
@@ -315,6 +328,9 @@ class OsFileSystem:
 
     def fsync(self, handle: int) -> None:
         os.fsync(handle)
+
+    def fdatasync(self, handle: int) -> None:
+        os.fdatasync(handle)
 
     def close(self, handle: int) -> None:
         os.close(handle)
