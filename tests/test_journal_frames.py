@@ -71,12 +71,33 @@ def test_cut_at_every_byte_offset() -> None:
 def test_garbage_after_frames_is_a_torn_tail() -> None:
     data, ends = stream(PAYLOADS[:3])
     rng = random.Random(7)
-    for garbage in [b"\x00", b"JRNL", b"JRNL" + b"\xff" * 12, rng.randbytes(1000), b"x" * 15]:
-        scan = scan_frames(data + garbage)
+    for garbage in [b"\x01", b"JRNL", b"JRNL" + b"\xff" * 12, rng.randbytes(1000), b"x" * 15]:
+        # Followed by zeros or not: zeros after the garbage do not make it padding.
+        for zeros in (b"", bytes(64)):
+            scan = scan_frames(data + garbage + zeros)
+            assert scan.payloads == PAYLOADS[:3]
+            assert scan.valid_length == ends[-1]
+            assert scan.torn
+            assert scan.padding == 0
+            assert scan.frames_after_tear == 0
+
+
+def test_zeros_after_the_frames_are_padding_not_a_torn_tail() -> None:
+    data, ends = stream(PAYLOADS[:3])
+    for n in (1, 15, 16, 4096):
+        scan = scan_frames(data + bytes(n))
         assert scan.payloads == PAYLOADS[:3]
-        assert scan.valid_length == ends[-1]
-        assert scan.torn
-        assert scan.frames_after_tear == 0
+        assert (scan.valid_length, scan.padding, scan.torn) == (ends[-1], n, False)
+    # A segment preallocated and never written to is all padding.
+    assert scan_frames(bytes(100)) == FrameScan(
+        payloads=[], valid_length=0, torn=False, padding=100
+    )
+    # A frame torn inside preallocated space: its start, then zeros.
+    cut = ends[-1] + 20
+    full, _ = stream(PAYLOADS[:4])
+    scan = scan_frames(full[:cut] + bytes(len(full) - cut + 100))
+    assert scan.payloads == PAYLOADS[:3]
+    assert scan.torn and scan.padding == 0
 
 
 def test_damage_in_the_middle_is_told_apart_from_a_torn_tail() -> None:

@@ -8,6 +8,10 @@ The checksum covers every frame byte after itself (length and payload), so a dam
 is caught like damaged data. Appends can be torn by a crash: ``scan_frames`` returns the
 intact prefix and says whether anything followed it. What the payloads mean, and what a
 torn tail means for recovery, belongs to the runtime; see ``docs/format.md``.
+
+A segment may be preallocated: zero-filled to its full size first, then written in place.
+Zero bytes never start a frame (a frame starts with the magic), so an all-zero remainder
+after the intact frames is *padding*, the part not yet written, and not a torn tail.
 """
 
 from __future__ import annotations
@@ -46,11 +50,14 @@ class FrameScan:
     payloads: list[bytes]
     # Bytes covered by those frames; everything from here on is discarded.
     valid_length: int
-    # True when any bytes follow valid_length.
+    # True when anything but zero padding follows valid_length.
     torn: bool
     # Frames after the tear whose own checksum verifies. A crash mid-append leaves 0;
     # more means damage in the middle of the segment, so acknowledged records were lost.
     frames_after_tear: int = 0
+    # Zero bytes after valid_length when nothing else follows it (preallocated, unwritten
+    # space); not counted as torn.
+    padding: int = 0
 
 
 def encode_frame(payload: BytesLike) -> bytes:
@@ -92,6 +99,8 @@ def _scan(data: bytes) -> FrameScan:
         off = end
     if off == n:
         return FrameScan(payloads=payloads, valid_length=off, torn=False)
+    if data.count(0, off) == n - off:
+        return FrameScan(payloads=payloads, valid_length=off, torn=False, padding=n - off)
     return FrameScan(
         payloads=payloads, valid_length=off, torn=True, frames_after_tear=_count_after(data, off)
     )
