@@ -78,12 +78,29 @@ class Fault(NamedTuple):
 
 
 class _File:
-    __slots__ = ("data", "durable", "writeback_failed")
+    __slots__ = ("data", "dirty", "durable", "writeback_failed")
 
     def __init__(self, data: bytes = b"") -> None:
         self.data = bytearray(data)
-        self.durable = bytes(data)
+        self.durable = bytearray(data)
+        # The range written in place since the last sync, while the size is unchanged: a
+        # sync then copies that range alone, not a whole preallocated 64 MiB segment.
+        self.dirty: tuple[int, int] | None = None
         self.writeback_failed = False
+
+    def wrote(self, pos: int, end: int) -> None:
+        lo, hi = self.dirty or (pos, end)
+        self.dirty = (min(lo, pos), max(hi, end))
+
+    def synced(self) -> None:
+        # Data changes only through write() (tracked) and truncate() (which syncs), so with
+        # the size unchanged the bytes outside the dirty range are the durable ones already.
+        if len(self.durable) != len(self.data):
+            self.durable = bytearray(self.data)
+        elif self.dirty is not None:
+            lo, hi = self.dirty
+            self.durable[lo:hi] = self.data[lo:hi]
+        self.dirty = None
 
 
 class _Dir:
@@ -189,7 +206,7 @@ class SimulatedFileSystem:
             dirs: set[int] = set()
 
             def survive(node: _File) -> bytes:
-                cur, dur = bytes(node.data), node.durable
+                cur, dur = bytes(node.data), bytes(node.durable)
                 if not torn or node.writeback_failed or len(cur) < len(dur) or cur == dur:
                     return dur
                 # Writeback went in file order and stopped somewhere after the first byte
@@ -416,6 +433,7 @@ class SimulatedFileSystem:
                 buf.extend(bytes(pos - len(buf)))
             buf[pos : pos + len(data)] = data
             h.pos = pos + len(data)
+            h.node.wrote(pos, h.pos)
 
     def fsync(self, handle: int) -> None:
         self._sync(handle, "fsync")
@@ -434,7 +452,7 @@ class SimulatedFileSystem:
                 raise
             self._commit(op, h.path)
             if not h.node.writeback_failed:
-                h.node.durable = bytes(h.node.data)
+                h.node.synced()
 
     def close(self, handle: int) -> None:
         with self._lock:
@@ -455,7 +473,7 @@ class SimulatedFileSystem:
                 node.data.extend(bytes(length - len(node.data)))
             # Like fsync, a truncate cannot resurrect pages already dropped after an error.
             if not node.writeback_failed:
-                node.durable = bytes(node.data)
+                node.synced()
 
     def replace(self, src: str, dst: str) -> None:
         with self._lock:
