@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import errno
+import functools
+import random
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -12,12 +14,20 @@ import anyio
 import pytest
 
 from streamer.config import Config, RuntimeSettings, StorageSettings
-from streamer.errors import StorageUnavailable
+from streamer.errors import StorageUnavailable, WorldClosed
+from streamer.format.journal import scan_frames
 from streamer.format.region import decode_region, region_key
-from streamer.runtime.journal import JOURNAL_DIR, Journal, JournalBatch, segment_name
+from streamer.runtime.journal import (
+    JOURNAL_DIR,
+    SPARE_NAME,
+    Journal,
+    JournalBatch,
+    JournalStats,
+    segment_name,
+)
 from streamer.runtime.world import open_world
 from streamer.schema.deltas import TileSet
-from streamer.storage.faultfs import SimulatedFileSystem
+from streamer.storage.faultfs import SimulatedCrash, SimulatedFileSystem
 from streamer.storage.local import LocalStore
 from streamer.worlddir import create_world
 
@@ -40,7 +50,7 @@ def batch(j: Journal, tick: int, x: int = 0, tile: int = 1) -> JournalBatch:
 
 
 def fsyncs(fs: SimulatedFileSystem) -> int:
-    return sum(1 for op in fs.ops if op.name == "fsync")
+    return sum(1 for op in fs.ops if op.name in ("fsync", "fdatasync") and op.path.endswith(".wal"))
 
 
 async def test_group_commit_shares_fsyncs() -> None:
@@ -121,9 +131,10 @@ async def test_torn_tail_cut_at_every_offset_is_discarded_durably() -> None:
         assert second.torn_bytes == 0
 
 
-async def test_segments_rotate_and_are_deleted_once_regions_pass_them() -> None:
+@pytest.mark.parametrize("preallocate", [False, True])
+async def test_segments_rotate_and_are_deleted_once_regions_pass_them(preallocate: bool) -> None:
     fs = SimulatedFileSystem()
-    j = Journal(fs, run_sync, segment_bytes=4096)
+    j = Journal(fs, run_sync, segment_bytes=4096, preallocate=preallocate)
     await j.open(ticks_of)
     async with anyio.create_task_group() as tg:
         tg.start_soon(j.run)
@@ -151,9 +162,14 @@ async def test_segments_rotate_and_are_deleted_once_regions_pass_them() -> None:
 
         lpt[(1, 0)] = 200
         await j.collect(lambda r: lpt[r])
-        assert fs.listdir(JOURNAL_DIR) == []
+        if preallocate:  # one passed segment became the spare (recycled), the rest are gone
+            assert fs.listdir(JOURNAL_DIR) == [SPARE_NAME.rpartition("/")[2]]
+            assert j.stats().spares_recycled == 2
+        else:
+            assert fs.listdir(JOURNAL_DIR) == []
         j.begin_close()
     await j.aclose()
+    assert fs.listdir(JOURNAL_DIR) == []
 
 
 async def test_interval_mode_acknowledges_before_fsync_and_fsyncs_periodically() -> None:
@@ -186,7 +202,7 @@ async def test_failed_write_fails_the_group_and_later_batches_still_commit() -> 
         tg.start_soon(j.run)
         b1 = batch(j, 1)
         await j.append(b1, ticks_of(b1)).wait()
-        fs.inject("fsync", errno.EIO, path_contains=JOURNAL_DIR)
+        fs.inject("fdatasync", errno.EIO, path_contains=JOURNAL_DIR)
         b2 = batch(j, 2)
         with pytest.raises(StorageUnavailable):
             await j.append(b2, ticks_of(b2)).wait()
@@ -198,11 +214,18 @@ async def test_failed_write_fails_the_group_and_later_batches_still_commit() -> 
     assert [b.seq for b in replay.batches] == [b1.seq, b3.seq]
 
 
+@pytest.mark.parametrize("preallocate", [False, True])
 async def test_world_replay_after_torn_tail_is_exactly_once_and_lpt_never_regresses(
-    tmp_path: Path,
+    tmp_path: Path, preallocate: bool
 ) -> None:
     fs = SimulatedFileSystem()
-    cfg = Config(runtime=RuntimeSettings(flush_interval_ms=60_000))
+    cfg = Config(
+        runtime=RuntimeSettings(
+            flush_interval_ms=60_000,
+            journal_segment_bytes=4096,
+            journal_preallocate=preallocate,
+        )
+    )
     store = await LocalStore.open(tmp_path, fs=fs)
     await create_world(store, seed=3)
     async with open_world(tmp_path, cfg, fs=fs) as world:
@@ -213,9 +236,12 @@ async def test_world_replay_after_torn_tail_is_exactly_once_and_lpt_never_regres
             await world.submit([TileSet(tick=t, x=t, y=0, tile=100 + t)])
         base = fs.durable_image()
         await world.flush()  # what happens to `fs` after the image no longer matters
-    [seg] = base.listdir(JOURNAL_DIR)
+    [seg] = [n for n in base.listdir(JOURNAL_DIR) if n.endswith(".wal")]
     seg_path = f"{JOURNAL_DIR}/{seg}"
-    full = base.read(seg_path)
+    on_disk = base.read(seg_path)
+    # A preallocated segment is written in place over zeros: its unwritten rest is padding.
+    full = on_disk[: scan_frames(on_disk).valid_length]
+    assert (len(on_disk) > len(full)) == preallocate
     frame = len(full) // 3
     assert len(full) == 3 * frame
 
@@ -225,7 +251,10 @@ async def test_world_replay_after_torn_tail_is_exactly_once_and_lpt_never_regres
 
     for cut in range(2 * frame, len(full) + 1):
         image = base.durable_image()
-        image.truncate(seg_path, cut)
+        if preallocate:  # a torn in-place write: the frame's start, then the old zeros
+            _rewrite(image, seg_path, on_disk[:cut] + bytes(len(on_disk) - cut))
+        else:  # a torn append: the frame's start, then the end of the file
+            image.truncate(seg_path, cut)
         expected = {t: 100 + t for t in range(1, 6 if cut < len(full) else 7)}
         before = lpt(image)
         for _ in range(2):
@@ -484,3 +513,108 @@ async def test_a_world_acknowledges_while_its_journal_deletes_segments(tmp_path:
             fs.release.set()
         assert world.stats().journal.segments_deleted >= 2
         assert int((await world.chunk(0, 0)).tiles[1, 1]) == 42
+
+
+async def _inline(fn: Callable[..., Any], *args: Any) -> Any:
+    """Runs the blocking call in place: the op sequence is the same at every run."""
+    return fn(*args)
+
+
+def _constant(value: int, _region: tuple[int, int]) -> int:
+    return value
+
+
+def _crashed(exc: BaseException) -> bool:
+    """A simulated crash, and what it did to the batches it stopped (failed as closed)."""
+    if isinstance(exc, BaseExceptionGroup):
+        return any(_crashed(e) for e in exc.exceptions) and all(
+            _crashed(e) or isinstance(e, WorldClosed) for e in exc.exceptions
+        )
+    return isinstance(exc, SimulatedCrash)
+
+
+async def _preallocated_workload(
+    fs: SimulatedFileSystem, acked: list[int], passed: list[int]
+) -> JournalStats:
+    """240 acknowledged batches over segments of 4 KiB, from 81 on made from zero-filled
+    spares, the first one a recycled segment; passed segments are collected as they fill."""
+    j = Journal(fs, _inline, segment_bytes=4096, collect_run_sync=_inline, preallocate=True)
+    await j.open(ticks_of)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(j.run)
+        for t in range(1, 241):
+            if t == 81:
+                # Until now segments were created as they were needed, and the collection
+                # at 80 recycled a passed one into the spare: the keeper zero-fills it.
+                tg.start_soon(j.keep_spare)
+            segments = j.segment_seqs()
+            b = batch(j, t)
+            await j.append(b, ticks_of(b)).wait()
+            acked.append(t)
+            if t == 80 or (t > 80 and j.segment_seqs()[-1] != segments[-1]):
+                passed.append(t - 10)
+                await j.collect(functools.partial(_constant, t - 10))
+            await anyio.sleep(0)  # lets the keeper run between commits
+        j.begin_close()
+    await j.aclose()
+    return j.stats()
+
+
+async def test_power_loss_at_every_operation_of_a_preallocated_journal() -> None:
+    done: list[int] = []
+    full = SimulatedFileSystem()
+    stats = await _preallocated_workload(full, done, [])
+    assert done == list(range(1, 241))
+    assert stats.segments_preallocated >= 3 and stats.spares_recycled >= 1
+    # A clean close leaves no spare and no padding behind.
+    left = full.listdir(JOURNAL_DIR)
+    assert left and all(n.endswith(".wal") for n in left)
+    for n in left:
+        assert scan_frames(full.read(f"{JOURNAL_DIR}/{n}")).padding == 0
+    total = len(full.ops)
+    for k in range(total):
+        for torn in (False, True):
+            fs = SimulatedFileSystem()
+            fs.crash_after(k)
+            acked: list[int] = []
+            passed: list[int] = []
+            try:
+                await _preallocated_workload(fs, acked, passed)
+            except BaseException as exc:
+                if not _crashed(exc):
+                    raise
+            image = fs.durable_image(torn=torn, rng=random.Random(k))
+            replay = await Journal(image, run_sync).open(ticks_of)
+            ticks = [d.tick for b in replay.batches for d in b.deltas]
+            where = f"crash after op {k} ({fs.crashed_op}), torn={torn}"
+            assert ticks == sorted(set(ticks)), where  # in order, each once
+            horizon = passed[-1] if passed else 0
+            missing = [t for t in acked if t > horizon and t not in ticks]
+            assert not missing, f"{where}: acknowledged batches lost: {missing}"
+            assert all(1 <= t <= 240 for t in ticks), where
+            # Reopening again finds the same (the cut tail and the padding are gone).
+            again = await Journal(image.durable_image(), run_sync).open(ticks_of)
+            assert [b.seq for b in again.batches] == [b.seq for b in replay.batches], where
+
+
+async def test_a_spare_that_cannot_be_made_costs_speed_only() -> None:
+    fs = SimulatedFileSystem()
+    fs.inject("write", errno.ENOSPC, path_contains="spare")  # once
+    j = Journal(fs, _inline, segment_bytes=4096, collect_run_sync=_inline, preallocate=True)
+    await j.open(ticks_of)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(j.run)
+        tg.start_soon(j.keep_spare)
+        await anyio.sleep(0)  # the keeper's first try fails
+        assert not j.stats().spare_ready
+        await _acknowledged(j, range(1, 3))  # the first segment is created unfilled ...
+        assert j.stats().segments_preallocated == 0
+        for _ in range(5):  # ... and opening it asked for a spare again
+            await anyio.sleep(0)
+        assert j.stats().spare_ready
+        await _acknowledged(j, range(3, 120))  # rotates into segments made from spares
+        assert j.stats().segments_preallocated >= 1
+        j.begin_close()
+    await j.aclose()
+    replay = await Journal(fs.durable_image(), run_sync).open(ticks_of)
+    assert [d.tick for b in replay.batches for d in b.deltas] == list(range(1, 120))

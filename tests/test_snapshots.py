@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from streamer.errors import SnapshotError, UnknownSnapshot
+from streamer.format.journal import encode_frame
 from streamer.format.manifest import MANIFEST_KEY, decode_manifest
 from streamer.format.region import encode_region, region_key
 from streamer.recovery.check import CheckReport
@@ -330,3 +331,20 @@ async def test_rotation_never_trades_a_valid_snapshot_for_a_damaged_one(store, t
 
     c = await create_snapshot(store, keep=1)
     assert (await scan_snapshots(store)).ids == [c.id]
+
+
+async def test_a_preallocated_segment_is_copied_without_its_zero_padding(store):
+    await make_world(store)
+    frames = encode_frame(b"batch one") + encode_frame(b"batch two")
+    await store.put_atomic(JOURNAL, frames + bytes(64 * 1024))  # a live, preallocated segment
+    torn = "journal/00000000000000000002.wal"
+    await store.put_atomic(torn, frames + b"\x01" + bytes(100))  # not padding: kept whole
+    info = await create_snapshot(store, keep=5)
+    sizes = {f.key: f.size for f in info.files}
+    assert sizes[JOURNAL] == len(frames)
+    assert sizes[torn] == len(frames) + 101
+    copied = await snapshot_state(store, info.id)
+    assert copied[JOURNAL] == frames
+    assert await verify_snapshot(store, info.id) == []
+    await restore_snapshot(store, info.id, keep=5)
+    assert (await store.get(JOURNAL)).data == frames

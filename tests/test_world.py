@@ -143,7 +143,8 @@ async def test_multi_region_batch_is_all_or_nothing(tmp_path: Path) -> None:
     async with open_world(tmp_path, conf, fs=fs) as world:
         a0 = int((await world.chunk(0, 0)).tiles[1, 1])
         b0 = int((await world.chunk(-10, 14)).tiles[900 % 64, -600 % 64])
-        fs.inject("write", errno.EIO, path_contains="journal/")
+        # ".wal": a segment's write, not the spare's zero-filling running beside it.
+        fs.inject("write", errno.EIO, path_contains=".wal")
         with pytest.raises(StorageUnavailable):
             await world.submit(batch)
         assert int((await world.chunk(0, 0)).tiles[1, 1]) == a0

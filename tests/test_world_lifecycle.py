@@ -41,8 +41,8 @@ CONF = Config(runtime=RuntimeSettings(flush_interval_ms=600_000))
 
 
 class GatedFS(SimulatedFileSystem):
-    """``fsync`` of journal segments blocks (in its worker thread) while the gate is closed;
-    ``replace`` into ``regions/`` blocks while ``region_gate`` is closed."""
+    """The journal's sync of its segments blocks (in its worker thread) while the gate is
+    closed; ``replace`` into ``regions/`` blocks while ``region_gate`` is closed."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -52,11 +52,11 @@ class GatedFS(SimulatedFileSystem):
         self.region_gate.set()
         self.blocked = threading.Event()
 
-    def fsync(self, handle: int) -> None:
-        if self._handle(handle).path.startswith("journal/") and not self.gate.is_set():
+    def fdatasync(self, handle: int) -> None:
+        if self._handle(handle).path.endswith(".wal") and not self.gate.is_set():
             self.blocked.set()
             self.gate.wait(10)
-        super().fsync(handle)
+        super().fdatasync(handle)
 
     def replace(self, src: str, dst: str) -> None:
         if dst.startswith("regions/"):

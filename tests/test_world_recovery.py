@@ -394,6 +394,37 @@ async def test_manual_snapshot_emits_event(tmp_path: Path) -> None:
         assert info.last_processed_tick[region_key(*A)] == 1
 
 
+async def test_preallocated_segments_leave_no_padding_or_spare_after_close(
+    tmp_path: Path,
+) -> None:
+    path = await new_world(tmp_path / "w")
+    conf = Config(
+        runtime=RuntimeSettings(
+            flush_interval_ms=60_000, journal_segment_bytes=1 << 20, journal_preallocate=True
+        ),
+        storage=StorageSettings(fsync=True),
+        scrub=ScrubSettings(interval_s=0),
+    )
+    spare = path / "journal" / "spare.zero"
+    async with open_world(path, conf) as world:
+        with anyio.fail_after(30):  # zero-filled in the background after open
+            while not world.stats().journal.spare_ready:
+                await anyio.sleep(0.01)
+        await world.submit([TileSet(tick=1, x=1, y=1, tile=3)])
+        stats = world.stats().journal
+        assert stats.segments_preallocated == 1
+        [segment] = (path / "journal").glob("*.wal")
+        assert segment.stat().st_size == 1 << 20  # the spare, renamed, written in place
+        with anyio.fail_after(30):  # the keeper makes the next one
+            while not world.stats().journal.spare_ready:
+                await anyio.sleep(0.01)
+        assert spare.stat().st_size == 1 << 20
+    # The final flush passed every segment; the close deleted the spare too.
+    assert list((path / "journal").iterdir()) == []
+    async with open_world(path, cfg()) as world:
+        assert tile((await world.chunk(0, 0)).tiles, 1, 1) == 3
+
+
 async def test_open_finishes_an_interrupted_restore_first(tmp_path: Path) -> None:
     from streamer.recovery.snapshots import RESTORE_MARKER_KEY, RestoreMarker, _seal
 

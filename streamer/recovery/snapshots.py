@@ -14,7 +14,8 @@ and ``quarantine/`` are deliberately left out: restoring must never roll back th
 what happened, nor the evidence set aside for the operator.
 
 Region files are never modified in place, so the snapshot hard-links them (``store.copy``);
-everything else (the journal is appended in place) is copied byte for byte.
+everything else (the journal is written in place) is copied byte for byte, but for the zero
+padding at the end of a running world's preallocated journal segment.
 
 Creation, in order -- each step only after the previous one is durable:
 
@@ -62,6 +63,7 @@ from streamer.errors import (
     UnsupportedFormat,
 )
 from streamer.format.checksum import hex64, xxh3
+from streamer.format.journal import scan_frames
 from streamer.format.manifest import MANIFEST_KEY, WorldManifest, decode_manifest
 from streamer.format.region import decode_region, parse_region_key, region_key
 from streamer.recovery.check import CheckReport, ExtraCheck, Problem, problem_from
@@ -518,7 +520,7 @@ async def _create(
                 raise SnapshotError(
                     f"{key}: vanished during the snapshot; the world is not quiescent"
                 )
-            sources.append(_survey(key, blob.data, allow_raw=allow_raw))
+            sources.append(_survey(key, _content(key, blob.data), allow_raw=allow_raw))
             if key == MANIFEST_KEY and sources[-1].entry.verified:
                 manifest = decode_manifest(blob.data)
                 record_versions, world_id = dict(manifest.record_versions), manifest.world_id
@@ -547,6 +549,16 @@ async def _create(
         raise
     await _rotate(store, keep=keep, protect=protect | {sid})
     return stored
+
+
+def _content(key: str, data: bytes) -> bytes:
+    """What a snapshot keeps of a file: all of it, but for the zero padding of a running
+    world's preallocated journal segment (unwritten space, no information)."""
+    if key.startswith("journal/") and key.endswith(".wal"):
+        scan = scan_frames(data)
+        if scan.padding:
+            return data[: scan.valid_length]
+    return data
 
 
 def _survey(key: str, data: bytes, *, allow_raw: bool) -> _Source:
@@ -579,11 +591,12 @@ async def _copy_into(store: BlobStore, sid: str, sources: list[_Source]) -> None
     # state files only. A change since the survey means the world was not quiescent.
     keys = [e.key for e in plain]
     for entry, blob in zip(plain, await _get_batched(store, keys), strict=True):
-        if blob is None or hex64(xxh3(blob.data)) != entry.xxh3:
+        data = None if blob is None else _content(entry.key, blob.data)
+        if data is None or hex64(xxh3(data)) != entry.xxh3:
             raise SnapshotError(
                 f"{entry.key}: changed during the snapshot; the world is not quiescent"
             )
-        await store.put_atomic(snapshot_file_key(sid, entry.key), blob.data)
+        await store.put_atomic(snapshot_file_key(sid, entry.key), data)
     paths = [snapshot_file_key(sid, s.entry.key) for s in sources]
     async for i, blob in _iter_batched(store, paths):
         entry = sources[i].entry

@@ -259,6 +259,7 @@ class World(_SubmitPath, _FlushPath):
         self._tg = tg
         assert self._journal is not None
         tg.start_soon(self._journal.run, name="journal-writer")
+        tg.start_soon(self._journal.keep_spare, name="journal-spare")
         self._loader.run(tg)
         tg.start_soon(self._flush_scheduler, name="flush-scheduler")
         self._recovery.start(tg)
@@ -411,6 +412,7 @@ class World(_SubmitPath, _FlushPath):
             fsync_interval_ms=rt.fsync_interval_ms,
             segment_bytes=rt.journal_segment_bytes,
             fsync=fsync,
+            preallocate=rt.journal_preallocate,
             on_durable=self._on_durable,
             on_failed=self._on_failed,
             # Segment deletion on anyio's shared threads, not the writer's only one.
