@@ -5,7 +5,9 @@ default. The cases came from a review of the change, each reproduced first."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
+from collections.abc import AsyncIterator
 
 import anyio
 import pytest
@@ -22,6 +24,21 @@ from streamer.runtime.journal import (
 from streamer.schema.deltas import AnyDelta, TileSet
 from streamer.storage.faultfs import SimulatedFileSystem
 from tests.test_journal import _acknowledged, _rewrite, batch, run_sync, ticks_of
+
+
+@contextlib.asynccontextmanager
+async def _running(fs: SimulatedFileSystem, segment_bytes: int) -> AsyncIterator[Journal]:
+    """A preallocating journal, its writer and keeper running and a spare ready; closed
+    when the block ends."""
+    j = Journal(fs, run_sync, segment_bytes=segment_bytes, preallocate=True)
+    await j.open(ticks_of)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(j.run)
+        tg.start_soon(j.keep_spare)
+        await _wait_ready(j)
+        yield j
+        j.begin_close()
+    await j.aclose()
 
 
 async def _wait_ready(j: Journal) -> None:
@@ -42,12 +59,7 @@ async def test_an_unacknowledged_group_persisted_out_of_order_is_a_torn_tail() -
     so this is a torn tail; open today reports lost acknowledged deltas and refuses (an
     append cannot leave this: the size commit comes after the data)."""
     fs = SimulatedFileSystem()
-    j = Journal(fs, run_sync, segment_bytes=1 << 20, preallocate=True)
-    await j.open(ticks_of)
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(j.run)
-        tg.start_soon(j.keep_spare)
-        await _wait_ready(j)
+    async with _running(fs, 1 << 20) as j:
         await _acknowledged(j, range(1, 4))  # acknowledged, durable
         assert j.stats().segments_preallocated == 1
         acked = fs.durable_image()
@@ -58,8 +70,6 @@ async def test_an_unacknowledged_group_persisted_out_of_order_is_a_torn_tail() -
             pend.append(j.append(b, ticks_of(b)))
         for p in pend:
             await p.wait()
-        j.begin_close()
-    await j.aclose()
     name = segment_name(1)
     before = acked.read(name)
     acked_len = scan_frames(before).valid_length
@@ -79,17 +89,10 @@ async def test_a_spare_that_cannot_be_taken_costs_no_commit(op: str) -> None:
     segment is created as without it (under a new name, as a failed open may leave a file
     of zeros under the first)."""
     fs = SimulatedFileSystem()
-    j = Journal(fs, run_sync, segment_bytes=4096, preallocate=True)
-    await j.open(ticks_of)
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(j.run)
-        tg.start_soon(j.keep_spare)
-        await _wait_ready(j)
+    async with _running(fs, 4096) as j:
         fs.inject(op, errno.EIO, path_contains="spare.zero" if op == "replace" else ".wal")
         await _acknowledged(j, range(1, 3))
         assert j.stats().segments_preallocated == 0
-        j.begin_close()
-    await j.aclose()
     replay = await Journal(fs.durable_image(), run_sync).open(ticks_of)
     assert [d.tick for b in replay.batches for d in b.deltas] == [1, 2]
 
@@ -155,12 +158,7 @@ async def test_power_loss_before_a_passed_segment_is_deleted_keeps_the_world_ope
     segment 2 first. A power loss there leaves segment 1 before segment 2: it was trimmed
     when closed, so it opens as an ordinary older segment."""
     fs = _CrashBeforeDeletingSeg1()
-    j = Journal(fs, run_sync, segment_bytes=1 << 16, preallocate=True)
-    await j.open(ticks_of)
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(j.run)
-        tg.start_soon(j.keep_spare)
-        await _wait_ready(j)
+    async with _running(fs, 1 << 16) as j:
         await _acknowledged(j, range(1, 4))  # segment 1, from the spare, padded
         if spare_first:
             await _wait_ready(j)
@@ -171,8 +169,6 @@ async def test_power_loss_before_a_passed_segment_is_deleted_keeps_the_world_ope
                     await anyio.sleep(0.001)
             await _acknowledged(j, range(10, 11))  # opens segment 2, acknowledged
             fs.release.set()
-        j.begin_close()
-    await j.aclose()
     assert fs.image is not None
     assert segment_name(1).rpartition("/")[2] in fs.image.listdir(JOURNAL_DIR)
     replay = await Journal(fs.image, run_sync).open(ticks_of)
@@ -183,20 +179,13 @@ async def test_a_failed_delete_of_a_passed_segment_keeps_the_world_openable() ->
     """collect() closes segment 1 and fails to delete it (StorageUnavailable, which is
     safe); the world goes on into segment 2 and closes; it reopens with both."""
     fs = SimulatedFileSystem()
-    j = Journal(fs, run_sync, segment_bytes=1 << 16, preallocate=True)
-    await j.open(ticks_of)
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(j.run)
-        tg.start_soon(j.keep_spare)
-        await _wait_ready(j)
+    async with _running(fs, 1 << 16) as j:
         await _acknowledged(j, range(1, 4))
         await _wait_ready(j)  # spare ready again -> collect unlinks instead of recycling
         fs.inject("unlink", errno.EIO, path_contains="00000000000000000001.wal")
         with pytest.raises(StorageUnavailable):
             await j.collect(lambda r: 3)
         await _acknowledged(j, range(4, 6))  # segment 2
-        j.begin_close()
-    await j.aclose()
     replay = await Journal(fs.durable_image(), run_sync).open(ticks_of)
     assert [d.tick for b in replay.batches for d in b.deltas] == [1, 2, 3, 4, 5]
 
@@ -206,19 +195,12 @@ async def test_a_segment_of_zeros_left_by_a_failed_open_reads_as_empty() -> None
     fails, and segment 1 (all zeros) stays behind, untracked; segment 2's directory sync
     makes its name durable too. It is an empty older segment, not damage."""
     fs = SimulatedFileSystem()
-    j = Journal(fs, run_sync, segment_bytes=1 << 16, preallocate=True)
-    await j.open(ticks_of)
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(j.run)
-        tg.start_soon(j.keep_spare)
-        await _wait_ready(j)
+    async with _running(fs, 1 << 16) as j:
         fs.inject("fsync_dir", errno.EIO, path_contains="journal")
         b = batch(j, 1)
         with pytest.raises(StorageUnavailable):
             await j.append(b, ticks_of(b)).wait()
         await _acknowledged(j, range(2, 4))
-        j.begin_close()
-    await j.aclose()
     image = fs.durable_image()
     assert segment_name(1).rpartition("/")[2] in image.listdir(JOURNAL_DIR)
     replay = await Journal(image, run_sync).open(ticks_of)
