@@ -16,7 +16,15 @@ async def test_probe_times_every_batch_both_ways(tmp_path: Path) -> None:
     # Every batch the schedule sent was timed from submit to acknowledgement too.
     assert r.submit_to_ack.count == r.scheduled.count
     assert all(lag > 0.003 for lag in r.lags)
-    assert len(r.lines()) == 5
+    assert len(r.lines()) == 6
+    assert r.segments_opened >= 1  # the open loop's first commit opens one
+    assert r.segments_preallocated == 0  # off by default
+
+
+async def test_probe_with_preallocation_starts_from_a_spare(tmp_path: Path) -> None:
+    r = await probe(tmp_path / "w", seconds=0.3, rate=20_000, preallocate=True)
+    # The probe waited for the spare: the open loop's first segment is made from it.
+    assert 1 <= r.segments_preallocated <= r.segments_opened
 
 
 @pytest.mark.parametrize(

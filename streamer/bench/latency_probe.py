@@ -10,8 +10,13 @@ the benchmark's p50/p99/max:
 - garbage collections over 0.5 ms (``gc.callbacks``), by generation.
 
 ``--closed-first`` runs the benchmark's saturated closed loop first, as ``durable_deltas``
-does, so the open loop starts from the same heap. A diagnostic, not a benchmark: it judges
-nothing and its figures are only comparable between runs on the same stretch of the VM.
+does, so the open loop starts from the same heap. ``--preallocate`` turns the journal's
+preallocated segments on (``journal_preallocate``, off by default), for an A/B in one
+checkout; the open loop then starts once the first spare is zero-filled (a server that has
+run for a while has one ready).
+
+A diagnostic, not a benchmark: it judges nothing and its figures are only comparable
+between runs on the same stretch of the VM.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import msgspec
 
 from streamer.bench import runtime_bench as rb
 from streamer.coords import CHUNK_SIZE
@@ -48,6 +54,9 @@ class ProbeResult:
     lags: list[float] = field(default_factory=list)
     slow_gcs: Counter[int] = field(default_factory=Counter)
     worst_gc_s: float = 0.0
+    #: Journal segments opened during the open loop, how many from a zero-filled spare.
+    segments_opened: int = 0
+    segments_preallocated: int = 0
 
     def lines(self) -> list[str]:
         s, a = self.scheduled, self.submit_to_ack
@@ -60,6 +69,8 @@ class ProbeResult:
             f" p99 {a.percentile_ms(99):.2f} ms",
             f"loop lags > 3 ms  {len(self.lags)}, worst {max(self.lags, default=0.0) * 1e3:.1f} ms",
             f"gc over 0.5 ms    {gcs}; worst {self.worst_gc_s * 1e3:.1f} ms",
+            f"journal segments  {self.segments_opened} opened in the open loop, "
+            f"{self.segments_preallocated} of them from a zero-filled spare",
         ]
 
 
@@ -69,6 +80,7 @@ async def probe(
     seconds: float = 6.0,
     rate: float = 200_000,
     closed_first: bool = False,
+    preallocate: bool = False,
 ) -> ProbeResult:
     """One open loop against a new world under ``work`` (see the module docstring)."""
     world = work / "probe"
@@ -81,7 +93,9 @@ async def probe(
         for t in rb._submitter_batch(task, seq, 0, _BATCH)
     }
     first = await rb._populate(world, sorted(touched), edits_per_chunk=1) + 1
-    async with open_world(world, rb._config()) as w:
+    config = rb._config()
+    runtime = msgspec.structs.replace(config.runtime, journal_preallocate=preallocate)
+    async with open_world(world, msgspec.structs.replace(config, runtime=runtime)) as w:
         if closed_first:
 
             async def closed(task: int, seq: int) -> int:
@@ -90,6 +104,12 @@ async def probe(
 
             await rb._closed_loop(64, seconds, closed)
             await w.flush()
+        if preallocate:
+            with anyio.fail_after(60):
+                # Polls a public stat: the world offers no event for it, nor needs one.
+                while not w.stats().journal.spare_ready:  # noqa: ASYNC110
+                    await anyio.sleep(0.01)
+        before = w.stats().journal
         tick0 = 1 << 40  # above every tick used before, in every region
         ready = rb._prebuild(_SHARDS, seconds, rate, _BATCH, lambda seq: tick0 + seq)
         submit_to_ack = LatencyRecorder()
@@ -136,6 +156,7 @@ async def probe(
         finally:
             gc.callbacks.remove(on_gc)
         ready.clear()
+        after = w.stats().journal
         return ProbeResult(
             acked_per_s=acked,
             scheduled=scheduled,
@@ -144,6 +165,9 @@ async def probe(
             lags=lags,
             slow_gcs=slow,
             worst_gc_s=worst_gc[0],
+            segments_opened=(after.segments + after.segments_deleted)
+            - (before.segments + before.segments_deleted),
+            segments_preallocated=after.segments_preallocated - before.segments_preallocated,
         )
 
 
@@ -152,6 +176,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=6.0)
     parser.add_argument("--rate", type=float, default=200_000, help="deltas/s offered")
     parser.add_argument("--closed-first", action="store_true")
+    parser.add_argument(
+        "--preallocate", action="store_true", help="journal segments from zero-filled spares"
+    )
     args = parser.parse_args(argv)
     if args.seconds <= 0 or args.rate <= 0:
         parser.error("--seconds and --rate must be > 0")
@@ -162,6 +189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 seconds=args.seconds,
                 rate=args.rate,
                 closed_first=args.closed_first,
+                preallocate=args.preallocate,
             )
         )
     print("\n".join(result.lines()))
