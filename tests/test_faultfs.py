@@ -4,6 +4,7 @@ OsFileSystem on the success path (and on the common error paths)."""
 from __future__ import annotations
 
 import errno
+import itertools
 import os
 import random
 from collections.abc import Callable
@@ -113,26 +114,34 @@ def test_torn_image_keeps_a_prefix_of_unsynced_appends() -> None:
     assert len(seen) > 3
 
 
-def test_torn_image_keeps_a_prefix_of_unsynced_writes_in_place() -> None:
+def test_torn_image_keeps_any_pages_of_unsynced_writes_in_place() -> None:
     fs = SimulatedFileSystem()
-    write_file(fs, "seg", b"head|" + bytes(20))  # preallocated: zeros after a synced head
+    page = 4096
+    write_file(fs, "seg", b"head|" + bytes(4 * page))  # preallocated: zeros after a head
     fs.fsync_dir("")
     h = fs.open_write("seg")
     fs.write(h, b"head|")
     fs.fdatasync(h)
-    fs.write(h, b"0123456789")  # in place over the zeros, not synced
-    assert fs.read("seg") == b"head|0123456789" + bytes(10)
-    assert fs.durable_image().read("seg") == b"head|" + bytes(20)
-    seen = set()
+    new = bytes(range(1, 251)) * 60  # 15,000 bytes over pages 0-3, none of them zero
+    fs.write(h, new)  # in place over the zeros, not synced
+    assert fs.durable_image().read("seg") == b"head|" + bytes(4 * page)
+    kept = set()
     for seed in range(40):
         data = fs.durable_image(torn=True, rng=random.Random(seed)).read("seg")
-        assert len(data) == 25  # an overwrite never changes the size
-        kept = data[5:15].rstrip(b"\0")
-        assert b"0123456789".startswith(kept) and data[15:] == bytes(10)
-        seen.add(len(kept))
-    assert len(seen) > 3
+        assert len(data) == 5 + 4 * page  # an overwrite never changes the size
+        assert data[:5] == b"head|"
+        pages = []
+        for p in range(4):
+            lo, hi = max(5, p * page), min(5 + len(new), (p + 1) * page)
+            got = data[lo:hi]
+            assert got in (new[lo - 5 : hi - 5], bytes(hi - lo))  # a page is old or new
+            pages.append(got != bytes(hi - lo))
+        kept.add(tuple(pages))
+    # Out of order too: a later page without an earlier one.
+    assert any(not a and b for k in kept for a, b in itertools.pairwise(k))
+    assert len(kept) > 4
     fs.fdatasync(h)
-    assert fs.durable_image(torn=True).read("seg") == b"head|0123456789" + bytes(10)
+    assert fs.durable_image(torn=True).read("seg") == b"head|" + new + bytes(4 * page - len(new))
 
 
 def test_failed_fsync_drops_the_data_and_a_retry_does_not_bring_it_back() -> None:

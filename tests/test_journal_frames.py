@@ -175,3 +175,14 @@ def test_accepts_bytes_like() -> None:
     assert scan_frames(data).payloads == [b"a", b"b"]
     assert encode_frame(bytearray(b"a")) == encode_frame(memoryview(b"a")) == encode_frame(b"a")
     assert all(type(p) is bytes for p in scan_frames(bytearray(data)).payloads)
+
+
+def test_a_torn_scan_says_where_the_non_zero_data_ends() -> None:
+    data, ends = stream(PAYLOADS[:4])
+    hole = bytearray(data)
+    hole[ends[1] : ends[1] + 8] = bytes(8)  # the third frame's magic and checksum are gone
+    for zeros in (0, 10, 70_000):  # up to a long preallocated tail, read a window at a time
+        scan = scan_frames(bytes(hole) + bytes(zeros))
+        assert scan.torn and scan.valid_length == ends[1]
+        assert scan.frames_after_tear == 1  # the fourth frame
+        assert scan.data_end == ends[-1]

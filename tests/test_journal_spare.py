@@ -1,7 +1,7 @@
 """Preallocated journal segments when things go wrong: failures around the spare, segments
-left behind by a crash or a failed delete, zeros where acknowledged frames were, and the
-known limit (out-of-order persistence inside one sync) that keeps preallocation off by
-default. The cases came from a review of the change, each reproduced first."""
+left behind by a crash or a failed delete, zeros where acknowledged frames were, and one
+commit's pages persisted out of order. The cases came from a review of the change, each
+reproduced first."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from streamer.errors import ChecksumMismatch, StorageUnavailable
 from streamer.format.journal import encode_frame, scan_frames
 from streamer.runtime.journal import (
     JOURNAL_DIR,
+    MAX_COMMIT_BYTES,
     Journal,
     JournalBatch,
     encode_batch,
@@ -47,17 +48,11 @@ async def _wait_ready(j: Journal) -> None:
             await anyio.sleep(0.001)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ChecksumMismatch,
-    reason="known limit, why journal_preallocate is off by default: written in place, one "
-    "group's pages can persist out of order, and open takes that for lost acknowledged data",
-)
-async def test_an_unacknowledged_group_persisted_out_of_order_is_a_torn_tail() -> None:
-    """Power loss during ONE group's fdatasync over preallocated zeros: the device persisted
-    the group's second 4 KiB page but not its first. Nothing of the group was acknowledged,
-    so this is a torn tail; open today reports lost acknowledged deltas and refuses (an
-    append cannot leave this: the size commit comes after the data)."""
+async def test_an_unacknowledged_commit_persisted_out_of_order_is_a_torn_tail() -> None:
+    """Power loss during one commit's fdatasync over preallocated zeros: the device persisted
+    the commit's second 4 KiB page but not its first. Nothing of it was acknowledged, so
+    this is a torn tail (an append cannot leave this shape: its size commits after the
+    data), and the intact frames after the hole are discarded with it."""
     fs = SimulatedFileSystem()
     async with _running(fs, 1 << 20) as j:
         await _acknowledged(j, range(1, 4))  # acknowledged, durable
@@ -79,8 +74,32 @@ async def test_an_unacknowledged_group_persisted_out_of_order_is_a_torn_tail() -
     # Pages before `page` keep their old (durable) content, the rest of the group landed.
     torn = before[:page] + after[page : page + 4096] + before[page + 4096 :]
     _rewrite(acked, name, torn)
+    assert scan_frames(torn).frames_after_tear > 0
     replay = await Journal(acked, run_sync).open(ticks_of)
-    assert [b.seq for b in replay.batches][:3] == [1, 2, 3]
+    assert [d.tick for b in replay.batches for d in b.deltas] == [1, 2, 3]
+
+
+async def test_intact_frames_beyond_one_commit_after_a_hole_are_damage() -> None:
+    """The same hole, but intact frames more than one commit's bytes (MAX_COMMIT_BYTES)
+    after it: no single commit wrote them, so they were acknowledged; open refuses."""
+    fs = SimulatedFileSystem()
+    frames = [
+        encode_frame(encode_batch(JournalBatch(seq=t, deltas=[TileSet(tick=t, x=0, y=0, tile=1)])))
+        for t in range(1, 40_000)
+    ]
+    data = b"".join(frames)
+    hole = len(frames[0])  # the second frame's first bytes are gone
+    segment = data[:hole] + bytes(64) + data[hole + 64 :]
+    assert len(segment) - hole > MAX_COMMIT_BYTES
+    fs.makedirs(JOURNAL_DIR)
+    h = fs.create(segment_name(1))
+    fs.write(h, segment + bytes(4096))  # zeros after: a preallocated segment
+    fs.fsync(h)
+    fs.close(h)
+    fs.fsync_dir(JOURNAL_DIR)
+    with pytest.raises(ChecksumMismatch, match="acknowledged"):
+        await Journal(fs, run_sync).open(ticks_of)
+    assert fs.size(segment_name(1)) == len(segment) + 4096  # nothing cut
 
 
 @pytest.mark.parametrize("op", ["replace", "open_write"])

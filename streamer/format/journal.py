@@ -58,6 +58,10 @@ class FrameScan:
     # Zero bytes after valid_length when nothing else follows it (preallocated, unwritten
     # space); not counted as torn.
     padding: int = 0
+    # When torn: the offset just past the last non-zero byte. With zeros after it, the data
+    # from valid_length to here is what a crash left of the last writes to a preallocated
+    # segment, whose pages may have been persisted in any order.
+    data_end: int = 0
 
 
 def encode_frame(payload: BytesLike) -> bytes:
@@ -102,7 +106,11 @@ def _scan(data: bytes) -> FrameScan:
     if data.count(0, off) == n - off:
         return FrameScan(payloads=payloads, valid_length=off, torn=False, padding=n - off)
     return FrameScan(
-        payloads=payloads, valid_length=off, torn=True, frames_after_tear=_count_after(data, off)
+        payloads=payloads,
+        valid_length=off,
+        torn=True,
+        frames_after_tear=_count_after(data, off),
+        data_end=_data_end(data, off),
     )
 
 
@@ -131,3 +139,15 @@ def _count_after(data: bytes, off: int) -> int:
             count += 1
             pos = data.find(JOURNAL_MAGIC, end)
     return count
+
+
+def _data_end(data: bytes, off: int, step: int = 1 << 16) -> int:
+    """Just past the last non-zero byte at or after ``off`` (``off`` if there is none),
+    looking back from the end a window at a time: a preallocated segment's zeros are long."""
+    end = len(data)
+    while end > off:
+        start = max(off, end - step)
+        if data.count(0, start, end) != end - start:
+            return start + len(data[start:end].rstrip(b"\0"))
+        end = start
+    return off

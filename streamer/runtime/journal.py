@@ -83,6 +83,13 @@ SPARE_NAME = f"{JOURNAL_DIR}/spare.zero"
 _ZERO_CHUNK = 256 * 1024
 _ZEROS = bytes(_ZERO_CHUNK)
 _ZERO_PAUSE_S = 0.002
+#: With preallocation, the most bytes one commit writes (a larger single batch is a commit of
+#: its own) and the most left unsynced in ``interval`` mode. Written in place, a commit's
+#: pages may persist in any order on power loss; intact frames after a tear that end within
+#: this distance of it, with only zeros after them, are that commit (never acknowledged),
+#: not acknowledged frames behind damage. The scan relies on it: never raise it for
+#: existing worlds without keeping the old bound for their segments.
+MAX_COMMIT_BYTES = 1024 * 1024
 
 RegionKey: TypeAlias = tuple[int, int]
 #: Highest tick per region, for one batch or one segment.
@@ -337,13 +344,25 @@ class Journal:
             path = f"{JOURNAL_DIR}/{name}"
             data = fs.read(path)
             scan = scan_frames(data)
-            torn = len(data) - scan.valid_length if scan.torn else 0
+            # A page or more of zeros after the torn part is preallocated space, not part of
+            # the tear (shorter runs can be the torn frame's own zero bytes).
+            end = scan.data_end if len(data) - scan.data_end >= 4096 else len(data)
+            torn = end - scan.valid_length if scan.torn else 0
+            newest = i == len(names) - 1
             # Padding is unwritten space, but only the newest segment is written when a crash
             # comes: an older one is trimmed when it is closed (or is all zeros: a spare
             # renamed into place whose first write never came). Zeros after frames of an older
             # segment are acknowledged frames gone, not padding.
-            lost_tail = bool(scan.padding and scan.valid_length) and i != len(names) - 1
-            if (torn and (scan.frames_after_tear or i != len(names) - 1)) or lost_tail:
+            lost_tail = bool(scan.padding and scan.valid_length) and not newest
+            # Everything after the tear within one commit's bytes and zeros beyond: the last
+            # commit, written in place, its pages persisted out of order (MAX_COMMIT_BYTES).
+            last_commit = (
+                newest
+                and scan.data_end < len(data)
+                and scan.data_end - scan.valid_length <= MAX_COMMIT_BYTES
+            )
+            damaged = scan.frames_after_tear and not last_commit
+            if (torn and (damaged or not newest)) or lost_tail:
                 # Only the newest segment is appended to, and a crash can only tear its end:
                 # intact frames after the damage, or damage in an older segment, mean
                 # acknowledged batches were lost. Cutting there would drop them silently.
@@ -354,6 +373,13 @@ class Journal:
                     "(journal damage): restore a snapshot, or move the segment to quarantine/ "
                     "to accept the loss",
                     path=path,
+                )
+            if torn and scan.frames_after_tear:
+                log.warning(
+                    "journal %s: %d intact records after the torn tail, then zeros: the last "
+                    "commit, persisted out of order and never acknowledged; discarded",
+                    path,
+                    scan.frames_after_tear,
                 )
             if torn or scan.padding:
                 # Cut it durably now: a later segment must never follow garbage on replay,
@@ -430,12 +456,26 @@ class Journal:
             self._idle.set()
 
     async def _commit_group(self) -> None:
-        group, self._pending = self._pending, []
+        group = self._take_group()
         try:
             await self._commit(group)
         finally:
             # Only reached with undone waiters when cancelled mid-commit: nobody may hang.
             self._fail([p for p in group if not p.done.is_set()], WorldClosed("journal stopped"))
+
+    def _take_group(self) -> list[_Pending]:
+        """Everything pending; with preallocation, at most MAX_COMMIT_BYTES of it (but at
+        least one batch): the rest is the next commit."""
+        pending = self._pending
+        if self._preallocate and len(pending) > 1:
+            size = 0
+            for i, p in enumerate(pending):
+                size += len(p.frame)
+                if size > MAX_COMMIT_BYTES and i:
+                    self._pending = pending[i:]
+                    return pending[:i]
+        self._pending = []
+        return pending
 
     async def _commit(self, group: list[_Pending]) -> None:
         data = b"".join(p.frame for p in group)
@@ -443,6 +483,7 @@ class Journal:
             self._durability == "sync"
             or self._closing
             or time.monotonic() - self._last_sync >= self._interval
+            or (self._preallocate and self._unsynced + len(data) > MAX_COMMIT_BYTES)
         )
         async with self._io_lock:
             if self._broken is not None:

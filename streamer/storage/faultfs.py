@@ -11,9 +11,9 @@ Model (pessimistic, as POSIX allows):
   parent that gained an entry, as the protocol says.
 - ``durable_image()`` is what a reboot would find: walk durable entries from the root and
   take each inode's durable data (hard links stay shared). With ``torn=True`` an inode whose
-  current data is not shorter than its durable data may keep any prefix of its un-fsynced
-  changes, from the first byte that differs (partial writeback of appended data, or of data
-  written in place over a preallocated file).
+  current data is not shorter than its durable data keeps part of its un-fsynced changes:
+  of data written in place, any subset of its 4 KiB pages (writeback has no order); of data
+  appended, a prefix of the extension (the size commits after the data).
 - A failed ``fsync`` models Linux after writeback errors: the dirty pages are dropped as if
   clean, so a retried fsync on that inode reports success but persists nothing written
   before the failure. A writer that retries fsync is caught by a durability check.
@@ -83,8 +83,8 @@ class _File:
     def __init__(self, data: bytes = b"") -> None:
         self.data = bytearray(data)
         self.durable = bytearray(data)
-        # The range written in place since the last sync, while the size is unchanged: a
-        # sync then copies that range alone, not a whole preallocated 64 MiB segment.
+        # The range written since the last sync: a sync copies it (and any growth) alone,
+        # not a whole preallocated 64 MiB segment.
         self.dirty: tuple[int, int] | None = None
         self.writeback_failed = False
 
@@ -93,13 +93,18 @@ class _File:
         self.dirty = (min(lo, pos), max(hi, end))
 
     def synced(self) -> None:
-        # Data changes only through write() (tracked) and truncate() (which syncs), so with
-        # the size unchanged the bytes outside the dirty range are the durable ones already.
-        if len(self.durable) != len(self.data):
+        # Data changes only through write() (tracked) and truncate() (which syncs), so the
+        # bytes outside the dirty range and below the durable length are durable already:
+        # copy that range and any growth, not the file (a spare grows 256 KiB a sync).
+        old = len(self.durable)
+        if len(self.data) < old:
             self.durable = bytearray(self.data)
-        elif self.dirty is not None:
-            lo, hi = self.dirty
-            self.durable[lo:hi] = self.data[lo:hi]
+        else:
+            if self.dirty is not None:
+                lo, hi = self.dirty[0], min(self.dirty[1], old)
+                if lo < hi:
+                    self.durable[lo:hi] = self.data[lo:hi]
+            self.durable += self.data[old:]
         self.dirty = None
 
 
@@ -119,6 +124,9 @@ class _Handle:
         self.path = path
         self.append = append
         self.pos = 0
+
+
+_PAGE = 4096
 
 
 def _first_difference(a: bytes, b: bytes) -> int:
@@ -209,12 +217,17 @@ class SimulatedFileSystem:
                 cur, dur = bytes(node.data), bytes(node.durable)
                 if not torn or node.writeback_failed or len(cur) < len(dur) or cur == dur:
                     return dur
-                # Writeback went in file order and stopped somewhere after the first byte
-                # that differs: appended data keeps a prefix of the extension, data written
-                # in place over older bytes a prefix of the overwrite.
+                # Pages written in place persist each on its own, in any order; appended
+                # data keeps a prefix of the extension (the size commits after the data).
+                out = bytearray(dur)
                 first = _first_difference(cur, dur)
-                cut = rng.randint(first, len(cur))
-                return cur[:cut] + dur[cut:]
+                for page in range(first - first % _PAGE, len(dur), _PAGE):
+                    if rng.random() < 0.5:
+                        lo, hi = max(page, first), min(page + _PAGE, len(dur))
+                        out[lo:hi] = cur[lo:hi]
+                if len(cur) > len(dur):
+                    out += cur[len(dur) : rng.randint(len(dur), len(cur))]
+                return bytes(out)
 
             def copy_dir(src: _Dir, dst: _Dir) -> None:
                 dirs.add(id(src))
