@@ -15,9 +15,12 @@ from streamer.format import journal
 from streamer.format.checksum import xxh3
 from streamer.format.journal import (
     FRAME_HEADER_LEN,
+    MAX_COMMIT_BYTES,
     MAX_FRAME_PAYLOAD,
     FrameScan,
+    SegmentVerdict,
     encode_frame,
+    judge_segment,
     scan_frames,
 )
 
@@ -186,3 +189,32 @@ def test_a_torn_scan_says_where_the_non_zero_data_ends() -> None:
         assert scan.torn and scan.valid_length == ends[1]
         assert scan.frames_after_tear == 1  # the fourth frame
         assert scan.data_end == ends[-1]
+
+
+def test_the_verdict_on_each_shape_of_segment() -> None:
+    data, ends = stream(PAYLOADS[:4])
+    hole = bytearray(data)
+    hole[ends[1] : ends[1] + 8] = bytes(8)  # a hole in the third frame, the fourth intact
+    pad = bytes(8192)
+
+    def judge(seg: bytes, newest: bool) -> SegmentVerdict:
+        return judge_segment(scan_frames(seg), len(seg), newest=newest)
+
+    ok = SegmentVerdict(damaged=False, torn_bytes=0)
+    assert judge(data, newest=False) == ok
+    assert judge(data + pad, newest=True) == ok  # the newest may end in padding
+    assert judge(bytes(100), newest=False) == ok  # an older one only when it is all zeros
+    assert judge(data + pad, newest=False).damaged  # zeros where its last frames were
+    torn = data + b"\x01\x02"
+    assert judge(torn, newest=True) == SegmentVerdict(damaged=False, torn_bytes=2)
+    assert judge(torn + pad, newest=True) == SegmentVerdict(damaged=False, torn_bytes=2)
+    assert judge(torn, newest=False).damaged
+    # Intact frames after a hole: the last commit only in the newest, zeros after, close by.
+    assert judge(bytes(hole) + pad, newest=True) == SegmentVerdict(
+        damaged=False, torn_bytes=ends[-1] - ends[1], last_commit_frames=1
+    )
+    assert judge(bytes(hole), newest=True).damaged  # no zeros after: an append, damaged
+    assert judge(bytes(hole) + bytes(10), newest=True).damaged  # nor a few (a frame's own)
+    assert judge(bytes(hole) + pad, newest=False).damaged
+    far = bytes(hole[: ends[1] + 8]) + bytes(MAX_COMMIT_BYTES) + bytes(hole[ends[1] + 8 :])
+    assert judge(far + pad, newest=True).damaged  # more than one commit's reach

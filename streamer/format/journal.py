@@ -26,9 +26,12 @@ from streamer.format.checksum import BytesLike, xxh3, xxh3_hasher
 __all__ = [
     "FRAME_HEADER_LEN",
     "JOURNAL_MAGIC",
+    "MAX_COMMIT_BYTES",
     "MAX_FRAME_PAYLOAD",
     "FrameScan",
+    "SegmentVerdict",
     "encode_frame",
+    "judge_segment",
     "scan_frames",
 ]
 
@@ -42,6 +45,13 @@ _SUMMED_FROM: Final = 12
 # A length field is trusted only after the checksum, so cap it first: damage (or a hostile
 # file) must not make the scanner slice or hash gigabytes it does not have.
 MAX_FRAME_PAYLOAD: Final = 64 * 1024 * 1024
+#: The most bytes one commit writes into a preallocated segment (a larger single frame is a
+#: commit of its own), and so how far after a tear the pages of that commit can reach when
+#: a power loss persisted them out of order. Part of the format: a scan of existing
+#: segments relies on it, so it may never grow.
+MAX_COMMIT_BYTES: Final = 1024 * 1024
+# Zeros after a tear this long or longer are preallocated space, not the torn frame's own.
+_PAGE: Final = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +72,52 @@ class FrameScan:
     # from valid_length to here is what a crash left of the last writes to a preallocated
     # segment, whose pages may have been persisted in any order.
     data_end: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentVerdict:
+    """What a segment's scan means for recovery (the journal's open and ``streamer check``
+    judge alike)."""
+
+    # Acknowledged frames are gone: damage in an older segment, zeros after an older
+    # segment's frames, or intact frames after a tear that no single commit could have
+    # written. Nothing may be cut.
+    damaged: bool
+    # Bytes of torn tail to cut (0 when intact; zero padding is not counted).
+    torn_bytes: int
+    # Intact frames after the tear that are the newest segment's last commit, its pages
+    # persisted out of order (never acknowledged): cut with the tail.
+    last_commit_frames: int = 0
+
+
+def judge_segment(scan: FrameScan, size: int, *, newest: bool) -> SegmentVerdict:
+    """The verdict on a segment of ``size`` bytes scanned as ``scan``; ``newest``: the
+    segment with the highest sequence number, the only one written when a crash comes.
+
+    Older segments are cut to their used size when closed, so they may end in zeros only
+    when they hold nothing else (a spare renamed into place whose first write never came).
+    In the newest, a tear whose non-zero rest ends within MAX_COMMIT_BYTES of it, with a page
+    or more of zeros after, is the last commit written in place; anything else after a tear
+    that verifies is acknowledged data behind damage.
+    """
+    if not scan.torn:
+        damaged = not newest and bool(scan.padding and scan.valid_length)
+        return SegmentVerdict(damaged=damaged, torn_bytes=0)
+    end = scan.data_end if size - scan.data_end >= _PAGE else size
+    torn = end - scan.valid_length
+    if not newest:
+        return SegmentVerdict(damaged=True, torn_bytes=torn)
+    if not scan.frames_after_tear:
+        return SegmentVerdict(damaged=False, torn_bytes=torn)
+    # A page of zeros at least: an appended segment's last frame may end in a zero byte.
+    last_commit = (
+        size - scan.data_end >= _PAGE and scan.data_end - scan.valid_length <= MAX_COMMIT_BYTES
+    )
+    if last_commit:
+        return SegmentVerdict(
+            damaged=False, torn_bytes=torn, last_commit_frames=scan.frames_after_tear
+        )
+    return SegmentVerdict(damaged=True, torn_bytes=torn)
 
 
 def encode_frame(payload: BytesLike) -> bytes:

@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 import msgspec
 
 from streamer.errors import IntegrityError, NotFound, StorageError, StreamerError
-from streamer.format.journal import scan_frames
+from streamer.format.journal import judge_segment, scan_frames
 from streamer.format.manifest import MANIFEST_KEY, WorldManifest
 from streamer.format.region import decode_region, parse_region_key
 from streamer.storage.base import BlobStore
@@ -95,18 +95,8 @@ async def check_world(
             report.problems.append(problem_from(key, exc))
             continue
         scan = scan_frames(blob.data)
-        if not scan.torn:
-            continue
-        cut = len(blob.data) - scan.valid_length
-        if i == len(segments) - 1 and not scan.frames_after_tear:
-            report.warnings.append(
-                f"{key}: torn tail of {cut} bytes after {len(scan.payloads)} intact records "
-                "(a crash mid-append; discarded at next open, never acknowledged)"
-            )
-        else:
-            # Only the newest segment is ever appended to, and only its end can tear: damage
-            # in an older one, or intact records after the damage, is loss of acknowledged
-            # deltas, not a crash artefact.
+        verdict = judge_segment(scan, len(blob.data), newest=i == len(segments) - 1)
+        if verdict.damaged:
             report.problems.append(
                 Problem(
                     file=key,
@@ -115,6 +105,18 @@ async def check_world(
                     "lost; the world will not open until an operator decides (docs/runbook.md)",
                     kind="checksum",
                 )
+            )
+        elif verdict.torn_bytes:
+            also = (
+                f"; with {verdict.last_commit_frames} intact records of the same unacknowledged "
+                "commit after a hole (written in place, persisted out of order)"
+                if verdict.last_commit_frames
+                else ""
+            )
+            report.warnings.append(
+                f"{key}: torn tail of {verdict.torn_bytes} bytes after {len(scan.payloads)} "
+                "intact records (a crash mid-append; discarded at next open, never "
+                f"acknowledged){also}"
             )
 
     for check in extra or []:

@@ -52,13 +52,14 @@ import anyio
 import msgspec
 
 from streamer.errors import ChecksumMismatch, MalformedFile, StorageUnavailable, WorldClosed
-from streamer.format.journal import encode_frame, scan_frames
+from streamer.format.journal import MAX_COMMIT_BYTES, encode_frame, judge_segment, scan_frames
 from streamer.runtime.fastsync import event_factory
 from streamer.schema.deltas import AnyDelta
 from streamer.storage.fs import FileSystem
 
 __all__ = [
     "JOURNAL_DIR",
+    "MAX_COMMIT_BYTES",
     "JournalBatch",
     "JournalStats",
     "Journal",
@@ -83,13 +84,6 @@ SPARE_NAME = f"{JOURNAL_DIR}/spare.zero"
 _ZERO_CHUNK = 256 * 1024
 _ZEROS = bytes(_ZERO_CHUNK)
 _ZERO_PAUSE_S = 0.002
-#: With preallocation, the most bytes one commit writes (a larger single batch is a commit of
-#: its own) and the most left unsynced in ``interval`` mode. Written in place, a commit's
-#: pages may persist in any order on power loss; intact frames after a tear that end within
-#: this distance of it, with only zeros after them, are that commit (never acknowledged),
-#: not acknowledged frames behind damage. The scan relies on it: never raise it for
-#: existing worlds without keeping the old bound for their segments.
-MAX_COMMIT_BYTES = 1024 * 1024
 
 RegionKey: TypeAlias = tuple[int, int]
 #: Highest tick per region, for one batch or one segment.
@@ -344,28 +338,11 @@ class Journal:
             path = f"{JOURNAL_DIR}/{name}"
             data = fs.read(path)
             scan = scan_frames(data)
-            # A page or more of zeros after the torn part is preallocated space, not part of
-            # the tear (shorter runs can be the torn frame's own zero bytes).
-            end = scan.data_end if len(data) - scan.data_end >= 4096 else len(data)
-            torn = end - scan.valid_length if scan.torn else 0
-            newest = i == len(names) - 1
-            # Padding is unwritten space, but only the newest segment is written when a crash
-            # comes: an older one is trimmed when it is closed (or is all zeros: a spare
-            # renamed into place whose first write never came). Zeros after frames of an older
-            # segment are acknowledged frames gone, not padding.
-            lost_tail = bool(scan.padding and scan.valid_length) and not newest
-            # Everything after the tear within one commit's bytes and zeros beyond: the last
-            # commit, written in place, its pages persisted out of order (MAX_COMMIT_BYTES).
-            last_commit = (
-                newest
-                and scan.data_end < len(data)
-                and scan.data_end - scan.valid_length <= MAX_COMMIT_BYTES
-            )
-            damaged = scan.frames_after_tear and not last_commit
-            if (torn and (damaged or not newest)) or lost_tail:
-                # Only the newest segment is appended to, and a crash can only tear its end:
-                # intact frames after the damage, or damage in an older segment, mean
-                # acknowledged batches were lost. Cutting there would drop them silently.
+            verdict = judge_segment(scan, len(data), newest=i == len(names) - 1)
+            torn = verdict.torn_bytes
+            if verdict.damaged:
+                # Acknowledged batches were lost (format/journal.py: judge_segment). Cutting
+                # there would drop them silently.
                 raise ChecksumMismatch(
                     f"journal damaged at byte {scan.valid_length} of {len(data)} "
                     f"({scan.frames_after_tear} intact records after the damage): acknowledged "
@@ -374,12 +351,12 @@ class Journal:
                     "to accept the loss",
                     path=path,
                 )
-            if torn and scan.frames_after_tear:
+            if verdict.last_commit_frames:
                 log.warning(
                     "journal %s: %d intact records after the torn tail, then zeros: the last "
                     "commit, persisted out of order and never acknowledged; discarded",
                     path,
-                    scan.frames_after_tear,
+                    verdict.last_commit_frames,
                 )
             if torn or scan.padding:
                 # Cut it durably now: a later segment must never follow garbage on replay,
