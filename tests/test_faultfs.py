@@ -159,6 +159,21 @@ def test_failed_fsync_drops_the_data_and_a_retry_does_not_bring_it_back() -> Non
     assert fs.durable_image().tree() == {"f": b""}
 
 
+def test_a_truncate_after_a_failed_sync_persists_the_size_but_not_the_dropped_pages() -> None:
+    fs = SimulatedFileSystem()
+    write_file(fs, "seg", b"acked|" + bytes(20))  # synced: a preallocated segment's head
+    fs.fsync_dir("")
+    h = fs.open_write("seg")
+    fs.write(h, b"acked|unacked")
+    fs.inject("fdatasync", errno.EIO)
+    with pytest.raises(OSError):
+        fs.fdatasync(h)
+    fs.truncate("seg", 6)  # the journal cuts back to what was acknowledged
+    assert fs.durable_image().read("seg") == b"acked|"
+    fs.truncate("seg", 8)  # growing: zeros, never the dropped bytes
+    assert fs.durable_image().read("seg") == b"acked|\0\0"
+
+
 # -- crash and fault injection -----------------------------------------------------------------
 
 

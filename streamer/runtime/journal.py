@@ -22,15 +22,19 @@ segment is deleted (:meth:`Journal.collect`).
 
 Preallocation (``preallocate=True``; off by default, see docs/deviations.md): a background task
 (:meth:`Journal.keep_spare`) keeps one spare file, ``journal/spare.zero``, zero-filled to
-``segment_bytes`` and synced, and a new segment is that spare renamed. Frames then overwrite
+``segment_bytes`` + ``MAX_COMMIT_BYTES`` + a page and synced, and a new segment is that spare
+renamed. Frames then overwrite
 zeros in place and are synced with ``fdatasync``: no block allocation and no size change, so
 the sync is a data flush without a commit of the file system's own journal, which here
 would wait behind region files' renames and allocations (docs/performance.md). A passed
 segment is recycled into the next spare instead of unlinked, which saves the blocks'
 freeing (ext4 with online discard stalled 15-34 ms on it). The unwritten zero tail of a
-segment is padding to the scanner (``format/journal.py``). A segment closed short of full
-is cut to its used size, so only the newest can end in zeros (and after a crash, open cuts
-them); a clean close deletes the spare too, so a closed world's journal holds no zeros.
+segment is padding to the scanner (``format/journal.py``). A closed segment is cut to its
+used size, so only the newest can end in zeros (and after a crash, open cuts them); a clean
+close deletes the spare too, so a closed world's journal holds no zeros. Written in place, a
+commit's pages may persist out of order on power loss: commits are capped at
+``MAX_COMMIT_BYTES`` (interval mode syncs before passing it) so ``judge_segment`` can tell
+the torn last commit from damage.
 
 Failure: if a write or fsync fails, every batch of that group fails with
 ``StorageUnavailable`` and is *not* reported durable; the segment is truncated back to the
@@ -84,6 +88,7 @@ SPARE_NAME = f"{JOURNAL_DIR}/spare.zero"
 _ZERO_CHUNK = 256 * 1024
 _ZEROS = bytes(_ZERO_CHUNK)
 _ZERO_PAUSE_S = 0.002
+_PAGE = 4096
 
 RegionKey: TypeAlias = tuple[int, int]
 #: Highest tick per region, for one batch or one segment.
@@ -237,6 +242,7 @@ class Journal:
         on_durable: Callable[[Sequence[JournalBatch]], None] | None = None,
         on_failed: Callable[[Sequence[JournalBatch]], None] | None = None,
         collect_run_sync: RunSync | None = None,
+        spare_pause_s: float = _ZERO_PAUSE_S,
     ) -> None:
         self._fs = fs
         self._run_sync = run_sync
@@ -246,6 +252,12 @@ class Journal:
         self._durability = durability
         self._interval = fsync_interval_ms / 1000.0
         self._segment_bytes = segment_bytes
+        # A segment rotates once it holds segment_bytes, so its last commit starts before
+        # that and (several batches) writes at most MAX_COMMIT_BYTES: the spare is that much
+        # longer, plus a page, so zeros always follow a commit written in place
+        # (judge_segment needs them to tell that commit from damage).
+        self._spare_bytes = segment_bytes + MAX_COMMIT_BYTES + _PAGE
+        self._spare_pause = spare_pause_s
         self._fsync = fsync
         # Without fsync there is no sync for preallocation to make cheaper.
         self._preallocate = preallocate and fsync
@@ -460,9 +472,15 @@ class Journal:
             self._durability == "sync"
             or self._closing
             or time.monotonic() - self._last_sync >= self._interval
-            or (self._preallocate and self._unsynced + len(data) > MAX_COMMIT_BYTES)
         )
         async with self._io_lock:
+            unsynced = self._unsynced
+            if self._preallocate and unsynced and unsynced + len(data) > MAX_COMMIT_BYTES:
+                # Interval mode: what is unsynced is synced before this commit is written
+                # when both together would pass MAX_COMMIT_BYTES, so a power loss never finds
+                # more than one commit's bytes in flight (a sync after the write would cover
+                # both: twice the distance judge_segment allows).
+                await self._sync_locked()
             if self._broken is not None:
                 self._fail(group, self._broken_error())
                 return
@@ -554,7 +572,7 @@ class Journal:
         if handle is None:
             return
         sync = self._fsync and self._unsynced > 0
-        cut = seg is not None and seg.preallocated and seg.size < self._segment_bytes
+        cut = seg is not None and seg.preallocated and seg.size < self._spare_bytes
 
         def close_blocking() -> None:
             if sync:
@@ -577,21 +595,25 @@ class Journal:
 
     async def _sync_now(self) -> None:
         async with self._io_lock:
-            handle = self._handle
-            if handle is None or self._broken is not None:
-                self._unsynced = 0
-                return
-            try:
-                await self._run_sync(self._fs.fdatasync, handle)
-            except OSError as exc:
-                # Interval mode already acknowledged these bytes; an fsync failure means they may
-                # be lost on power failure, and fsync must not be retried on the same data.
-                self._broken = exc
-                log.error("journal: periodic fsync failed, journal stopped: %s", exc)
-                return
-            self._fsyncs += 1
+            await self._sync_locked()
+
+    async def _sync_locked(self) -> None:
+        """Sync what interval mode acknowledged unsynced (the I/O lock held)."""
+        handle = self._handle
+        if handle is None or self._broken is not None:
             self._unsynced = 0
-            self._last_sync = time.monotonic()
+            return
+        try:
+            await self._run_sync(self._fs.fdatasync, handle)
+        except OSError as exc:
+            # Interval mode already acknowledged these bytes; an fsync failure means they may
+            # be lost on power failure, and fsync must not be retried on the same data.
+            self._broken = exc
+            log.error("journal: periodic fsync failed, journal stopped: %s", exc)
+            return
+        self._fsyncs += 1
+        self._unsynced = 0
+        self._last_sync = time.monotonic()
 
     async def _abandon_segment(self, cause: OSError) -> None:
         """Cut the failed segment back to its acknowledged length and stop writing to it."""
@@ -749,7 +771,7 @@ class Journal:
         run = self._collect_run_sync
         handle = await run(self._open_spare_blocking)
         try:
-            done, size = 0, self._segment_bytes
+            done, size = 0, self._spare_bytes
             while done < size:
                 if self._closing:
                     return False
@@ -757,7 +779,7 @@ class Journal:
                 await run(self._zero_blocking, handle, n)
                 done += n
                 if done < size:
-                    await anyio.sleep(_ZERO_PAUSE_S)
+                    await anyio.sleep(self._spare_pause)
         finally:
             # Every chunk is synced already: a failed close loses nothing.
             with anyio.CancelScope(shield=True), contextlib.suppress(OSError):
@@ -772,8 +794,8 @@ class Journal:
         except FileNotFoundError:
             return fs.create(SPARE_NAME)
         try:
-            if fs.size(SPARE_NAME) > self._segment_bytes:  # a segment's last frame overshoots
-                fs.truncate(SPARE_NAME, self._segment_bytes)
+            if fs.size(SPARE_NAME) > self._spare_bytes:  # a big last frame overshot
+                fs.truncate(SPARE_NAME, self._spare_bytes)
         except BaseException:
             fs.close(handle)
             raise

@@ -484,9 +484,12 @@ class SimulatedFileSystem:
                 del node.data[length:]
             else:
                 node.data.extend(bytes(length - len(node.data)))
-            # Like fsync, a truncate cannot resurrect pages already dropped after an error.
             if not node.writeback_failed:
                 node.synced()
+            else:
+                # Pages dropped after a writeback error stay dropped, but the new size is
+                # metadata, and it does persist (Linux, once the error was reported).
+                node.durable = node.durable[:length] + bytes(max(0, length - len(node.durable)))
 
     def replace(self, src: str, dst: str) -> None:
         with self._lock:
