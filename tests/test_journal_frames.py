@@ -203,7 +203,7 @@ def test_the_verdict_on_each_shape_of_segment() -> None:
     ok = SegmentVerdict(damaged=False, torn_bytes=0)
     assert judge(data, newest=False) == ok
     assert judge(data + pad, newest=True) == ok  # the newest may end in padding
-    assert judge(bytes(100), newest=False) == ok  # an older one only when it is all zeros
+    assert judge(bytes(100), newest=False).damaged  # an older one: never, not even alone
     assert judge(data + pad, newest=False).damaged  # zeros where its last frames were
     torn = data + b"\x01\x02"
     assert judge(torn, newest=True) == SegmentVerdict(damaged=False, torn_bytes=2)

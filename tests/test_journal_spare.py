@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import random
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -19,6 +20,7 @@ from streamer.format.journal import encode_frame, scan_frames
 from streamer.runtime.journal import (
     JOURNAL_DIR,
     MAX_COMMIT_BYTES,
+    SPARE_NAME,
     Journal,
     JournalBatch,
     encode_batch,
@@ -42,6 +44,22 @@ async def _running(fs: SimulatedFileSystem, segment_bytes: int) -> AsyncIterator
         yield j
         j.begin_close()
     await j.aclose()
+
+
+def _frame(seq: int) -> bytes:
+    deltas: list[AnyDelta] = [TileSet(tick=seq, x=0, y=0, tile=1)]
+    return encode_frame(encode_batch(JournalBatch(seq=seq, deltas=deltas)))
+
+
+def _segments_on_disk(fs: SimulatedFileSystem, *contents: bytes) -> None:
+    """Segments 1, 2, ... holding ``contents``, synced, their names durable."""
+    fs.makedirs(JOURNAL_DIR)
+    for seq, data in enumerate(contents, start=1):
+        h = fs.create(segment_name(seq))
+        fs.write(h, data)
+        fs.fsync(h)
+        fs.close(h)
+    fs.fsync_dir(JOURNAL_DIR)
 
 
 async def _wait_ready(j: Journal) -> None:
@@ -85,20 +103,12 @@ async def test_intact_frames_beyond_one_commit_after_a_hole_are_damage() -> None
     """The same hole, but intact frames more than one commit's bytes (MAX_COMMIT_BYTES)
     after it: no single commit wrote them, so they were acknowledged; open refuses."""
     fs = SimulatedFileSystem()
-    frames = [
-        encode_frame(encode_batch(JournalBatch(seq=t, deltas=[TileSet(tick=t, x=0, y=0, tile=1)])))
-        for t in range(1, 40_000)
-    ]
+    frames = [_frame(t) for t in range(1, 40_000)]
     data = b"".join(frames)
     hole = len(frames[0])  # the second frame's first bytes are gone
     segment = data[:hole] + bytes(64) + data[hole + 64 :]
     assert len(segment) - hole > MAX_COMMIT_BYTES
-    fs.makedirs(JOURNAL_DIR)
-    h = fs.create(segment_name(1))
-    fs.write(h, segment + bytes(4096))  # zeros after: a preallocated segment
-    fs.fsync(h)
-    fs.close(h)
-    fs.fsync_dir(JOURNAL_DIR)
+    _segments_on_disk(fs, segment + bytes(4096))  # zeros after: a preallocated segment
     with pytest.raises(ChecksumMismatch, match="acknowledged"):
         await Journal(fs, run_sync).open(ticks_of)
     assert fs.size(segment_name(1)) == len(segment) + 4096  # nothing cut
@@ -123,20 +133,9 @@ async def test_zeros_after_the_frames_of_an_older_segment_are_damage_not_padding
     an older segment is trimmed when closed, so that is damage; open refuses and cuts
     nothing."""
     fs = SimulatedFileSystem()
-    fs.makedirs(JOURNAL_DIR)
-
-    def frame(seq: int) -> bytes:
-        deltas: list[AnyDelta] = [TileSet(tick=seq, x=0, y=0, tile=1)]
-        return encode_frame(encode_batch(JournalBatch(seq=seq, deltas=deltas)))
-
-    seg1 = b"".join(frame(s) for s in (1, 2, 3))
-    lost = len(frame(3))
-    for name, data in ((segment_name(1), seg1[:-lost] + bytes(lost)), (segment_name(2), frame(4))):
-        h = fs.create(name)
-        fs.write(h, data)
-        fs.fsync(h)
-        fs.close(h)
-    fs.fsync_dir(JOURNAL_DIR)
+    seg1 = b"".join(_frame(s) for s in (1, 2, 3))
+    lost = len(_frame(3))
+    _segments_on_disk(fs, seg1[:-lost] + bytes(lost), _frame(4))
     with pytest.raises(ChecksumMismatch, match="acknowledged"):
         await Journal(fs, run_sync).open(ticks_of)
     assert fs.size(segment_name(1)) == len(seg1)  # the evidence is kept
@@ -211,10 +210,10 @@ async def test_a_failed_delete_of_a_passed_segment_keeps_the_world_openable() ->
     assert [d.tick for b in replay.batches for d in b.deltas] == [1, 2, 3, 4, 5]
 
 
-async def test_a_segment_of_zeros_left_by_a_failed_open_reads_as_empty() -> None:
+async def test_a_spare_whose_segment_could_not_start_is_renamed_back() -> None:
     """The writer renames the spare to segment 1 and the directory sync fails: that group
-    fails, and segment 1 (all zeros) stays behind, untracked; segment 2's directory sync
-    makes its name durable too. It is an empty older segment, not damage."""
+    fails and the file goes back to the spare's name, so no older segment of zeros alone
+    (damage, to the scan) is left behind when segment 2's name becomes durable."""
     fs = SimulatedFileSystem()
     async with _running(fs, 1 << 16) as j:
         fs.inject("fsync_dir", errno.EIO, path_contains="journal")
@@ -222,10 +221,91 @@ async def test_a_segment_of_zeros_left_by_a_failed_open_reads_as_empty() -> None
         with pytest.raises(StorageUnavailable):
             await j.append(b, ticks_of(b)).wait()
         await _acknowledged(j, range(2, 4))
-    image = fs.durable_image()
-    assert segment_name(1).rpartition("/")[2] in image.listdir(JOURNAL_DIR)
+        image = fs.durable_image()
+    assert segment_name(1).rpartition("/")[2] not in image.listdir(JOURNAL_DIR)
     replay = await Journal(image, run_sync).open(ticks_of)
     assert [d.tick for b in replay.batches for d in b.deltas] == [2, 3]
+
+
+async def test_an_older_segment_of_zeros_alone_is_damage() -> None:
+    """Nothing the journal does leaves one (closed segments are cut, a spare that could not
+    become a segment is renamed back): a whole segment of zeros is acknowledged data gone."""
+    fs = SimulatedFileSystem()
+    _segments_on_disk(fs, bytes(300), _frame(2))
+    with pytest.raises(ChecksumMismatch, match="acknowledged"):
+        await Journal(fs, run_sync).open(ticks_of)
+
+
+class _ImageAfterFirstSpareSync(SimulatedFileSystem):
+    image: SimulatedFileSystem | None = None
+
+    def fdatasync(self, handle: int) -> None:
+        super().fdatasync(handle)
+        if self._handle(handle).path == SPARE_NAME and self.image is None:
+            self.image = self.durable_image()
+
+
+async def test_a_failed_collect_after_recycling_then_power_loss_still_opens() -> None:
+    """collect() renames passed segment 1 onto the spare and its directory sync fails; the
+    keeper then zero-fills that file. It syncs the directory first, so a power loss during
+    the fill cannot leave segment 1's name on zeros followed by its old frames."""
+    fs = _ImageAfterFirstSpareSync()
+    j = Journal(fs, run_sync, segment_bytes=4 << 20, preallocate=True)
+    await j.open(ticks_of)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(j.run)  # no keeper yet (as after a failed try): no spare ready
+        for t in range(1, 160):
+            b = _batch_of(j, t, 400)
+            await j.append(b, ticks_of(b)).wait()
+        fs.inject("fsync_dir", errno.EIO, path_contains="journal")
+        with pytest.raises(StorageUnavailable):
+            await j.collect(functools.partial(_constant, 10**9))  # rotates, recycles
+        tg.start_soon(j.keep_spare)
+        with anyio.fail_after(20):
+            while fs.image is None:
+                await anyio.sleep(0.005)
+        j.begin_close()
+    await j.aclose()
+    assert fs.image is not None
+    await Journal(fs.image, run_sync).open(ticks_of)  # every batch in it had been folded
+
+
+@pytest.mark.parametrize("preallocate", [False, True])
+async def test_interval_mode_stops_when_a_sync_of_acknowledged_bytes_fails(
+    preallocate: bool,
+) -> None:
+    """Interval mode: batches acknowledged unsynced, then the commit that carries the due
+    sync fails. Those bytes may be gone; the journal stops rather than go on acknowledging
+    (and never retries the sync on the same data)."""
+    fs = SimulatedFileSystem()
+    j = Journal(
+        fs,
+        run_sync,
+        durability="interval",
+        fsync_interval_ms=60_000,
+        segment_bytes=1 << 20,
+        preallocate=preallocate,
+    )
+    await j.open(ticks_of)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(j.run)
+        tg.start_soon(j.keep_spare)
+        if preallocate:
+            await _ready(j)
+        await _acknowledged(j, range(1, 3))
+        assert j.stats().unsynced_bytes > 0
+        j._last_sync -= 1000  # the interval is due, as under steady load
+        fs.inject("fdatasync", errno.EIO, path_contains=".wal")
+        b = batch(j, 3)
+        with pytest.raises(StorageUnavailable):
+            await j.append(b, ticks_of(b)).wait()
+        assert j.broken
+        with pytest.raises(StorageUnavailable, match="unusable"):
+            j.append(batch(j, 4), ticks_of(batch(j, 4)))
+        image = fs.durable_image()
+        j.begin_close()
+    await j.aclose()
+    await Journal(image, run_sync).open(ticks_of)  # what did persist opens
 
 
 class _MidSyncFS(SimulatedFileSystem):
@@ -248,6 +328,10 @@ class _MidSyncFS(SimulatedFileSystem):
 
 async def _inline(fn: Callable[..., Any], *args: Any) -> Any:
     return fn(*args)
+
+
+def _constant(value: int, _region: tuple[int, int]) -> int:
+    return value
 
 
 def _batch_of(j: Journal, tick: int, n: int) -> JournalBatch:

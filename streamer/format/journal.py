@@ -94,15 +94,15 @@ def judge_segment(scan: FrameScan, size: int, *, newest: bool) -> SegmentVerdict
     """The verdict on a segment of ``size`` bytes scanned as ``scan``; ``newest``: the
     segment with the highest sequence number, the only one written when a crash comes.
 
-    Older segments are cut to their used size when closed, so they may end in zeros only
-    when they hold nothing else (a spare renamed into place whose first write never came).
+    Older segments are cut to their used size when closed, and a spare renamed into place
+    whose segment could not start is renamed back: zeros at the end of an older segment, or
+    an older segment of zeros alone, are acknowledged frames gone.
     In the newest, a tear whose non-zero rest ends within MAX_COMMIT_BYTES of it, with a page
     or more of zeros after, is the last commit written in place; anything else after a tear
     that verifies is acknowledged data behind damage.
     """
     if not scan.torn:
-        damaged = not newest and bool(scan.padding and scan.valid_length)
-        return SegmentVerdict(damaged=damaged, torn_bytes=0)
+        return SegmentVerdict(damaged=not newest and bool(scan.padding), torn_bytes=0)
     end = scan.data_end if size - scan.data_end >= _PAGE else size
     torn = end - scan.valid_length
     if not newest:

@@ -27,8 +27,9 @@ renamed. Frames then overwrite
 zeros in place and are synced with ``fdatasync``: no block allocation and no size change, so
 the sync is a data flush without a commit of the file system's own journal, which here
 would wait behind region files' renames and allocations (docs/performance.md). A passed
-segment is recycled into the next spare instead of unlinked, which saves the blocks'
-freeing (ext4 with online discard stalled 15-34 ms on it). The unwritten zero tail of a
+segment is recycled into the next spare instead of unlinked when no spare is ready, which
+saves the blocks' freeing (ext4 with online discard stalled 15-34 ms on it); in steady
+state the keeper has usually made one already, so that is rare. The unwritten zero tail of a
 segment is padding to the scanner (``format/journal.py``). A closed segment is cut to its
 used size, so only the newest can end in zeros (and after a crash, open cuts them); a clean
 close deletes the spare too, so a closed world's journal holds no zeros. Written in place, a
@@ -370,6 +371,8 @@ class Journal:
                     path,
                     verdict.last_commit_frames,
                 )
+            if scan.padding and not torn:
+                log.info("journal %s: cut %d bytes of zeros after its frames", path, scan.padding)
             if torn or scan.padding:
                 # Cut it durably now: a later segment must never follow garbage on replay,
                 # and a segment never holds padding once it is no longer written to.
@@ -492,6 +495,17 @@ class Journal:
                     f"journal write failed, batch not acknowledged: {exc}", key=JOURNAL_DIR
                 )
                 self._fail(group, error)
+                if self._unsynced:
+                    # Interval mode acknowledged bytes this hop's sync was to persist; a failed
+                    # sync dropped them and must not be retried on the same data (as
+                    # _sync_locked). Which of write and sync failed is not known: stop.
+                    self._broken = exc
+                    log.error(
+                        "journal: a write or sync failed with %d acknowledged bytes unsynced; "
+                        "they may be lost on power failure; journal stopped: %s",
+                        self._unsynced,
+                        exc,
+                    )
                 await self._abandon_segment(exc)
                 return
             self._commits += 1
@@ -539,6 +553,12 @@ class Journal:
                     fs.fsync_dir(JOURNAL_DIR)
                 except OSError:
                     fs.close(new_handle)  # nothing was written to it; the next try makes another
+                    if fresh.preallocated:
+                        # Back to the spare's name (best effort, not ready: it is zeros, but
+                        # the keeper redoes it): an older segment of zeros alone would read as
+                        # damage once a later segment's name is durable.
+                        with contextlib.suppress(OSError):
+                            fs.replace(name, SPARE_NAME)
                     raise
             self._handle = new_handle
             self._active = fresh
@@ -555,13 +575,19 @@ class Journal:
 
     def _take_spare_blocking(self, name: str) -> int | None:
         """The spare renamed to segment ``name`` and opened in place; None if that failed
-        (a file of zeros may be left under ``name``: an empty segment to the scan)."""
+        (renamed back when it can be: an older segment of zeros alone reads as damage)."""
         self._spare_ready = False  # used up, whatever happens next
         try:
             self._fs.replace(SPARE_NAME, name)
+        except OSError as exc:
+            log.warning("journal: cannot use the spare (%s); creating a segment unfilled", exc)
+            return None
+        try:
             return self._fs.open_write(name)
         except OSError as exc:
-            log.warning("journal: cannot use the spare (%s); creating %s unfilled", exc, name)
+            with contextlib.suppress(OSError):  # no segment of zeros alone left behind
+                self._fs.replace(name, SPARE_NAME)
+            log.warning("journal: cannot open the spare (%s); creating a segment unfilled", exc)
             return None
 
     async def _rotate(self) -> None:
@@ -789,6 +815,11 @@ class Journal:
     def _open_spare_blocking(self) -> int:
         fs = self._fs
         fs.makedirs(JOURNAL_DIR)
+        if self._fsync:
+            # A passed segment renamed onto the spare by collect() must be gone from its old
+            # name for good before its frames are overwritten: else a power loss could leave
+            # that name holding zeros before old frames (damage, to the scan).
+            fs.fsync_dir(JOURNAL_DIR)
         try:
             handle = fs.open_write(SPARE_NAME)
         except FileNotFoundError:
