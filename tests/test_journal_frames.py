@@ -197,8 +197,8 @@ def test_the_verdict_on_each_shape_of_segment() -> None:
     hole[ends[1] : ends[1] + 8] = bytes(8)  # a hole in the third frame, the fourth intact
     pad = bytes(8192)
 
-    def judge(seg: bytes, newest: bool) -> SegmentVerdict:
-        return judge_segment(scan_frames(seg), len(seg), newest=newest)
+    def judge(seg: bytes, newest: bool, preallocated: bool = True) -> SegmentVerdict:
+        return judge_segment(scan_frames(seg), len(seg), newest=newest, preallocated=preallocated)
 
     ok = SegmentVerdict(damaged=False, torn_bytes=0)
     assert judge(data, newest=False) == ok
@@ -213,6 +213,8 @@ def test_the_verdict_on_each_shape_of_segment() -> None:
     assert judge(bytes(hole) + pad, newest=True) == SegmentVerdict(
         damaged=False, torn_bytes=ends[-1] - ends[1], last_commit_frames=1
     )
+    # Appended (not preallocated), the shape is damage: a crash leaves a prefix there.
+    assert judge(bytes(hole) + pad, newest=True, preallocated=False).damaged
     assert judge(bytes(hole), newest=True).damaged  # no zeros after: an append, damaged
     assert judge(bytes(hole) + bytes(10), newest=True).damaged  # nor a few (a frame's own)
     assert judge(bytes(hole) + pad, newest=False).damaged

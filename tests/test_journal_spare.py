@@ -95,7 +95,7 @@ async def test_an_unacknowledged_commit_persisted_out_of_order_is_a_torn_tail() 
     torn = before[:page] + after[page : page + 4096] + before[page + 4096 :]
     _rewrite(acked, name, torn)
     assert scan_frames(torn).frames_after_tear > 0
-    replay = await Journal(acked, run_sync).open(ticks_of)
+    replay = await Journal(acked, run_sync, preallocate=True).open(ticks_of)
     assert [d.tick for b in replay.batches for d in b.deltas] == [1, 2, 3]
 
 
@@ -110,7 +110,7 @@ async def test_intact_frames_beyond_one_commit_after_a_hole_are_damage() -> None
     assert len(segment) - hole > MAX_COMMIT_BYTES
     _segments_on_disk(fs, segment + bytes(4096))  # zeros after: a preallocated segment
     with pytest.raises(ChecksumMismatch, match="acknowledged"):
-        await Journal(fs, run_sync).open(ticks_of)
+        await Journal(fs, run_sync, preallocate=True).open(ticks_of)
     assert fs.size(segment_name(1)) == len(segment) + 4096  # nothing cut
 
 
@@ -124,7 +124,7 @@ async def test_a_spare_that_cannot_be_taken_costs_no_commit(op: str) -> None:
         fs.inject(op, errno.EIO, path_contains="spare.zero" if op == "replace" else ".wal")
         await _acknowledged(j, range(1, 3))
         assert j.stats().segments_preallocated == 0
-    replay = await Journal(fs.durable_image(), run_sync).open(ticks_of)
+    replay = await Journal(fs.durable_image(), run_sync, preallocate=True).open(ticks_of)
     assert [d.tick for b in replay.batches for d in b.deltas] == [1, 2]
 
 
@@ -137,7 +137,7 @@ async def test_zeros_after_the_frames_of_an_older_segment_are_damage_not_padding
     lost = len(_frame(3))
     _segments_on_disk(fs, seg1[:-lost] + bytes(lost), _frame(4))
     with pytest.raises(ChecksumMismatch, match="acknowledged"):
-        await Journal(fs, run_sync).open(ticks_of)
+        await Journal(fs, run_sync, preallocate=True).open(ticks_of)
     assert fs.size(segment_name(1)) == len(seg1)  # the evidence is kept
 
 
@@ -191,7 +191,7 @@ async def test_power_loss_before_a_passed_segment_is_deleted_keeps_the_world_ope
             fs.release.set()
     assert fs.image is not None
     assert segment_name(1).rpartition("/")[2] in fs.image.listdir(JOURNAL_DIR)
-    replay = await Journal(fs.image, run_sync).open(ticks_of)
+    replay = await Journal(fs.image, run_sync, preallocate=True).open(ticks_of)
     assert [b.seq for b in replay.batches][-1] == 4
 
 
@@ -206,7 +206,7 @@ async def test_a_failed_delete_of_a_passed_segment_keeps_the_world_openable() ->
         with pytest.raises(StorageUnavailable):
             await j.collect(lambda r: 3)
         await _acknowledged(j, range(4, 6))  # segment 2
-    replay = await Journal(fs.durable_image(), run_sync).open(ticks_of)
+    replay = await Journal(fs.durable_image(), run_sync, preallocate=True).open(ticks_of)
     assert [d.tick for b in replay.batches for d in b.deltas] == [1, 2, 3, 4, 5]
 
 
@@ -223,7 +223,7 @@ async def test_a_spare_whose_segment_could_not_start_is_renamed_back() -> None:
         await _acknowledged(j, range(2, 4))
         image = fs.durable_image()
     assert segment_name(1).rpartition("/")[2] not in image.listdir(JOURNAL_DIR)
-    replay = await Journal(image, run_sync).open(ticks_of)
+    replay = await Journal(image, run_sync, preallocate=True).open(ticks_of)
     assert [d.tick for b in replay.batches for d in b.deltas] == [2, 3]
 
 
@@ -233,7 +233,7 @@ async def test_an_older_segment_of_zeros_alone_is_damage() -> None:
     fs = SimulatedFileSystem()
     _segments_on_disk(fs, bytes(300), _frame(2))
     with pytest.raises(ChecksumMismatch, match="acknowledged"):
-        await Journal(fs, run_sync).open(ticks_of)
+        await Journal(fs, run_sync, preallocate=True).open(ticks_of)
 
 
 class _ImageAfterFirstSpareSync(SimulatedFileSystem):
@@ -267,7 +267,8 @@ async def test_a_failed_collect_after_recycling_then_power_loss_still_opens() ->
         j.begin_close()
     await j.aclose()
     assert fs.image is not None
-    await Journal(fs.image, run_sync).open(ticks_of)  # every batch in it had been folded
+    # Every batch in segment 1 had been folded: the world opens.
+    await Journal(fs.image, run_sync, preallocate=True).open(ticks_of)
 
 
 @pytest.mark.parametrize("preallocate", [False, True])
@@ -305,7 +306,7 @@ async def test_interval_mode_stops_when_a_sync_of_acknowledged_bytes_fails(
         image = fs.durable_image()
         j.begin_close()
     await j.aclose()
-    await Journal(image, run_sync).open(ticks_of)  # what did persist opens
+    await Journal(image, run_sync, preallocate=True).open(ticks_of)  # what did persist opens
 
 
 class _MidSyncFS(SimulatedFileSystem):
@@ -342,8 +343,8 @@ def _batch_of(j: Journal, tick: int, n: int) -> JournalBatch:
 async def _every_image_opens(fs: _MidSyncFS) -> None:
     assert fs.images
     for where, image, upto in fs.images:
-        try:
-            replay = await Journal(image, run_sync).open(ticks_of)
+        try:  # opened as the journal that wrote it: preallocating
+            replay = await Journal(image, run_sync, preallocate=True).open(ticks_of)
         except ChecksumMismatch as exc:
             raise AssertionError(f"{where}: a healthy journal refused: {exc}") from None
         ticks = {d.tick for b in replay.batches for d in b.deltas}
@@ -434,5 +435,30 @@ async def test_a_failed_sync_leaves_an_older_segment_cut_to_what_was_acknowledge
         await _acknowledged(j, range(5, 6))
         assert len(j.segment_seqs()) == 2
         image = fs.durable_image()
-    replay = await Journal(image, run_sync).open(ticks_of)
+    replay = await Journal(image, run_sync, preallocate=True).open(ticks_of)
     assert [d.tick for b in replay.batches for d in b.deltas] == [1, 2, 3, 5]
+
+
+async def test_without_preallocation_damage_before_a_zero_tail_is_refused() -> None:
+    """An appended journal (the default): 8 batches synced, a bit of frame 2 rots, and a
+    crash leaves a page of zeros at the end (a file system that persisted the size before
+    the data). That is not the preallocated last-commit shape: open refuses, as before."""
+    fs = SimulatedFileSystem()
+    j = Journal(fs, run_sync)  # preallocate=False
+    await j.open(ticks_of)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(j.run)
+        await _acknowledged(j, range(1, 9))
+        j.begin_close()
+    await j.aclose()
+    seg = segment_name(1)
+    full = fs.read(seg)
+    bad = bytearray(full)
+    bad[len(full) // 8 + 20] ^= 0x01
+    image = fs.durable_image()
+    _rewrite(image, seg, bytes(bad) + bytes(4096))
+    with pytest.raises(ChecksumMismatch, match="acknowledged"):
+        await Journal(image, run_sync).open(ticks_of)
+    # The same bytes, judged for a preallocating journal: its torn last commit.
+    preallocating = Journal(image, run_sync, preallocate=True)
+    assert [b.seq for b in (await preallocating.open(ticks_of)).batches] == [1]

@@ -336,15 +336,31 @@ async def test_rotation_never_trades_a_valid_snapshot_for_a_damaged_one(store, t
 async def test_a_preallocated_segment_is_copied_without_its_zero_padding(store):
     await make_world(store)
     frames = encode_frame(b"batch one") + encode_frame(b"batch two")
-    await store.put_atomic(JOURNAL, frames + bytes(64 * 1024))  # a live, preallocated segment
+    live = "journal/00000000000000000003.wal"  # the newest: a live, preallocated segment
+    await store.put_atomic(live, frames + bytes(64 * 1024))
     torn = "journal/00000000000000000002.wal"
     await store.put_atomic(torn, frames + b"\x01" + bytes(100))  # not padding: kept whole
     info = await create_snapshot(store, keep=5)
     sizes = {f.key: f.size for f in info.files}
-    assert sizes[JOURNAL] == len(frames)
+    assert sizes[live] == len(frames)
     assert sizes[torn] == len(frames) + 101
     copied = await snapshot_state(store, info.id)
-    assert copied[JOURNAL] == frames
+    assert copied[live] == frames
     assert await verify_snapshot(store, info.id) == []
     await restore_snapshot(store, info.id, keep=5)
-    assert (await store.get(JOURNAL)).data == frames
+    assert (await store.get(live)).data == frames
+
+
+async def test_an_older_segments_zero_tail_is_copied_as_it_is(store):
+    """Zeros at the end of an older segment are acknowledged frames gone: the snapshot keeps
+    them, so a world restored from it shows the damage as the original does."""
+    await make_world(store)
+    older = "journal/00000000000000000001.wal"
+    newer = "journal/00000000000000000002.wal"
+    damaged = encode_frame(b"a") + encode_frame(b"b") + bytes(8192)
+    await store.put_atomic(older, damaged)
+    await store.put_atomic(newer, encode_frame(b"c"))
+    info = await create_snapshot(store, keep=5)
+    assert (await snapshot_state(store, info.id))[older] == damaged
+    await restore_snapshot(store, info.id, keep=5)
+    assert (await store.get(older)).data == damaged

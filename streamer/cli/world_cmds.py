@@ -121,7 +121,12 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     async def body() -> int:
         async with await open_local_store(path, cfg) as store:
-            report = await check_world(store, where=str(path), extra=world_checks(cfg))
+            report = await check_world(
+                store,
+                where=str(path),
+                extra=world_checks(cfg),
+                journal_preallocated=cfg.runtime.journal_preallocate,
+            )
         if args.json:
             out = msgspec.to_builtins(report)
             out["healthy"] = report.healthy

@@ -90,16 +90,20 @@ class SegmentVerdict:
     last_commit_frames: int = 0
 
 
-def judge_segment(scan: FrameScan, size: int, *, newest: bool) -> SegmentVerdict:
+def judge_segment(
+    scan: FrameScan, size: int, *, newest: bool, preallocated: bool = False
+) -> SegmentVerdict:
     """The verdict on a segment of ``size`` bytes scanned as ``scan``; ``newest``: the
-    segment with the highest sequence number, the only one written when a crash comes.
+    segment with the highest sequence number, the only one written when a crash comes;
+    ``preallocated``: the journal writes segments in place (``journal_preallocate``).
 
     Older segments are cut to their used size when closed, and a spare renamed into place
     whose segment could not start is renamed back: zeros at the end of an older segment, or
     an older segment of zeros alone, are acknowledged frames gone.
-    In the newest, a tear whose non-zero rest ends within MAX_COMMIT_BYTES of it, with a page
-    or more of zeros after, is the last commit written in place; anything else after a tear
-    that verifies is acknowledged data behind damage.
+    With preallocation, in the newest, a tear whose non-zero rest ends within
+    MAX_COMMIT_BYTES of it, with a page or more of zeros after, is the last commit written in
+    place; anything else after a tear that verifies is acknowledged data behind damage
+    (appended, a crash leaves a prefix: the scan cannot tell the shape from damage there).
     """
     if not scan.torn:
         return SegmentVerdict(damaged=not newest and bool(scan.padding), torn_bytes=0)
@@ -111,7 +115,9 @@ def judge_segment(scan: FrameScan, size: int, *, newest: bool) -> SegmentVerdict
         return SegmentVerdict(damaged=False, torn_bytes=torn)
     # A page of zeros at least: an appended segment's last frame may end in a zero byte.
     last_commit = (
-        size - scan.data_end >= _PAGE and scan.data_end - scan.valid_length <= MAX_COMMIT_BYTES
+        preallocated
+        and size - scan.data_end >= _PAGE
+        and scan.data_end - scan.valid_length <= MAX_COMMIT_BYTES
     )
     if last_commit:
         return SegmentVerdict(

@@ -57,9 +57,17 @@ ExtraCheck = Callable[[BlobStore, WorldManifest, CheckReport], Awaitable[None]]
 
 
 async def check_world(
-    store: BlobStore, *, where: str = "", extra: list[ExtraCheck] | None = None
+    store: BlobStore,
+    *,
+    where: str = "",
+    extra: list[ExtraCheck] | None = None,
+    journal_preallocated: bool = False,
 ) -> CheckReport:
     """Verify manifest, every region file and the journal.
+
+    ``journal_preallocated``: the world's journal writes segments in place
+    (``runtime.journal_preallocate``), which changes what a torn newest segment may look like
+    (``format/journal.py``: ``judge_segment``).
 
     :raises WorldNotFound: the store holds no world (a usage error, not a problem found).
     """
@@ -95,7 +103,12 @@ async def check_world(
             report.problems.append(problem_from(key, exc))
             continue
         scan = scan_frames(blob.data)
-        verdict = judge_segment(scan, len(blob.data), newest=i == len(segments) - 1)
+        verdict = judge_segment(
+            scan,
+            len(blob.data),
+            newest=i == len(segments) - 1,
+            preallocated=journal_preallocated,
+        )
         if verdict.damaged:
             report.problems.append(
                 Problem(

@@ -15,7 +15,7 @@ what happened, nor the evidence set aside for the operator.
 
 Region files are never modified in place, so the snapshot hard-links them (``store.copy``);
 everything else (the journal is written in place) is copied byte for byte, but for the zero
-padding at the end of a running world's preallocated journal segment.
+padding at the end of the newest journal segment (a running world's preallocated one).
 
 Creation, in order -- each step only after the previous one is durable:
 
@@ -508,6 +508,7 @@ async def _create(
     if not allow_raw and MANIFEST_KEY not in keys:
         raise SnapshotError(f"no {MANIFEST_KEY}: not a world, nothing to snapshot")
     sources: list[_Source] = []
+    newest = _newest_segment(keys)
     record_versions: dict[str, int] = {}
     world_id: str | None = None
     # Batch by batch, keeping only digests: a world's regions need not fit in memory.
@@ -520,7 +521,7 @@ async def _create(
                 raise SnapshotError(
                     f"{key}: vanished during the snapshot; the world is not quiescent"
                 )
-            sources.append(_survey(key, _content(key, blob.data), allow_raw=allow_raw))
+            sources.append(_survey(key, _content(key, blob.data, newest), allow_raw=allow_raw))
             if key == MANIFEST_KEY and sources[-1].entry.verified:
                 manifest = decode_manifest(blob.data)
                 record_versions, world_id = dict(manifest.record_versions), manifest.world_id
@@ -531,7 +532,7 @@ async def _create(
     existing = [*(await scan_snapshots(store)).ids]
     sid = _new_id(existing)
     try:
-        await _copy_into(store, sid, sources)
+        await _copy_into(store, sid, sources, newest)
         info = SnapshotInfo(
             id=sid,
             created_at=_iso(sid),
@@ -551,14 +552,21 @@ async def _create(
     return stored
 
 
-def _content(key: str, data: bytes) -> bytes:
-    """What a snapshot keeps of a file: all of it, but for the zero padding of a running
-    world's preallocated journal segment (unwritten space, no information)."""
-    if key.startswith("journal/") and key.endswith(".wal"):
+def _content(key: str, data: bytes, newest_segment: str | None) -> bytes:
+    """What a snapshot keeps of a file: all of it, but for the zero padding of the newest
+    journal segment (a running world's preallocated one: unwritten space, no information).
+    Zeros at the end of an older segment are acknowledged frames gone: kept, so the copy
+    shows the damage as the world does."""
+    if key == newest_segment:
         scan = scan_frames(data)
         if scan.padding:
             return data[: scan.valid_length]
     return data
+
+
+def _newest_segment(keys: Sequence[str]) -> str | None:
+    segments = sorted(k for k in keys if k.startswith("journal/") and k.endswith(".wal"))
+    return segments[-1] if segments else None
 
 
 def _survey(key: str, data: bytes, *, allow_raw: bool) -> _Source:
@@ -578,7 +586,9 @@ def _survey(key: str, data: bytes, *, allow_raw: bool) -> _Source:
     return _Source(entry=entry, tick=tick)
 
 
-async def _copy_into(store: BlobStore, sid: str, sources: list[_Source]) -> None:
+async def _copy_into(
+    store: BlobStore, sid: str, sources: list[_Source], newest: str | None
+) -> None:
     """Copy every source into snapshot ``sid`` and prove each copy holds what was verified."""
     plain = [s.entry for s in sources if _region_coords(s.entry.key) is None]
     links = [
@@ -591,7 +601,7 @@ async def _copy_into(store: BlobStore, sid: str, sources: list[_Source]) -> None
     # state files only. A change since the survey means the world was not quiescent.
     keys = [e.key for e in plain]
     for entry, blob in zip(plain, await _get_batched(store, keys), strict=True):
-        data = None if blob is None else _content(entry.key, blob.data)
+        data = None if blob is None else _content(entry.key, blob.data, newest)
         if data is None or hex64(xxh3(data)) != entry.xxh3:
             raise SnapshotError(
                 f"{entry.key}: changed during the snapshot; the world is not quiescent"

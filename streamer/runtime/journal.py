@@ -351,7 +351,9 @@ class Journal:
             path = f"{JOURNAL_DIR}/{name}"
             data = fs.read(path)
             scan = scan_frames(data)
-            verdict = judge_segment(scan, len(data), newest=i == len(names) - 1)
+            verdict = judge_segment(
+                scan, len(data), newest=i == len(names) - 1, preallocated=self._preallocate
+            )
             torn = verdict.torn_bytes
             if verdict.damaged:
                 # Acknowledged batches were lost (format/journal.py: judge_segment). Cutting
