@@ -137,7 +137,9 @@ async def test_power_loss_at_every_operation_keeps_acknowledged_deltas(
     for k in range(total):
         fs = base.durable_image()
         acked = await run_crashing(tmp_path, fs, k, conf)
-        assert fs.crashed, k
+        # With preallocation the spare's keeper runs on a thread of its own, pausing on the
+        # wall clock: a run may do fewer operations than the counted one and simply finish.
+        assert fs.crashed or conf is PREALLOCATED, k
         image = fs.durable_image()
         try:
             await verify(tmp_path, image, acked, conf)
