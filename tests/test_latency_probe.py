@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from streamer.bench.latency_probe import main, probe
+from tests.helpers.cli import assert_refused
 
 
 async def test_probe_times_every_batch_both_ways(tmp_path: Path) -> None:
@@ -37,7 +38,4 @@ async def test_probe_with_preallocation_starts_from_a_spare(tmp_path: Path) -> N
 def test_bad_arguments_are_refused(
     argv: list[str], needle: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    with pytest.raises(SystemExit) as info:
-        main(argv)
-    assert info.value.code == 2
-    assert needle in capsys.readouterr().err
+    assert_refused(main, argv, needle, capsys)

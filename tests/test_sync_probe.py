@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from streamer.bench.sync_probe import main, measure
+from tests.helpers.cli import assert_refused
 
 LINE = re.compile(
     r"^(append|preallocated) +(\d+) syncs: p50 [\d.]+ ms, p99 [\d.]+ ms, p99\.9 [\d.]+ ms, "
@@ -46,7 +47,4 @@ def test_both_modes_without_regions(tmp_path: Path, capsys: pytest.CaptureFixtur
 def test_bad_arguments_are_refused(
     argv: list[str], needle: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    with pytest.raises(SystemExit) as info:
-        main(argv)
-    assert info.value.code == 2
-    assert needle in capsys.readouterr().err
+    assert_refused(main, argv, needle, capsys)

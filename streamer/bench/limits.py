@@ -18,6 +18,19 @@ from streamer.schema.records import Character, ChunkRecord, Feature
 KIB16 = 16 * 1024
 
 
+def raw_atomic_replace(tmp: Path, target: Path, payload: bytes, dir_fd: int) -> None:
+    """Write ``tmp``, fsync it, rename it over ``target`` and fsync the directory open as
+    ``dir_fd``: the irreducible work of one atomic replace."""
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.write(fd, payload)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, target)
+    os.fsync(dir_fd)
+
+
 def atomic_replace_per_s(directory: Path, n: int, size: int = KIB16) -> float:
     """Serial raw atomic replaces of a ``size``-byte file per second."""
     payload = os.urandom(size)
@@ -26,15 +39,7 @@ def atomic_replace_per_s(directory: Path, n: int, size: int = KIB16) -> float:
     try:
         t0 = time.perf_counter()
         for i in range(n):
-            tmp = directory / f".limit.{i}.tmp"
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            try:
-                os.write(fd, payload)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, target)
-            os.fsync(dfd)
+            raw_atomic_replace(directory / f".limit.{i}.tmp", target, payload, dfd)
         elapsed = time.perf_counter() - t0
     finally:
         os.close(dfd)

@@ -21,6 +21,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from streamer.bench.limits import raw_atomic_replace
+
 _RECORD = 4096
 _SEGMENT = 64 * 1024 * 1024
 _REGION_BYTES = 150_000
@@ -38,18 +40,16 @@ def _fsync_dir(path: Path) -> None:
 def _rewrite_regions(directory: Path, stop: threading.Event, count: list[int]) -> None:
     blob = os.urandom(_REGION_BYTES)
     directory.mkdir(exist_ok=True)
+    dfd = os.open(directory, os.O_RDONLY)
     i = 0
-    while not stop.is_set():
-        tmp, final = directory / f"r{i % 200}.tmp", directory / f"r{i % 200}.region"
-        fd = os.open(tmp, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o644)
-        try:
-            os.write(fd, blob)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, final)
-        _fsync_dir(directory)
-        i += 1
+    try:
+        while not stop.is_set():
+            raw_atomic_replace(
+                directory / f"r{i % 200}.tmp", directory / f"r{i % 200}.region", blob, dfd
+            )
+            i += 1
+    finally:
+        os.close(dfd)
     count.append(i)
 
 

@@ -28,6 +28,7 @@ __all__ = [
     "JOURNAL_MAGIC",
     "MAX_COMMIT_BYTES",
     "MAX_FRAME_PAYLOAD",
+    "MIN_ZERO_TAIL",
     "FrameScan",
     "SegmentVerdict",
     "encode_frame",
@@ -50,8 +51,9 @@ MAX_FRAME_PAYLOAD: Final = 64 * 1024 * 1024
 #: a power loss persisted them out of order. Part of the format: a scan of existing
 #: segments relies on it, so it may never grow.
 MAX_COMMIT_BYTES: Final = 1024 * 1024
-# Zeros after a tear this long or longer are preallocated space, not the torn frame's own.
-_PAGE: Final = 4096
+#: Zeros after a tear this long or longer are preallocated space, not the torn frame's own
+#: (a preallocated segment keeps at least this much after its last commit).
+MIN_ZERO_TAIL: Final = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,7 +109,7 @@ def judge_segment(
     """
     if not scan.torn:
         return SegmentVerdict(damaged=not newest and bool(scan.padding), torn_bytes=0)
-    end = scan.data_end if size - scan.data_end >= _PAGE else size
+    end = scan.data_end if size - scan.data_end >= MIN_ZERO_TAIL else size
     torn = end - scan.valid_length
     if not newest:
         return SegmentVerdict(damaged=True, torn_bytes=torn)
@@ -116,7 +118,7 @@ def judge_segment(
     # A page of zeros at least: an appended segment's last frame may end in a zero byte.
     last_commit = (
         preallocated
-        and size - scan.data_end >= _PAGE
+        and size - scan.data_end >= MIN_ZERO_TAIL
         and scan.data_end - scan.valid_length <= MAX_COMMIT_BYTES
     )
     if last_commit:

@@ -57,7 +57,13 @@ import anyio
 import msgspec
 
 from streamer.errors import ChecksumMismatch, MalformedFile, StorageUnavailable, WorldClosed
-from streamer.format.journal import MAX_COMMIT_BYTES, encode_frame, judge_segment, scan_frames
+from streamer.format.journal import (
+    MAX_COMMIT_BYTES,
+    MIN_ZERO_TAIL,
+    encode_frame,
+    judge_segment,
+    scan_frames,
+)
 from streamer.runtime.fastsync import event_factory
 from streamer.schema.deltas import AnyDelta
 from streamer.storage.fs import FileSystem
@@ -89,7 +95,6 @@ SPARE_NAME = f"{JOURNAL_DIR}/spare.zero"
 _ZERO_CHUNK = 256 * 1024
 _ZEROS = bytes(_ZERO_CHUNK)
 _ZERO_PAUSE_S = 0.002
-_PAGE = 4096
 
 RegionKey: TypeAlias = tuple[int, int]
 #: Highest tick per region, for one batch or one segment.
@@ -257,7 +262,7 @@ class Journal:
         # that and (several batches) writes at most MAX_COMMIT_BYTES: the spare is that much
         # longer, plus a page, so zeros always follow a commit written in place
         # (judge_segment needs them to tell that commit from damage).
-        self._spare_bytes = segment_bytes + MAX_COMMIT_BYTES + _PAGE
+        self._spare_bytes = segment_bytes + MAX_COMMIT_BYTES + MIN_ZERO_TAIL
         self._spare_pause = spare_pause_s
         self._fsync = fsync
         # Without fsync there is no sync for preallocation to make cheaper.
@@ -556,11 +561,7 @@ class Journal:
                 except OSError:
                     fs.close(new_handle)  # nothing was written to it; the next try makes another
                     if fresh.preallocated:
-                        # Back to the spare's name (best effort, not ready: it is zeros, but
-                        # the keeper redoes it): an older segment of zeros alone would read as
-                        # damage once a later segment's name is durable.
-                        with contextlib.suppress(OSError):
-                            fs.replace(name, SPARE_NAME)
+                        self._give_back_spare_blocking(name)
                     raise
             self._handle = new_handle
             self._active = fresh
@@ -587,10 +588,16 @@ class Journal:
         try:
             return self._fs.open_write(name)
         except OSError as exc:
-            with contextlib.suppress(OSError):  # no segment of zeros alone left behind
-                self._fs.replace(name, SPARE_NAME)
+            self._give_back_spare_blocking(name)
             log.warning("journal: cannot open the spare (%s); creating a segment unfilled", exc)
             return None
+
+    def _give_back_spare_blocking(self, name: str) -> None:
+        """Segment ``name``, a spare that could not start, back under the spare's name (best
+        effort; not ready, the keeper redoes it): an older segment of zeros alone reads as
+        damage once a later segment's name is durable."""
+        with contextlib.suppress(OSError):
+            self._fs.replace(name, SPARE_NAME)
 
     async def _rotate(self) -> None:
         """Close the active segment, cut to its used size if it was preallocated: only the
@@ -794,8 +801,9 @@ class Journal:
                 self._spare_ready = made and not self._closing
 
     async def _make_spare(self) -> bool:
-        """Zero-fill ``SPARE_NAME`` to ``segment_bytes`` in place (a recycled segment, or a
-        spare left by a crash) or as a new file, synced; False if a close stopped it."""
+        """Zero-fill ``SPARE_NAME`` to its full size (segment_bytes + MAX_COMMIT_BYTES + a
+        page) in place (a recycled segment, or a spare left by a crash) or as a new file,
+        synced; False if a close stopped it."""
         run = self._collect_run_sync
         handle = await run(self._open_spare_blocking)
         try:
