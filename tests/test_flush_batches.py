@@ -236,15 +236,15 @@ async def test_one_failed_write_fails_that_region_alone(
         await world.submit(edits(REGIONS, 2))
 
         injected: list[str] = []
-        orig_write_temp = LocalStore._write_temp
+        orig_create_temp = LocalStore._create_temp
 
-        def write_temp(self: LocalStore, key: str, data: bytes) -> str:
+        def create_temp(self: LocalStore, key: str) -> tuple[str, int]:
             if key == bad_key and not injected:
                 injected.append(key)
                 raise OSError(errno.EIO, "injected I/O error")
-            return orig_write_temp(self, key, data)
+            return orig_create_temp(self, key)
 
-        monkeypatch.setattr(LocalStore, "_write_temp", write_temp)
+        monkeypatch.setattr(LocalStore, "_create_temp", create_temp)
         spy = PutSpy(monkeypatch)
         errors = world.stats().flush_errors
         with anyio.fail_after(GUARD), pytest.raises(StorageUnavailable) as caught:
@@ -282,14 +282,14 @@ async def test_failed_region_is_not_lost_if_closed_before_the_retry(
     await new_world(tmp_path)
     bad = REGIONS[0]
     bad_key = region_key(*bad)
-    orig_write_temp = LocalStore._write_temp
+    orig_create_temp = LocalStore._create_temp
 
-    def write_temp(self: LocalStore, key: str, data: bytes) -> str:
+    def create_temp(self: LocalStore, key: str) -> tuple[str, int]:
         if key == bad_key:
             raise OSError(errno.EIO, "injected I/O error")
-        return orig_write_temp(self, key, data)
+        return orig_create_temp(self, key)
 
-    monkeypatch.setattr(LocalStore, "_write_temp", write_temp)
+    monkeypatch.setattr(LocalStore, "_create_temp", create_temp)
     with pytest.raises(StorageUnavailable):
         async with open_world(tmp_path, cfg()) as world:
             await world.submit(edits(REGIONS[:10], 1))
@@ -530,16 +530,16 @@ async def test_scheduler_flushes_in_batches_and_retries_a_failed_region(
     bad = REGIONS[21]
     bad_key = region_key(*bad)
     injected: list[str] = []
-    orig_write_temp = LocalStore._write_temp
+    orig_create_temp = LocalStore._create_temp
 
-    def write_temp(self: LocalStore, key: str, data: bytes) -> str:
+    def create_temp(self: LocalStore, key: str) -> tuple[str, int]:
         if key == bad_key and not injected:
             injected.append(key)
             raise OSError(errno.EIO, "injected I/O error")
-        return orig_write_temp(self, key, data)
+        return orig_create_temp(self, key)
 
     async with open_world(tmp_path, cfg(flush_interval_ms=20)) as world:
-        monkeypatch.setattr(LocalStore, "_write_temp", write_temp)
+        monkeypatch.setattr(LocalStore, "_create_temp", create_temp)
         spy = PutSpy(monkeypatch)
         await world.submit(edits(REGIONS, 1))
         with anyio.fail_after(GUARD):

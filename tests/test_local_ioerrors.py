@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import sys
 from collections import Counter
 from pathlib import Path
 from unittest import mock
@@ -18,8 +19,9 @@ from unittest import mock
 import pytest
 
 from streamer.errors import InvalidKey, NotFound, StorageUnavailable
+from streamer.storage import fs as fs_module
 from streamer.storage.faultfs import SimulatedFileSystem
-from streamer.storage.fs import is_temp_name
+from streamer.storage.fs import OsFileSystem, is_temp_name
 from streamer.storage.local import LocalStore, content_version
 
 KEY = "regions/r.0.0.region"
@@ -550,3 +552,90 @@ async def test_a_rollback_that_fails_is_logged_and_the_write_still_fails(
     assert info.value.key == KEY
     msgs = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert any(KEY in m and "previous version back" in m for m in msgs), msgs
+
+
+# -- put_many_atomic: every temp's writeback starts before the first fsync waits ------------
+
+
+class _OrderFS(SimulatedFileSystem):
+    """Records create/write/start_writeback/fsync/close in call order, with open handles."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+        self.open_now = 0
+        self.most_open = 0
+
+    def create(self, path: str) -> int:
+        h = super().create(path)
+        if is_temp_name(path.rpartition("/")[2]):
+            self.calls.append("create")
+            self.open_now += 1
+            self.most_open = max(self.most_open, self.open_now)
+        return h
+
+    def write(self, handle: int, data: bytes) -> None:
+        self.calls.append("write")
+        super().write(handle, data)
+
+    def start_writeback(self, handle: int) -> None:
+        self.calls.append("hint")
+        super().start_writeback(handle)
+
+    def fsync(self, handle: int) -> None:
+        self.calls.append("fsync")
+        super().fsync(handle)
+
+    def close(self, handle: int) -> None:
+        self.open_now -= 1
+        super().close(handle)
+
+
+async def test_put_many_atomic_starts_every_writeback_before_the_first_fsync() -> None:
+    fs = _OrderFS()
+    store = await LocalStore.open("/w", fs=fs)
+    items = [(f"regions/r.{i}.0.region", b"x%d" % i) for i in range(5)]
+    fs.calls.clear()
+    assert await store.put_many_atomic(items) == [content_version(d) for _, d in items]
+    assert fs.calls == ["create", "write", "hint"] * 5 + ["fsync"] * 5
+    await _assert_many(await LocalStore.open("/w", fs=fs.durable_image()), dict(items))
+
+
+async def test_put_many_atomic_bounds_the_temps_open_at_once() -> None:
+    fs = _OrderFS()
+    store = await LocalStore.open("/w", fs=fs)
+    items = [(f"regions/r.{i}.0.region", b"y%d" % i) for i in range(150)]
+    assert await store.put_many_atomic(items) == [content_version(d) for _, d in items]
+    assert fs.most_open == 64  # _TEMPS_IN_FLIGHT: 150 items go in three groups
+    assert fs.open_now == 0
+    assert fs.calls.count("fsync") == 150 and temps(fs) == []
+
+
+async def test_put_many_atomic_without_fsync_gives_no_writeback_hint() -> None:
+    fs = _OrderFS()
+    store = await LocalStore.open("/w", fs=fs, fsync=False)
+    fs.calls.clear()
+    await store.put_many_atomic([("regions/a", b"1"), ("regions/b", b"2")])
+    assert fs.calls == ["create", "write"] * 2
+
+
+@pytest.mark.parametrize("kind", ["simulated", "os"])
+def test_start_writeback_is_a_hint_that_never_raises(kind: str, tmp_path: Path) -> None:
+    fs: SimulatedFileSystem | OsFileSystem = (
+        SimulatedFileSystem() if kind == "simulated" else OsFileSystem(tmp_path)
+    )
+    fs.makedirs("d")
+    h = fs.create("d/f")
+    fs.write(h, b"data")
+    fs.start_writeback(h)
+    fs.fsync(h)
+    fs.close(h)
+    fs.start_writeback(h)  # closed: the real call fails with EBADF, which a hint swallows
+    fs.start_writeback(-1)
+    assert fs.read("d/f") == b"data"
+
+
+def test_sync_file_range_is_bound_on_linux() -> None:
+    if not sys.platform.startswith("linux"):
+        pytest.skip("sync_file_range is Linux's")
+    assert fs_module._sync_file_range is not None  # else the hint silently does nothing

@@ -455,6 +455,12 @@ class SimulatedFileSystem:
         # The model keeps no timestamps, so data and size are all a file has to sync.
         self._sync(handle, "fdatasync")
 
+    def start_writeback(self, handle: int) -> None:
+        # A hint with no effect on what a power loss keeps (only a sync does): not an
+        # operation of the model, so crash enumerations do not count it.
+        # Like the real one, it never raises (not even for a bad handle).
+        del handle
+
     def _sync(self, handle: int, op: str) -> None:
         with self._lock:
             h = self._handle(handle)
