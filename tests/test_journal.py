@@ -194,6 +194,71 @@ async def test_interval_mode_acknowledges_before_fsync_and_fsyncs_periodically()
     await j.aclose()
 
 
+async def _acknowledge_then_kill(j: Journal, ticks: range) -> None:
+    """Acknowledge ``ticks`` one batch each, then stop the writer as a SIGKILL would: no
+    close, no last sync (the page cache, here the simulated file system, keeps the bytes)."""
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(j.run)
+        for t in ticks:
+            b = batch(j, t)
+            await j.append(b, ticks_of(b)).wait()
+        tg.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("durability", ["sync", "interval"])
+async def test_open_makes_what_it_replays_durable(durability: str) -> None:
+    """Interval mode: acknowledged, not yet fsynced, then the process is killed. The reopened
+    world replays those batches and acknowledges new ones after them; a power loss after that
+    must not keep the new ones and lose the replayed ones before them (a gap in the ticks)."""
+    fs = SimulatedFileSystem()
+    j = Journal(fs, run_sync, durability="interval", fsync_interval_ms=3_600_000)
+    await j.open(ticks_of)
+    await _acknowledge_then_kill(j, range(1, 6))
+    assert not [op for op in fs.ops if op.name in ("fsync", "fdatasync") and "0000" in op.path]
+
+    again = Journal(fs, run_sync, durability=durability)  # type: ignore[arg-type]
+    assert [b.deltas[0].tick for b in (await again.open(ticks_of)).batches] == [1, 2, 3, 4, 5]
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(again.run)
+        b = batch(again, 6)
+        await again.append(b, ticks_of(b)).wait()
+        again.begin_close()
+    await again.aclose()  # syncs in interval mode too
+    assert again.stats().unsynced_bytes == 0
+
+    replay = await Journal(fs.durable_image(), run_sync).open(ticks_of)
+    assert [b.deltas[0].tick for b in replay.batches] == [1, 2, 3, 4, 5, 6]
+
+
+async def test_open_refuses_when_it_cannot_sync_what_it_replays() -> None:
+    fs = SimulatedFileSystem()
+    j = Journal(fs, run_sync, durability="interval", fsync_interval_ms=3_600_000)
+    await j.open(ticks_of)
+    await _acknowledge_then_kill(j, range(1, 4))
+    fs.inject("fdatasync", errno.EIO, path_contains=JOURNAL_DIR, once=True)
+    with pytest.raises(StorageUnavailable) as caught:
+        await Journal(fs, run_sync).open(ticks_of)
+    assert caught.value.key == JOURNAL_DIR
+    assert "EIO" in str(caught.value) or "Input/output" in str(caught.value)
+    assert "00000000000000000001.wal" in str(caught.value)
+    # Nothing was cut or deleted: a later open (the fault gone) replays all of it.
+    assert [b.deltas[0].tick for b in (await Journal(fs, run_sync).open(ticks_of)).batches] == [
+        1,
+        2,
+        3,
+    ]
+
+
+async def test_open_without_fsync_syncs_nothing() -> None:
+    fs = SimulatedFileSystem()
+    j = Journal(fs, run_sync, fsync=False)
+    await j.open(ticks_of)
+    await _acknowledge_then_kill(j, range(1, 4))
+    before = len(fs.ops)
+    assert len((await Journal(fs, run_sync, fsync=False).open(ticks_of)).batches) == 3
+    assert not [op for op in fs.ops[before:] if "sync" in op.name]
+
+
 async def test_failed_write_fails_the_group_and_later_batches_still_commit() -> None:
     fs = SimulatedFileSystem()
     j = Journal(fs, run_sync)
