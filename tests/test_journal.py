@@ -437,10 +437,13 @@ async def test_failed_directory_fsync_of_a_new_segment_leaks_no_handle() -> None
         with pytest.raises(StorageUnavailable):
             await j.append(b1, ticks_of(b1)).wait()
         assert fs._handles == {}  # the segment created for b1 was closed, not leaked
+        # ... and removed: an empty file nobody tracks would never be collected.
+        assert fs.listdir(JOURNAL_DIR) == []
         b2 = batch(j, 2)
         await j.append(b2, ticks_of(b2)).wait()
         j.begin_close()
     await j.aclose()
+    assert fs.listdir(JOURNAL_DIR) == [segment_name(2).rpartition("/")[2]]
     replay = await Journal(fs.durable_image(), run_sync).open(ticks_of)
     assert [b.seq for b in replay.batches] == [b2.seq]
 

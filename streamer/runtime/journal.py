@@ -577,6 +577,11 @@ class Journal:
                     fs.close(new_handle)  # nothing was written to it; the next try makes another
                     if fresh.preallocated:
                         self._give_back_spare_blocking(name)
+                    else:
+                        # Untracked, it would never be collected (best effort: an empty
+                        # older segment is harmless on replay).
+                        with contextlib.suppress(OSError):
+                            fs.unlink(name)
                     raise
             self._handle = new_handle
             self._active = fresh
