@@ -207,3 +207,25 @@ def test_check_tells_a_torn_journal_tail_from_damage(
     code, out, err = run(capsys, "--config", str(cfg), "check", str(world))
     assert code == 0
     assert "with 2 intact records of the same unacknowledged commit after a hole" in err
+
+
+def test_check_judges_the_same_journal_files_open_replays(
+    world: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Open replays only 20-digit ``.wal`` names; check judges those and names the rest. A
+    stray name sorting after the newest segment must not make that segment "older" (where a
+    torn tail would read as damage)."""
+    from streamer.format.journal import encode_frame
+
+    frames = b"".join(encode_frame(f"batch {i}".encode()) for i in range(3))
+    (world / "journal").mkdir()
+    (world / "journal" / "00000000000000000001.wal").write_bytes(frames + frames[:7])
+    (world / "journal" / "zz-copy.wal").write_bytes(b"garbage")
+    (world / "journal" / "1.wal").write_bytes(b"")
+    (world / "journal" / "spare.zero").write_bytes(bytes(4096))
+    code, out, err = run(capsys, "check", str(world))
+    assert code == 0, out
+    assert "torn tail of 7 bytes" in err
+    assert "journal/zz-copy.wal: not a journal segment" in err
+    assert "journal/1.wal: not a journal segment" in err
+    assert "spare.zero" not in err + out

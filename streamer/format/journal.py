@@ -29,12 +29,34 @@ __all__ = [
     "MAX_COMMIT_BYTES",
     "MAX_FRAME_PAYLOAD",
     "MIN_ZERO_TAIL",
+    "SPARE_FILE_NAME",
     "FrameScan",
     "SegmentVerdict",
     "encode_frame",
     "judge_segment",
+    "parse_segment_name",
     "scan_frames",
+    "segment_file_name",
 ]
+
+_SEGMENT_SUFFIX: Final = ".wal"
+#: The zero-filled file a preallocating journal makes its next segment from (not a segment).
+SPARE_FILE_NAME: Final = "spare.zero"
+
+
+def segment_file_name(seq: int) -> str:
+    """A segment's file name in ``journal/``: its sequence number, 20 digits, ``.wal``."""
+    return f"{seq:020d}{_SEGMENT_SUFFIX}"
+
+
+def parse_segment_name(name: str) -> int | None:
+    """The sequence number of segment file ``name`` (no directory), or None for any other
+    file. Open and ``streamer check`` both go by this: what it refuses is not a segment."""
+    stem = name[: -len(_SEGMENT_SUFFIX)] if name.endswith(_SEGMENT_SUFFIX) else None
+    if stem is None or len(stem) != 20 or not stem.isdigit() or not stem.isascii():
+        return None
+    return int(stem)
+
 
 JOURNAL_MAGIC: Final = b"JRNL"
 # magic | xxh3 | payload_len

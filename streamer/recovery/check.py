@@ -12,7 +12,12 @@ from collections.abc import Awaitable, Callable
 import msgspec
 
 from streamer.errors import IntegrityError, NotFound, StorageError, StreamerError
-from streamer.format.journal import judge_segment, scan_frames
+from streamer.format.journal import (
+    SPARE_FILE_NAME,
+    judge_segment,
+    parse_segment_name,
+    scan_frames,
+)
 from streamer.format.manifest import MANIFEST_KEY, WorldManifest
 from streamer.format.region import decode_region, parse_region_key
 from streamer.storage.base import BlobStore
@@ -94,7 +99,17 @@ async def check_world(
         except StreamerError as exc:
             report.problems.append(problem_from(key, exc))
 
-    segments = [k for k in await store.list("journal/") if k.endswith(".wal")]
+    # Exactly the files open replays; anything else there it ignores, and so do we, aloud.
+    segments: list[str] = []
+    for key in await store.list("journal/"):
+        name = key.removeprefix("journal/")
+        if parse_segment_name(name) is not None:
+            segments.append(key)
+        elif name != SPARE_FILE_NAME:
+            report.warnings.append(
+                f"{key}: not a journal segment (not 20 digits + .wal); the world ignores it"
+            )
+    segments.sort()
     for i, key in enumerate(segments):
         report.files_checked += 1
         try:

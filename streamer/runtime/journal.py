@@ -60,9 +60,12 @@ from streamer.errors import ChecksumMismatch, MalformedFile, StorageUnavailable,
 from streamer.format.journal import (
     MAX_COMMIT_BYTES,
     MIN_ZERO_TAIL,
+    SPARE_FILE_NAME,
     encode_frame,
     judge_segment,
+    parse_segment_name,
     scan_frames,
+    segment_file_name,
 )
 from streamer.runtime.fastsync import event_factory
 from streamer.schema.deltas import AnyDelta
@@ -85,9 +88,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 JOURNAL_DIR = "journal"
-_SUFFIX = ".wal"
 #: The zero-filled file the next segment is made from (not a segment: not ``*.wal``).
-SPARE_NAME = f"{JOURNAL_DIR}/spare.zero"
+SPARE_NAME = f"{JOURNAL_DIR}/{SPARE_FILE_NAME}"
 # The spare is zero-filled a chunk per thread hop, each chunk synced, with a pause between:
 # the device never holds more than one chunk of zeros ahead of a commit's fdatasync (8 MiB
 # would be tens of ms here), and a 64 MiB spare takes about a second, while a segment lasts
@@ -153,14 +155,7 @@ def decode_batch(payload: bytes, *, where: str) -> JournalBatch:
 
 
 def segment_name(seq: int) -> str:
-    return f"{JOURNAL_DIR}/{seq:020d}{_SUFFIX}"
-
-
-def _parse_segment(name: str) -> int | None:
-    stem = name[: -len(_SUFFIX)] if name.endswith(_SUFFIX) else None
-    if stem is None or len(stem) != 20 or not stem.isdigit():
-        return None
-    return int(stem)
+    return f"{JOURNAL_DIR}/{segment_file_name(seq)}"
 
 
 class JournalStats(msgspec.Struct, frozen=True, kw_only=True):
@@ -352,9 +347,9 @@ class Journal:
     def _scan_blocking(self) -> list[tuple[int, list[bytes], int, int]]:
         fs = self._fs
         out: list[tuple[int, list[bytes], int, int]] = []
-        names = sorted(n for n in fs.listdir(JOURNAL_DIR) if _parse_segment(n) is not None)
+        names = sorted(n for n in fs.listdir(JOURNAL_DIR) if parse_segment_name(n) is not None)
         for i, name in enumerate(names):
-            seq = _parse_segment(name)
+            seq = parse_segment_name(name)
             assert seq is not None
             path = f"{JOURNAL_DIR}/{name}"
             data = fs.read(path)
