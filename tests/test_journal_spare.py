@@ -309,6 +309,48 @@ async def test_interval_mode_stops_when_a_sync_of_acknowledged_bytes_fails(
     await Journal(image, run_sync, preallocate=True).open(ticks_of)  # what did persist opens
 
 
+@pytest.mark.parametrize("due", [False, True], ids=["write-alone", "write-with-due-sync"])
+@pytest.mark.parametrize("preallocate", [False, True])
+async def test_interval_mode_goes_on_after_a_failed_write(preallocate: bool, due: bool) -> None:
+    """Interval mode: batches acknowledged unsynced, then a commit's write fails (ENOSPC).
+    The acknowledged bytes before it are intact in the page cache: the failed batch alone
+    fails, the cut back to them syncs them, and the journal goes on acknowledging."""
+    fs = SimulatedFileSystem()
+    j = Journal(
+        fs,
+        run_sync,
+        durability="interval",
+        fsync_interval_ms=60_000,
+        segment_bytes=1 << 20,
+        preallocate=preallocate,
+    )
+    await j.open(ticks_of)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(j.run)
+        tg.start_soon(j.keep_spare)
+        if preallocate:
+            await _ready(j)
+        await _acknowledged(j, range(1, 3))
+        assert j.stats().unsynced_bytes > 0
+        if due:
+            j._last_sync -= 1000
+        fs.inject("write", errno.ENOSPC, path_contains=".wal")  # once
+        b = batch(j, 3)
+        with pytest.raises(StorageUnavailable, match=r"ENOSPC|No space"):
+            await j.append(b, ticks_of(b)).wait()
+        await j.barrier()  # the waiter hears of the failure before the segment is cut
+        assert not j.broken
+        assert j.stats().unsynced_bytes == 0
+        # Acknowledged before the failure: durable now, without waiting for the interval.
+        replay = await Journal(fs.durable_image(), run_sync, preallocate=True).open(ticks_of)
+        assert [x.deltas[0].tick for x in replay.batches] == [1, 2]
+        await _acknowledged(j, range(4, 6))
+        j.begin_close()
+    await j.aclose()
+    replay = await Journal(fs.durable_image(), run_sync, preallocate=True).open(ticks_of)
+    assert [x.deltas[0].tick for x in replay.batches] == [1, 2, 4, 5]
+
+
 class _MidSyncFS(SimulatedFileSystem):
     """At the start of every segment sync, the torn images a power loss there could leave
     (12 seeds of the page model), each with the highest tick a completed sync covered."""

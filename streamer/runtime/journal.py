@@ -181,6 +181,11 @@ class JournalStats(msgspec.Struct, frozen=True, kw_only=True):
     spare_ready: bool = False
 
 
+class _SyncFailed(OSError):
+    """The sync of a commit failed (its write went through): in interval mode, acknowledged
+    bytes may be gone from the page cache, unlike after a failed write."""
+
+
 @dataclass
 class _Segment:
     seq: int
@@ -512,18 +517,24 @@ class Journal:
                     f"journal write failed, batch not acknowledged: {exc}", key=JOURNAL_DIR
                 )
                 self._fail(group, error)
-                if self._unsynced:
+                if self._unsynced and isinstance(exc, _SyncFailed):
                     # Interval mode acknowledged bytes this hop's sync was to persist; a failed
                     # sync dropped them and must not be retried on the same data (as
-                    # _sync_locked). Which of write and sync failed is not known: stop.
+                    # _sync_locked): stop.
                     self._broken = exc
                     log.error(
-                        "journal: a write or sync failed with %d acknowledged bytes unsynced; "
-                        "they may be lost on power failure; journal stopped: %s",
+                        "journal: a sync failed with %d acknowledged bytes unsynced; they may "
+                        "be lost on power failure; journal stopped: %s",
                         self._unsynced,
                         exc,
                     )
                 await self._abandon_segment(exc)
+                if self._broken is None:
+                    # A failed write (ENOSPC, say) leaves the acknowledged bytes before it
+                    # intact in the page cache, and the cut back to them synced them: the
+                    # active segment is the only one that can hold unsynced bytes (_rotate
+                    # syncs before closing one).
+                    self._unsynced = 0
                 return
             self._commits += 1
             if want_sync:
@@ -587,7 +598,10 @@ class Journal:
         if sync:
             # fdatasync persists the size too when the write grew the file; over
             # preallocated zeros it is a data flush alone (see the module docstring).
-            fs.fdatasync(handle)
+            try:
+                fs.fdatasync(handle)
+            except OSError as exc:
+                raise _SyncFailed(exc.errno, exc.strerror, exc.filename) from exc
         seg.size += len(data)
         return seg
 
