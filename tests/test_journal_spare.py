@@ -271,14 +271,7 @@ async def test_a_failed_collect_after_recycling_then_power_loss_still_opens() ->
     await Journal(fs.image, run_sync, preallocate=True).open(ticks_of)
 
 
-@pytest.mark.parametrize("preallocate", [False, True])
-async def test_interval_mode_stops_when_a_sync_of_acknowledged_bytes_fails(
-    preallocate: bool,
-) -> None:
-    """Interval mode: batches acknowledged unsynced, then the commit that carries the due
-    sync fails. Those bytes may be gone; the journal stops rather than go on acknowledging
-    (and never retries the sync on the same data)."""
-    fs = SimulatedFileSystem()
+async def _interval_journal(fs: SimulatedFileSystem, preallocate: bool) -> Journal:
     j = Journal(
         fs,
         run_sync,
@@ -288,13 +281,30 @@ async def test_interval_mode_stops_when_a_sync_of_acknowledged_bytes_fails(
         preallocate=preallocate,
     )
     await j.open(ticks_of)
+    return j
+
+
+async def _two_batches_unsynced(j: Journal, tg: anyio.abc.TaskGroup) -> None:
+    """Start the writer (and keeper) in ``tg``; acknowledge ticks 1 and 2, left unsynced."""
+    tg.start_soon(j.run)
+    tg.start_soon(j.keep_spare)
+    if j._preallocate:
+        await _ready(j)
+    await _acknowledged(j, range(1, 3))
+    assert j.stats().unsynced_bytes > 0
+
+
+@pytest.mark.parametrize("preallocate", [False, True])
+async def test_interval_mode_stops_when_a_sync_of_acknowledged_bytes_fails(
+    preallocate: bool,
+) -> None:
+    """Interval mode: batches acknowledged unsynced, then the commit that carries the due
+    sync fails. Those bytes may be gone; the journal stops rather than go on acknowledging
+    (and never retries the sync on the same data)."""
+    fs = SimulatedFileSystem()
+    j = await _interval_journal(fs, preallocate)
     async with anyio.create_task_group() as tg:
-        tg.start_soon(j.run)
-        tg.start_soon(j.keep_spare)
-        if preallocate:
-            await _ready(j)
-        await _acknowledged(j, range(1, 3))
-        assert j.stats().unsynced_bytes > 0
+        await _two_batches_unsynced(j, tg)
         j._last_sync -= 1000  # the interval is due, as under steady load
         fs.inject("fdatasync", errno.EIO, path_contains=".wal")
         b = batch(j, 3)
@@ -316,22 +326,9 @@ async def test_interval_mode_goes_on_after_a_failed_write(preallocate: bool, due
     The acknowledged bytes before it are intact in the page cache: the failed batch alone
     fails, the cut back to them syncs them, and the journal goes on acknowledging."""
     fs = SimulatedFileSystem()
-    j = Journal(
-        fs,
-        run_sync,
-        durability="interval",
-        fsync_interval_ms=60_000,
-        segment_bytes=1 << 20,
-        preallocate=preallocate,
-    )
-    await j.open(ticks_of)
+    j = await _interval_journal(fs, preallocate)
     async with anyio.create_task_group() as tg:
-        tg.start_soon(j.run)
-        tg.start_soon(j.keep_spare)
-        if preallocate:
-            await _ready(j)
-        await _acknowledged(j, range(1, 3))
-        assert j.stats().unsynced_bytes > 0
+        await _two_batches_unsynced(j, tg)
         if due:
             j._last_sync -= 1000
         fs.inject("write", errno.ENOSPC, path_contains=".wal")  # once
