@@ -227,9 +227,35 @@ async def test_a_spare_whose_segment_could_not_start_is_renamed_back() -> None:
     assert [d.tick for b in replay.batches for d in b.deltas] == [2, 3]
 
 
+class _NoRenameBack(SimulatedFileSystem):
+    """Renaming a segment back to the spare's name fails (a second fault in a row)."""
+
+    def replace(self, src: str, dst: str) -> None:
+        if dst == SPARE_NAME and src.endswith(".wal"):
+            raise OSError(errno.EIO, "injected: rename back failed", src)
+        super().replace(src, dst)
+
+
+async def test_a_spare_that_can_neither_start_nor_go_back_is_removed() -> None:
+    """The directory sync fails and so does renaming the file back: it is unlinked, since
+    an older segment of zeros alone would refuse the next open."""
+    fs = _NoRenameBack()
+    async with _running(fs, 1 << 16) as j:
+        fs.inject("fsync_dir", errno.EIO, path_contains="journal")
+        b = batch(j, 1)
+        with pytest.raises(StorageUnavailable):
+            await j.append(b, ticks_of(b)).wait()
+        await _acknowledged(j, range(2, 4))
+        image = fs.durable_image()
+    assert segment_name(1).rpartition("/")[2] not in image.listdir(JOURNAL_DIR)
+    replay = await Journal(image, run_sync, preallocate=True).open(ticks_of)
+    assert [d.tick for b in replay.batches for d in b.deltas] == [2, 3]
+
+
 async def test_an_older_segment_of_zeros_alone_is_damage() -> None:
     """Nothing the journal does leaves one (closed segments are cut, a spare that could not
-    become a segment is renamed back): a whole segment of zeros is acknowledged data gone."""
+    become a segment is renamed back or removed): a whole segment of zeros is acknowledged
+    data gone."""
     fs = SimulatedFileSystem()
     _segments_on_disk(fs, bytes(300), _frame(2))
     with pytest.raises(ChecksumMismatch, match="acknowledged"):

@@ -622,11 +622,25 @@ class Journal:
             return None
 
     def _give_back_spare_blocking(self, name: str) -> None:
-        """Segment ``name``, a spare that could not start, back under the spare's name (best
-        effort; not ready, the keeper redoes it): an older segment of zeros alone reads as
-        damage once a later segment's name is durable."""
-        with contextlib.suppress(OSError):
+        """Segment ``name``, a spare that could not start, back under the spare's name (not
+        ready, the keeper redoes it), or else gone: an older segment of zeros alone reads
+        as damage once a later segment's name is durable."""
+        try:
             self._fs.replace(name, SPARE_NAME)
+            return
+        except OSError as exc:
+            back = exc
+        try:
+            self._fs.unlink(name)
+        except OSError as exc:
+            log.error(
+                "journal %s: an unused segment of zeros could be neither renamed back (%s) "
+                "nor removed (%s); the next open will refuse it as damage: it holds no "
+                "deltas, delete it with the world closed",
+                name,
+                back,
+                exc,
+            )
 
     async def _rotate(self) -> None:
         """Close the active segment, cut to its used size if it was preallocated: only the
