@@ -479,6 +479,39 @@ async def test_taking_every_flush_token_waits_for_the_batches_writing(
 # -- 6. _flush_region (live migration's single-region flush) --------------------------------
 
 
+async def test_a_busy_region_does_not_hold_up_the_rest_of_its_batch(tmp_path: Path) -> None:
+    """One region's flush lock is held (live migration of its file, say): the other regions
+    of its batch are written meanwhile, and the busy one once the lock is free."""
+    await new_world(tmp_path)
+    async with open_world(tmp_path, cfg(flush_concurrency=4)) as world:
+        await world.submit(edits(REGIONS, 1))
+        busy = sorted(REGIONS)[1]  # inside the first batch, not at its head
+        lock = world._flush_lock(busy)
+        await lock.acquire()
+        flushed = anyio.Event()
+
+        async def flush() -> None:
+            await world.flush()
+            flushed.set()
+
+        try:
+            with anyio.fail_after(GUARD):
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(flush)
+                    others = [r for r in REGIONS if r != busy]
+                    while any(v != 1 for v in lpts(tmp_path, others).values()):
+                        await anyio.sleep(0.005)
+                    assert lpt_on_disk(tmp_path, busy) is None
+                    assert not flushed.is_set()
+                    lock.release()
+                    await flushed.wait()
+        finally:
+            if lock.locked():
+                lock.release()
+        assert set(lpts(tmp_path, REGIONS).values()) == {1}
+        await check_edits(world, REGIONS, [1])
+
+
 async def test_flush_region_reports_whether_it_wrote(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

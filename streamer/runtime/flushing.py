@@ -251,7 +251,9 @@ class _FlushPath:
 
         async def lane() -> None:
             while batches:
-                await self._flush_batch(batches.pop(0), outcome)
+                busy = await self._flush_batch(batches.pop(0), outcome)
+                if busy:
+                    batches.append(busy)  # after the others: their locks may be free by then
 
         if len(batches) == 1:
             await lane()
@@ -263,17 +265,35 @@ class _FlushPath:
 
     async def _flush_batch(
         self, batch: Sequence[tuple[RegionQueue, bool]], outcome: _Outcome
-    ) -> None:
-        jobs = [_Job(q, full) for q, full in sorted(batch, key=lambda j: j[0].key)]
+    ) -> list[tuple[RegionQueue, bool]]:
+        """Flush the regions of ``batch`` whose flush locks are free; return the others.
+
+        A region whose lock is held (live migration of its file, recovery, another flush)
+        must not hold up the rest. Only when every lock is taken does the batch wait, for
+        the first, holding none: no batch ever waits while holding a lock, so none deadlock.
+        """
+        ordered = sorted(batch, key=lambda j: j[0].key)
+        busy: list[tuple[RegionQueue, bool]] = []
         held: list[anyio.Lock] = []
+        jobs: list[_Job] = []
         token = object()
         have_token = False
         try:
-            # Regions in key order: a batch never waits for a lock while holding a later one.
-            for job in jobs:
-                lock = self._flush_lock(job.q.key)
+            for q, full in ordered:
+                lock = self._flush_lock(q.key)
+                try:
+                    lock.acquire_nowait()
+                except anyio.WouldBlock:
+                    busy.append((q, full))
+                    continue
+                held.append(lock)
+                jobs.append(_Job(q, full))
+            if not jobs:
+                q, full = busy.pop(0)
+                lock = self._flush_lock(q.key)
                 await lock.acquire()
                 held.append(lock)
+                jobs.append(_Job(q, full))
             # One flush token per batch (as one per region flush before): a snapshot takes
             # them all to pause flushing, and a batch never waits for a second one.
             await _acquire_token(self._flush_limiter, token)
@@ -315,6 +335,7 @@ class _FlushPath:
             # After the locks: other batches may take these regions meanwhile (this lane's
             # next batch waits, as it waits for any hop of this one).
             await anyio.to_thread.run_sync(_release_in_thread, garbage)
+        return busy
 
     async def _prepare(self, jobs: list[_Job]) -> None:
         """Region states, cutoffs, in-memory upgrades and generator output for each job."""
