@@ -230,6 +230,36 @@ async def test_open_makes_what_it_replays_durable(durability: str) -> None:
     assert [b.deltas[0].tick for b in replay.batches] == [1, 2, 3, 4, 5, 6]
 
 
+async def test_reopening_after_a_failed_sync_makes_the_replayed_batches_durable() -> None:
+    """Interval mode: the periodic sync fails (the journal stops; the kernel keeps the pages
+    readable but clean) and the world is reopened in the same boot. Open replays them from
+    the cache; an fsync of the same file would write nothing, so they must reach the disk
+    another way before batch 4 is acknowledged."""
+    fs = SimulatedFileSystem()
+    j = Journal(fs, run_sync, durability="interval", fsync_interval_ms=3_600_000)
+    await j.open(ticks_of)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(j.run)
+        for t in (1, 2, 3):
+            b = batch(j, t)
+            await j.append(b, ticks_of(b)).wait()
+        fs.inject("fdatasync", errno.EIO, path_contains=JOURNAL_DIR)  # once
+        await j._sync_now()
+        assert j.broken
+        tg.cancel_scope.cancel()
+    fs.restart()
+    again = Journal(fs, run_sync)
+    assert [b.deltas[0].tick for b in (await again.open(ticks_of)).batches] == [1, 2, 3]
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(again.run)
+        b = batch(again, 4)
+        await again.append(b, ticks_of(b)).wait()
+        again.begin_close()
+    await again.aclose()
+    after = await Journal(fs.durable_image(), run_sync).open(ticks_of)
+    assert [b.deltas[0].tick for b in after.batches] == [1, 2, 3, 4]
+
+
 async def test_open_refuses_when_it_cannot_sync_what_it_replays() -> None:
     fs = SimulatedFileSystem()
     j = Journal(fs, run_sync, durability="interval", fsync_interval_ms=3_600_000)

@@ -22,6 +22,7 @@ import ctypes
 import errno
 import os
 import re
+import secrets
 import stat
 import sys
 from collections.abc import Callable
@@ -165,6 +166,14 @@ def check_key(key: str) -> tuple[str, ...]:
 
 def is_temp_name(name: str) -> bool:
     return TEMP_RE.match(name) is not None
+
+
+def temp_path(path: str) -> str:
+    """A fresh temp name next to ``path`` (``TEMP_RE``): hidden from listings, and removed by
+    ``LocalStore.open`` if a crash leaves it behind."""
+    d, _, name = path.rpartition("/")
+    tmp = f".{name}.tmp-{secrets.token_hex(6)}"
+    return f"{d}/{tmp}" if d else tmp
 
 
 def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:

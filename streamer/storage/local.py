@@ -55,7 +55,6 @@ import errno
 import fcntl
 import logging
 import os
-import secrets
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import AsyncExitStack, ExitStack, asynccontextmanager, contextmanager
 from pathlib import Path
@@ -80,6 +79,7 @@ from streamer.storage.fs import (
     OsFileSystem,
     check_key,
     is_temp_name,
+    temp_path,
 )
 
 log = logging.getLogger(__name__)
@@ -122,12 +122,6 @@ def content_version(data: bytes) -> str:
 def _split(key: str) -> tuple[str, str]:
     d, _, name = key.rpartition("/")
     return d, name
-
-
-def _temp_path(key: str) -> str:
-    d, name = _split(key)
-    tmp = f".{name}.tmp-{secrets.token_hex(6)}"
-    return f"{d}/{tmp}" if d else tmp
 
 
 def _key_of_temp(d: str, tmp_name: str) -> str:
@@ -326,7 +320,7 @@ class LocalStore(BlobStore):
     def _create_temp(self, key: str) -> tuple[str, int]:
         """Create an empty temp next to ``key`` (and its directory if missing)."""
         fs = self.fs
-        tmp = _temp_path(key)
+        tmp = temp_path(key)
         try:
             return tmp, fs.create(tmp)
         except (FileNotFoundError, NotADirectoryError):
@@ -404,7 +398,7 @@ class LocalStore(BlobStore):
         fs = self.fs
         backup: str | None = None
         if self.fsync:
-            backup = _temp_path(key)
+            backup = temp_path(key)
             try:
                 fs.link(key, backup)
             except FileNotFoundError:
@@ -545,7 +539,7 @@ class LocalStore(BlobStore):
         fs = self.fs
         try:
             with self._flock(dst):
-                tmp = _temp_path(dst)
+                tmp = temp_path(dst)
                 try:
                     fs.link(src, tmp)
                 except (FileNotFoundError, NotADirectoryError):
@@ -582,7 +576,7 @@ class LocalStore(BlobStore):
                         pass
                     return
                 # Rename aside rather than unlink, so a failed directory fsync can be undone.
-                backup = _temp_path(key)
+                backup = temp_path(key)
                 try:
                     fs.replace(key, backup)
                 except (FileNotFoundError, NotADirectoryError):
