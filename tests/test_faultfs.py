@@ -156,7 +156,31 @@ def test_failed_fsync_drops_the_data_and_a_retry_does_not_bring_it_back() -> Non
     fs.close(h)
     fs.fsync_dir("")
     assert fs.read("f") == b"data"
-    assert fs.durable_image().tree() == {"f": b""}
+    # The size is metadata and persists; the dropped page's bytes never do.
+    assert fs.durable_image().tree() == {"f": b"\0\0\0\0"}
+    assert fs.durable_image(torn=True).tree() == {"f": b"\0\0\0\0"}
+
+
+def test_after_a_failed_fsync_later_writes_persist_and_rewriting_brings_data_back() -> None:
+    """Linux: the failed pages are clean, not poisoned. Bytes written after the failure are
+    written back by the next fsync, including the same bytes written again."""
+    fs = SimulatedFileSystem()
+    h = fs.create("f")
+    fs.write(h, b"aaaa")
+    fs.fsync(h)
+    fs.write(h, b"bbbb")
+    fs.inject("fsync", errno.EIO)
+    with pytest.raises(OSError):
+        fs.fsync(h)
+    fs.write(h, b"cccc")
+    fs.fsync(h)
+    fs.fsync_dir("")
+    assert fs.read("f") == b"aaaabbbbcccc"
+    assert fs.durable_image().read("f") == b"aaaa\0\0\0\0cccc"
+    h2 = fs.open_write("f")
+    fs.write(h2, b"aaaabbbb")  # the same bytes again: dirty, so written back
+    fs.fdatasync(h2)
+    assert fs.durable_image().read("f") == b"aaaabbbbcccc"
 
 
 def test_a_truncate_after_a_failed_sync_persists_the_size_but_not_the_dropped_pages() -> None:

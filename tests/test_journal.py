@@ -260,6 +260,26 @@ async def test_reopening_after_a_failed_sync_makes_the_replayed_batches_durable(
     assert [b.deltas[0].tick for b in after.batches] == [1, 2, 3, 4]
 
 
+async def test_reopening_with_fsync_on_makes_every_segment_written_without_it_durable() -> None:
+    """Segments written with fsync off (never synced, several of them) are replayed by an
+    open with fsync on, which then acknowledges durably: none of them may be lost after."""
+    fs = SimulatedFileSystem()
+    j = Journal(fs, run_sync, fsync=False, segment_bytes=40)
+    await j.open(ticks_of)
+    await _acknowledge_then_kill(j, range(1, 7))
+    assert len([n for n in fs.listdir(JOURNAL_DIR) if n.endswith(".wal")]) >= 3
+    again = Journal(fs, run_sync, segment_bytes=40)
+    assert [b.deltas[0].tick for b in (await again.open(ticks_of)).batches] == list(range(1, 7))
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(again.run)
+        b = batch(again, 10)
+        await again.append(b, ticks_of(b)).wait()
+        again.begin_close()
+    await again.aclose()
+    after = await Journal(fs.durable_image(), run_sync).open(ticks_of)
+    assert [b.deltas[0].tick for b in after.batches] == [1, 2, 3, 4, 5, 6, 10]
+
+
 async def test_open_refuses_when_it_cannot_sync_what_it_replays() -> None:
     fs = SimulatedFileSystem()
     j = Journal(fs, run_sync, durability="interval", fsync_interval_ms=3_600_000)

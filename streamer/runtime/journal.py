@@ -69,7 +69,7 @@ from streamer.format.journal import (
 )
 from streamer.runtime.fastsync import event_factory
 from streamer.schema.deltas import AnyDelta
-from streamer.storage.fs import FileSystem, temp_path
+from streamer.storage.fs import FileSystem
 
 __all__ = [
     "JOURNAL_DIR",
@@ -383,41 +383,43 @@ class Journal:
                 )
             if scan.padding and not torn:
                 log.info("journal %s: cut %d bytes of zeros after its frames", path, scan.padding)
-            # What we replay may be only in the page cache: interval mode acknowledges
-            # before its sync, and a killed process never ran it. Batches acknowledged after
-            # this open are synced, so a power loss would keep them and lose these: a gap in
-            # the middle of the ticks. Only the newest segment can hold such bytes (a full
-            # one is synced before the next starts, or the journal stops on it).
-            if i == len(names) - 1 and self._fsync:
-                # Copied to a new file, not synced in place: after a failed sync (the journal
-                # stopped, the world reopened in the same boot) the kernel keeps those pages
-                # readable but clean, so an fsync here would succeed and write nothing. This
-                # also cuts a torn tail or padding.
-                self._rewrite_blocking(path, memoryview(data)[: scan.valid_length])
-            elif torn or scan.padding:
+            if torn or scan.padding:
                 # Cut it durably now: a later segment must never follow garbage on replay,
                 # and a segment never holds padding once it is no longer written to.
                 fs.truncate(path, scan.valid_length)
+            if self._fsync:
+                # What we replay may be only in the page cache: interval mode acknowledges
+                # before its sync, a killed process never ran it, and a world opened with
+                # fsync off never synced at all. Batches acknowledged after this open are
+                # synced, so a power loss would keep them and lose these: a gap in the
+                # middle of the ticks.
+                self._make_durable_blocking(
+                    path, memoryview(data)[: scan.valid_length], rewrite=i == len(names) - 1
+                )
             out.append((seq, list(scan.payloads), scan.valid_length, torn))
+        if names and self._fsync:
+            fs.fsync_dir(JOURNAL_DIR)  # their names too (fsync may have been off before)
         return out
 
-    def _rewrite_blocking(self, path: str, data: memoryview) -> None:
-        """Replace segment ``path`` by a new file holding ``data``, durably (file, then name)."""
+    def _make_durable_blocking(self, path: str, data: memoryview, *, rewrite: bool) -> None:
+        """Sync segment ``path``, whose valid bytes are ``data``; ``rewrite``: write them
+        again first, in place.
+
+        The newest segment is rewritten because a sync alone may write nothing: after a
+        failed sync (interval mode: the journal stopped, the world reopened in the same
+        boot) the kernel keeps those pages readable but clean. Writing the same bytes makes
+        them dirty again; a crash meanwhile leaves each page old or new, the same bytes.
+        Only the newest can hold such pages: a full segment is synced before the next one
+        starts, or the journal stops on it. No extra space is needed.
+        """
         fs = self._fs
-        tmp = temp_path(path)
+        handle = fs.open_write(path)
         try:
-            handle = fs.create(tmp)
-            try:
+            if rewrite and data:
                 fs.write(handle, bytes(data))
-                fs.fdatasync(handle)
-            finally:
-                fs.close(handle)
-            fs.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                fs.unlink(tmp)  # a temp name: also removed by the store's next open
-            raise
-        fs.fsync_dir(JOURNAL_DIR)
+            fs.fdatasync(handle)
+        finally:
+            fs.close(handle)
 
     # -- append -----------------------------------------------------------------------------
 

@@ -16,7 +16,9 @@ Model (pessimistic, as POSIX allows):
   appended, a prefix of the extension (the size commits after the data).
 - A failed ``fsync`` models Linux after writeback errors: the dirty pages are dropped as if
   clean, so a retried fsync on that inode reports success but persists nothing written
-  before the failure. A writer that retries fsync is caught by a durability check.
+  before the failure (on disk those bytes keep their old content, or zeros past the old
+  size). A writer that retries fsync is caught by a durability check. Bytes written after
+  the failure, the same bytes written again included, are dirty and persist as usual.
 
 ``crash_after(k)`` lets k more mutating operations through; the next raises
 ``SimulatedCrash`` (a ``BaseException``, so no ``except Exception`` swallows it) without
@@ -78,7 +80,7 @@ class Fault(NamedTuple):
 
 
 class _File:
-    __slots__ = ("data", "dirty", "durable", "writeback_failed")
+    __slots__ = ("data", "dirty", "durable", "lost")
 
     def __init__(self, data: bytes = b"") -> None:
         self.data = bytearray(data)
@@ -86,18 +88,42 @@ class _File:
         # The range written since the last sync: a sync copies it (and any growth) alone,
         # not a whole preallocated 64 MiB segment.
         self.dirty: tuple[int, int] | None = None
-        self.writeback_failed = False
+        # Ranges whose writeback failed: clean in the page cache (reads see them, no sync
+        # writes them) until written again; on disk they keep their durable bytes, or zeros
+        # past the durable length once a later sync persists the size (Linux).
+        self.lost: list[tuple[int, int]] = []
 
     def wrote(self, pos: int, end: int) -> None:
         lo, hi = self.dirty or (pos, end)
         self.dirty = (min(lo, pos), max(hi, end))
+        if self.lost and pos < end:
+            self.lost = _minus(self.lost, pos, end)
+
+    def failed(self) -> None:
+        """A sync failed: what it was to write is dropped, as the kernel drops such pages."""
+        if self.dirty is not None:
+            self.lost = _union(self.lost, *self.dirty)
+        if len(self.data) > len(self.durable):
+            self.lost = _union(self.lost, len(self.durable), len(self.data))
+        self.dirty = None
+
+    def on_disk(self) -> bytearray:
+        """What a full writeback would leave now: the data, but lost ranges as on disk."""
+        out = bytearray(self.data)
+        for lo, hi in self.lost:
+            hi = min(hi, len(out))
+            keep = self.durable[lo:hi]
+            out[lo:hi] = keep + bytes(max(0, hi - lo - len(keep)))
+        return out
 
     def synced(self) -> None:
         # Data changes only through write() (tracked) and truncate() (which syncs), so the
         # bytes outside the dirty range and below the durable length are durable already:
         # copy that range and any growth, not the file (a spare grows 256 KiB a sync).
         old = len(self.durable)
-        if len(self.data) < old:
+        if self.lost:
+            self.durable = self.on_disk()
+        elif len(self.data) < old:
             self.durable = bytearray(self.data)
         else:
             if self.dirty is not None:
@@ -106,6 +132,30 @@ class _File:
                     self.durable[lo:hi] = self.data[lo:hi]
             self.durable += self.data[old:]
         self.dirty = None
+
+    def truncated(self, length: int) -> None:
+        if self.lost:
+            self.lost = _minus(self.lost, length, max(length, len(self.data), len(self.durable)))
+
+
+def _union(ranges: list[tuple[int, int]], lo: int, hi: int) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for a, b in sorted([*ranges, (lo, hi)]):
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
+
+
+def _minus(ranges: list[tuple[int, int]], lo: int, hi: int) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for a, b in ranges:
+        if a < lo:
+            out.append((a, min(b, lo)))
+        if b > hi:
+            out.append((max(a, hi), b))
+    return out
 
 
 class _Dir:
@@ -214,8 +264,9 @@ class SimulatedFileSystem:
             dirs: set[int] = set()
 
             def survive(node: _File) -> bytes:
-                cur, dur = bytes(node.data), bytes(node.durable)
-                if not torn or node.writeback_failed or len(cur) < len(dur) or cur == dur:
+                # Lost pages are clean: no writeback, so no tearing, can persist them.
+                cur, dur = bytes(node.on_disk() if node.lost else node.data), bytes(node.durable)
+                if not torn or len(cur) < len(dur) or cur == dur:
                     return dur
                 # Pages written in place persist each on its own, in any order; appended
                 # data keeps a prefix of the extension (the size commits after the data).
@@ -467,11 +518,10 @@ class SimulatedFileSystem:
             try:
                 self._enter(op, h.path)
             except OSError:
-                h.node.writeback_failed = True
+                h.node.failed()
                 raise
             self._commit(op, h.path)
-            if not h.node.writeback_failed:
-                h.node.synced()
+            h.node.synced()
 
     def close(self, handle: int) -> None:
         with self._lock:
@@ -490,12 +540,10 @@ class SimulatedFileSystem:
                 del node.data[length:]
             else:
                 node.data.extend(bytes(length - len(node.data)))
-            if not node.writeback_failed:
-                node.synced()
-            else:
-                # Pages dropped after a writeback error stay dropped, but the new size is
-                # metadata, and it does persist (Linux, once the error was reported).
-                node.durable = node.durable[:length] + bytes(max(0, length - len(node.durable)))
+            # Pages dropped after a writeback error stay dropped (synced() keeps their disk
+            # bytes), but the new size is metadata, and it does persist.
+            node.truncated(length)
+            node.synced()
 
     def replace(self, src: str, dst: str) -> None:
         with self._lock:
