@@ -205,6 +205,23 @@ async def _acknowledge_then_kill(j: Journal, ticks: range) -> None:
         tg.cancel_scope.cancel()
 
 
+async def _reopen_acknowledge_power_loss(
+    again: Journal, fs: SimulatedFileSystem, replayed: list[int], tick: int
+) -> list[int]:
+    """Open ``again`` (it must replay ``replayed``), acknowledge one batch at ``tick``, close
+    it, then lose power: the ticks that survive."""
+    assert [b.deltas[0].tick for b in (await again.open(ticks_of)).batches] == replayed
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(again.run)
+        b = batch(again, tick)
+        await again.append(b, ticks_of(b)).wait()
+        again.begin_close()
+    await again.aclose()  # syncs in interval mode too
+    assert again.stats().unsynced_bytes == 0
+    after = await Journal(fs.durable_image(), run_sync).open(ticks_of)
+    return [b.deltas[0].tick for b in after.batches]
+
+
 @pytest.mark.parametrize("durability", ["sync", "interval"])
 async def test_open_makes_what_it_replays_durable(durability: str) -> None:
     """Interval mode: acknowledged, not yet fsynced, then the process is killed. The reopened
@@ -217,17 +234,8 @@ async def test_open_makes_what_it_replays_durable(durability: str) -> None:
     assert not [op for op in fs.ops if op.name in ("fsync", "fdatasync") and "0000" in op.path]
 
     again = Journal(fs, run_sync, durability=durability)  # type: ignore[arg-type]
-    assert [b.deltas[0].tick for b in (await again.open(ticks_of)).batches] == [1, 2, 3, 4, 5]
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(again.run)
-        b = batch(again, 6)
-        await again.append(b, ticks_of(b)).wait()
-        again.begin_close()
-    await again.aclose()  # syncs in interval mode too
-    assert again.stats().unsynced_bytes == 0
-
-    replay = await Journal(fs.durable_image(), run_sync).open(ticks_of)
-    assert [b.deltas[0].tick for b in replay.batches] == [1, 2, 3, 4, 5, 6]
+    survived = await _reopen_acknowledge_power_loss(again, fs, [1, 2, 3, 4, 5], 6)
+    assert survived == [1, 2, 3, 4, 5, 6]
 
 
 async def test_reopening_after_a_failed_sync_makes_the_replayed_batches_durable() -> None:
@@ -248,16 +256,8 @@ async def test_reopening_after_a_failed_sync_makes_the_replayed_batches_durable(
         assert j.broken
         tg.cancel_scope.cancel()
     fs.restart()
-    again = Journal(fs, run_sync)
-    assert [b.deltas[0].tick for b in (await again.open(ticks_of)).batches] == [1, 2, 3]
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(again.run)
-        b = batch(again, 4)
-        await again.append(b, ticks_of(b)).wait()
-        again.begin_close()
-    await again.aclose()
-    after = await Journal(fs.durable_image(), run_sync).open(ticks_of)
-    assert [b.deltas[0].tick for b in after.batches] == [1, 2, 3, 4]
+    survived = await _reopen_acknowledge_power_loss(Journal(fs, run_sync), fs, [1, 2, 3], 4)
+    assert survived == [1, 2, 3, 4]
 
 
 async def test_reopening_with_fsync_on_makes_every_segment_written_without_it_durable() -> None:
@@ -269,15 +269,8 @@ async def test_reopening_with_fsync_on_makes_every_segment_written_without_it_du
     await _acknowledge_then_kill(j, range(1, 7))
     assert len([n for n in fs.listdir(JOURNAL_DIR) if n.endswith(".wal")]) >= 3
     again = Journal(fs, run_sync, segment_bytes=40)
-    assert [b.deltas[0].tick for b in (await again.open(ticks_of)).batches] == list(range(1, 7))
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(again.run)
-        b = batch(again, 10)
-        await again.append(b, ticks_of(b)).wait()
-        again.begin_close()
-    await again.aclose()
-    after = await Journal(fs.durable_image(), run_sync).open(ticks_of)
-    assert [b.deltas[0].tick for b in after.batches] == [1, 2, 3, 4, 5, 6, 10]
+    survived = await _reopen_acknowledge_power_loss(again, fs, list(range(1, 7)), 10)
+    assert survived == [1, 2, 3, 4, 5, 6, 10]
 
 
 async def test_open_refuses_when_it_cannot_sync_what_it_replays() -> None:
