@@ -223,9 +223,11 @@ def test_check_judges_the_same_journal_files_open_replays(
     (world / "journal" / "zz-copy.wal").write_bytes(b"garbage")
     (world / "journal" / "1.wal").write_bytes(b"")
     (world / "journal" / "spare.zero").write_bytes(bytes(4096))
+    (world / "journal" / "00000000000000000001.wal.copy").write_bytes(b"half")
     code, out, err = run(capsys, "check", str(world))
     assert code == 0, out
     assert "torn tail of 7 bytes" in err
+    assert "00000000000000000001.wal.copy: a copy left by an open that crashed" in err
     assert "journal/zz-copy.wal: not a journal segment" in err
     assert "journal/1.wal: not a journal segment" in err
     assert "spare.zero" not in err + out

@@ -162,8 +162,10 @@ def test_failed_fsync_drops_the_data_and_a_retry_does_not_bring_it_back() -> Non
 
 
 def test_after_a_failed_fsync_later_writes_persist_and_rewriting_brings_data_back() -> None:
-    """Linux: the failed pages are clean, not poisoned. Bytes written after the failure are
-    written back by the next fsync, including the same bytes written again."""
+    """As on Linux, the failed pages are clean, not poisoned: bytes written after the
+    failure are written back by the next fsync, the same bytes written again included. The
+    model tracks bytes, not pages (Linux would persist the whole page ``cccc`` redirties):
+    it errs on the side of losing data."""
     fs = SimulatedFileSystem()
     h = fs.create("f")
     fs.write(h, b"aaaa")

@@ -244,18 +244,7 @@ async def test_reopening_after_a_failed_sync_makes_the_replayed_batches_durable(
     the cache; an fsync of the same file would write nothing, so they must reach the disk
     another way before batch 4 is acknowledged."""
     fs = SimulatedFileSystem()
-    j = Journal(fs, run_sync, durability="interval", fsync_interval_ms=3_600_000)
-    await j.open(ticks_of)
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(j.run)
-        for t in (1, 2, 3):
-            b = batch(j, t)
-            await j.append(b, ticks_of(b)).wait()
-        fs.inject("fdatasync", errno.EIO, path_contains=JOURNAL_DIR)  # once
-        await j._sync_now()
-        assert j.broken
-        tg.cancel_scope.cancel()
-    fs.restart()
+    await _broken_by_a_failed_sync(fs, due_commit=False)
     survived = await _reopen_acknowledge_power_loss(Journal(fs, run_sync), fs, [1, 2, 3], 4)
     assert survived == [1, 2, 3, 4]
 
@@ -271,6 +260,96 @@ async def test_reopening_with_fsync_on_makes_every_segment_written_without_it_du
     again = Journal(fs, run_sync, segment_bytes=40)
     survived = await _reopen_acknowledge_power_loss(again, fs, list(range(1, 7)), 10)
     assert survived == [1, 2, 3, 4, 5, 6, 10]
+
+
+async def _broken_by_a_failed_sync(fs: SimulatedFileSystem, *, due_commit: bool) -> None:
+    """Interval mode: ticks 1-3 acknowledged unsynced, then a sync fails: the periodic one,
+    or (``due_commit``) the one a commit carries, after which the journal also cuts the
+    segment back (a truncate: the size persists, the dropped pages do not). The journal
+    stops, and the process goes away, its page cache kept."""
+    j = Journal(fs, run_sync, durability="interval", fsync_interval_ms=3_600_000)
+    await j.open(ticks_of)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(j.run)
+        for t in (1, 2, 3):
+            b = batch(j, t)
+            await j.append(b, ticks_of(b)).wait()
+        fs.inject("fdatasync", errno.EIO, path_contains=JOURNAL_DIR)  # once
+        if due_commit:
+            j._last_sync -= 10_000  # the interval is due
+            b = batch(j, 4)
+            with pytest.raises(StorageUnavailable):
+                await j.append(b, ticks_of(b)).wait()
+            await j.barrier()
+        else:
+            await j._sync_now()
+        assert j.broken
+        tg.cancel_scope.cancel()
+    fs.restart()
+
+
+@pytest.mark.parametrize("due", [True, False], ids=["due-commit", "periodic"])
+async def test_a_crash_while_open_secures_the_newest_segment_never_refuses_the_next(
+    due: bool,
+) -> None:
+    """Open makes the replayed batches durable; a power loss at any step of that (pages of a
+    failed sync differ on disk from the cache, and may persist in any order) must leave a
+    journal the next open accepts, replaying a prefix of what was acknowledged."""
+    probe = SimulatedFileSystem()
+    await _broken_by_a_failed_sync(probe, due_commit=due)
+    before = len(probe.ops)
+    await Journal(probe, run_sync).open(ticks_of)
+    steps = len(probe.ops) - before
+    assert steps >= 5  # create, write, fdatasync, replace, fsync_dir at least
+    for k in range(steps + 1):
+        fs = SimulatedFileSystem()
+        await _broken_by_a_failed_sync(fs, due_commit=due)
+        fs.crash_after(k)
+        try:
+            await Journal(fs, run_sync).open(ticks_of)
+        except SimulatedCrash:
+            pass
+        for seed in range(8):
+            image = fs.durable_image(torn=True, rng=random.Random(seed))
+            replay = await Journal(image, run_sync).open(ticks_of)
+            ticks = [b.deltas[0].tick for b in replay.batches]
+            assert ticks == [1, 2, 3][: len(ticks)], (k, seed, ticks)
+            if k == steps:  # the open finished: all of it is durable
+                assert ticks == [1, 2, 3], (seed, ticks)
+
+
+@pytest.mark.parametrize("torn", [False, True])
+async def test_open_without_room_for_the_copy_syncs_in_place_and_says_so(
+    torn: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    fs = SimulatedFileSystem()
+    j = Journal(fs, run_sync, durability="interval", fsync_interval_ms=3_600_000)
+    await j.open(ticks_of)
+    await _acknowledge_then_kill(j, range(1, 4))
+    seg = segment_name(1)
+    if torn:
+        h = fs.open_append(seg)
+        fs.write(h, b"JRNL\x01\x02")  # the start of a frame that never finished
+        fs.close(h)
+    fs.inject("write", errno.ENOSPC, path_contains=".copy")
+    survived = await _reopen_acknowledge_power_loss(Journal(fs, run_sync), fs, [1, 2, 3], 4)
+    assert survived == [1, 2, 3, 4]
+    assert "no room to copy it" in caplog.text
+    assert not [n for n in fs.listdir(JOURNAL_DIR) if n.endswith(".copy")]
+
+
+async def test_open_removes_a_copy_left_by_an_open_that_crashed() -> None:
+    fs = SimulatedFileSystem()
+    j = Journal(fs, run_sync)
+    await j.open(ticks_of)
+    await _acknowledge_then_kill(j, range(1, 3))
+    left = segment_name(1) + ".copy"
+    h = fs.create(left)
+    fs.write(h, b"half a copy")
+    fs.close(h)
+    replay = await Journal(fs, run_sync).open(ticks_of)
+    assert [b.deltas[0].tick for b in replay.batches] == [1, 2]
+    assert fs.listdir(JOURNAL_DIR) == [segment_name(1).rpartition("/")[2]]
 
 
 async def test_open_refuses_when_it_cannot_sync_what_it_replays() -> None:

@@ -29,6 +29,7 @@ __all__ = [
     "MAX_COMMIT_BYTES",
     "MAX_FRAME_PAYLOAD",
     "MIN_ZERO_TAIL",
+    "SEGMENT_COPY_SUFFIX",
     "SPARE_FILE_NAME",
     "FrameScan",
     "SegmentVerdict",
@@ -42,6 +43,9 @@ __all__ = [
 _SEGMENT_SUFFIX: Final = ".wal"
 #: The zero-filled file a preallocating journal makes its next segment from (not a segment).
 SPARE_FILE_NAME: Final = "spare.zero"
+#: Appended to the newest segment's name for its copy while open makes it durable; one left
+#: by a crash is removed by the next open.
+SEGMENT_COPY_SUFFIX: Final = ".copy"
 
 
 def segment_file_name(seq: int) -> str:

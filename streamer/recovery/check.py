@@ -13,6 +13,7 @@ import msgspec
 
 from streamer.errors import IntegrityError, NotFound, StorageError, StreamerError
 from streamer.format.journal import (
+    SEGMENT_COPY_SUFFIX,
     SPARE_FILE_NAME,
     judge_segment,
     parse_segment_name,
@@ -105,6 +106,10 @@ async def check_world(
         name = key.removeprefix("journal/")
         if parse_segment_name(name) is not None:
             segments.append(key)
+        elif name.endswith(SEGMENT_COPY_SUFFIX):
+            report.warnings.append(
+                f"{key}: a copy left by an open that crashed; the next open removes it"
+            )
         elif name != SPARE_FILE_NAME:
             report.warnings.append(
                 f"{key}: not a journal segment (not 20 digits + .wal); the world ignores it"

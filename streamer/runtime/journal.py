@@ -47,6 +47,7 @@ the journal refuses all further appends (the world must be reopened).
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
@@ -60,6 +61,7 @@ from streamer.errors import ChecksumMismatch, MalformedFile, StorageUnavailable,
 from streamer.format.journal import (
     MAX_COMMIT_BYTES,
     MIN_ZERO_TAIL,
+    SEGMENT_COPY_SUFFIX,
     SPARE_FILE_NAME,
     encode_frame,
     judge_segment,
@@ -152,6 +154,14 @@ def decode_batch(payload: bytes, *, where: str) -> JournalBatch:
             f"journal batch schemaVersion {batch.schemaVersion} is not supported", path=where
         )
     return batch
+
+
+def _sync_in_place(fs: FileSystem, path: str) -> None:
+    handle = fs.open_write(path)
+    try:
+        fs.fdatasync(handle)
+    finally:
+        fs.close(handle)
 
 
 def segment_name(seq: int) -> str:
@@ -352,7 +362,13 @@ class Journal:
     def _scan_blocking(self) -> list[tuple[int, list[bytes], int, int]]:
         fs = self._fs
         out: list[tuple[int, list[bytes], int, int]] = []
-        names = sorted(n for n in fs.listdir(JOURNAL_DIR) if parse_segment_name(n) is not None)
+        listed = fs.listdir(JOURNAL_DIR)
+        for name in listed:
+            if name.endswith(SEGMENT_COPY_SUFFIX):
+                # An open that crashed while securing its newest segment: the rename never
+                # happened, so the segment itself is intact.
+                fs.unlink(f"{JOURNAL_DIR}/{name}")
+        names = sorted(n for n in listed if parse_segment_name(n) is not None)
         for i, name in enumerate(names):
             seq = parse_segment_name(name)
             assert seq is not None
@@ -383,43 +399,63 @@ class Journal:
                 )
             if scan.padding and not torn:
                 log.info("journal %s: cut %d bytes of zeros after its frames", path, scan.padding)
-            if torn or scan.padding:
+            # What we replay may be only in the page cache: interval mode acknowledges
+            # before its sync, a killed process never ran it, and a world opened with fsync
+            # off never synced at all. Batches acknowledged after this open are synced, so a
+            # power loss would keep them and lose these: a gap in the middle of the ticks.
+            if i == len(names) - 1 and self._fsync:
+                self._secure_newest_blocking(
+                    path, memoryview(data)[: scan.valid_length], cut=bool(torn or scan.padding)
+                )
+            elif torn or scan.padding:
                 # Cut it durably now: a later segment must never follow garbage on replay,
                 # and a segment never holds padding once it is no longer written to.
                 fs.truncate(path, scan.valid_length)
-            if self._fsync:
-                # What we replay may be only in the page cache: interval mode acknowledges
-                # before its sync, a killed process never ran it, and a world opened with
-                # fsync off never synced at all. Batches acknowledged after this open are
-                # synced, so a power loss would keep them and lose these: a gap in the
-                # middle of the ticks.
-                self._make_durable_blocking(
-                    path, memoryview(data)[: scan.valid_length], rewrite=i == len(names) - 1
-                )
+            elif self._fsync:
+                _sync_in_place(fs, path)
             out.append((seq, list(scan.payloads), scan.valid_length, torn))
         if names and self._fsync:
             fs.fsync_dir(JOURNAL_DIR)  # their names too (fsync may have been off before)
         return out
 
-    def _make_durable_blocking(self, path: str, data: memoryview, *, rewrite: bool) -> None:
-        """Sync segment ``path``, whose valid bytes are ``data``; ``rewrite``: write them
-        again first, in place.
+    def _secure_newest_blocking(self, path: str, data: memoryview, *, cut: bool) -> None:
+        """Make the newest segment's valid bytes ``data`` durable: copied to a new file,
+        synced, renamed over it (the directory is synced by the caller).
 
-        The newest segment is rewritten because a sync alone may write nothing: after a
-        failed sync (interval mode: the journal stopped, the world reopened in the same
-        boot) the kernel keeps those pages readable but clean. Writing the same bytes makes
-        them dirty again; a crash meanwhile leaves each page old or new, the same bytes.
-        Only the newest can hold such pages: a full segment is synced before the next one
-        starts, or the journal stops on it. No extra space is needed.
+        Not a sync in place: after a failed sync (interval mode: the journal stopped, the
+        world reopened in the same boot) the kernel keeps those pages readable but clean,
+        and a sync writes nothing; nor a rewrite in place, since a power loss during it
+        could persist those pages out of order, a hole before intact frames that the next
+        open must refuse. Only the newest segment can hold such pages: a full one is synced
+        before the next starts, or the journal stops on it. Without room for the copy it
+        falls back to a sync in place and says so.
         """
         fs = self._fs
-        handle = fs.open_write(path)
+        copy = path + SEGMENT_COPY_SUFFIX
         try:
-            if rewrite and data:
+            handle = fs.create(copy)
+            try:
                 fs.write(handle, bytes(data))
-            fs.fdatasync(handle)
-        finally:
-            fs.close(handle)
+                fs.fdatasync(handle)
+            finally:
+                fs.close(handle)
+            fs.replace(copy, path)
+            return
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                fs.unlink(copy)
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            log.warning(
+                "journal %s: no room to copy it (%s); synced in place instead, which cannot "
+                "bring back a batch whose sync failed before this open",
+                path,
+                exc,
+            )
+        if cut:
+            fs.truncate(path, len(data))  # fsyncs
+        else:
+            _sync_in_place(fs, path)
 
     # -- append -----------------------------------------------------------------------------
 
