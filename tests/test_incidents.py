@@ -224,6 +224,27 @@ async def test_fsync_failure_is_not_acknowledged():
     assert len((await IncidentLog(sim_store(fs.durable_image())).read()).incidents) == 1
 
 
+@pytest.mark.parametrize("op", ["write", "fsync"])
+async def test_an_append_after_a_failed_one_survives_a_power_loss(op):
+    """The failed line's bytes stay in the page cache (a failed sync leaves its pages clean,
+    not on disk): the next append must not land after them, or a power loss leaves a hole
+    and the acknowledged incident after it unreadable."""
+    from streamer.errors import StorageUnavailable
+
+    fs = SimulatedFileSystem()
+    log = IncidentLog(sim_store(fs))
+    first = await log.record("scrub_alert")
+    fs.inject(op, 5, path_contains=INCIDENTS_KEY)
+    with pytest.raises(StorageUnavailable, match="incident"):
+        await log.record("data_loss")
+    third = await log.record("region_inactive", region=(1, 2))
+    for image in (fs.durable_image(), fs.durable_image(torn=True)):
+        scan = await IncidentLog(sim_store(image)).read()
+        assert [i.id for i in scan.incidents] == [first.id, third.id]
+        assert scan.damaged_lines == []
+    assert [i.id for i in (await log.read()).incidents] == [first.id, third.id]
+
+
 @pytest.mark.parametrize("kind", ["local", "memory"])
 async def test_concurrent_appends_all_survive(tmp_path, kind):
     store: BlobStore = await LocalStore.open(tmp_path) if kind == "local" else MemoryStore()

@@ -20,6 +20,7 @@ have no append, so they read, modify and compare-and-swap the whole object.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import threading
@@ -188,6 +189,7 @@ def _append_fs(fs: FileSystem, path: str, line: bytes) -> None:
     with _APPEND_LOCK:
         new = not fs.exists(path)
         prefix = b""
+        size = 0
         if not new:
             size = fs.size(path)
             if size > 0 and fs.pread(path, size - 1, 1) != b"\n":
@@ -199,6 +201,13 @@ def _append_fs(fs: FileSystem, path: str, line: bytes) -> None:
         try:
             fs.write(handle, prefix + line)
             fs.fsync(handle)
+        except OSError:
+            # Cut the failed line off: after a failed sync its bytes stay readable in the
+            # page cache but never reach the disk, and the next incident appended after
+            # them would follow a hole after a power loss, unreadable.
+            with contextlib.suppress(OSError):
+                fs.truncate(path, size)
+            raise
         finally:
             fs.close(handle)
         if new:
