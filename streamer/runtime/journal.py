@@ -327,14 +327,16 @@ class Journal:
     # -- open / replay ----------------------------------------------------------------------
 
     async def open(self, ticks_of: Callable[[JournalBatch], RegionTicks]) -> Replay:
-        """Scan every segment, cut a torn tail (durably) and return the batches to replay.
+        """Scan every segment, cut a torn tail, make what it replays durable (with fsync on:
+        see ``_secure_newest_blocking``) and return the batches to replay.
 
         ``ticks_of`` tells which regions (and highest ticks) a batch touches, so segment
         deletion works for replayed segments as for new ones. New frames always go to a
-        fresh segment; existing ones are only read, truncated or deleted.
+        fresh segment; existing ones are only read, synced, truncated, replaced by a copy
+        of their valid bytes (the newest) or deleted.
 
         :raises MalformedFile: a frame verified but holds no journal batch.
-        :raises StorageUnavailable: the segments could not be read or truncated.
+        :raises StorageUnavailable: the segments could not be read, cut, copied or synced.
         """
         try:
             scanned = await self._run_sync(self._scan_blocking)
@@ -404,9 +406,7 @@ class Journal:
             # off never synced at all. Batches acknowledged after this open are synced, so a
             # power loss would keep them and lose these: a gap in the middle of the ticks.
             if i == len(names) - 1 and self._fsync:
-                self._secure_newest_blocking(
-                    path, memoryview(data)[: scan.valid_length], cut=bool(torn or scan.padding)
-                )
+                self._secure_newest_blocking(path, memoryview(data)[: scan.valid_length])
             elif torn or scan.padding:
                 # Cut it durably now: a later segment must never follow garbage on replay,
                 # and a segment never holds padding once it is no longer written to.
@@ -418,7 +418,7 @@ class Journal:
             fs.fsync_dir(JOURNAL_DIR)  # their names too (fsync may have been off before)
         return out
 
-    def _secure_newest_blocking(self, path: str, data: memoryview, *, cut: bool) -> None:
+    def _secure_newest_blocking(self, path: str, data: memoryview) -> None:
         """Make the newest segment's valid bytes ``data`` durable: copied to a new file,
         synced, renamed over it (the directory is synced by the caller).
 
@@ -427,8 +427,10 @@ class Journal:
         and a sync writes nothing; nor a rewrite in place, since a power loss during it
         could persist those pages out of order, a hole before intact frames that the next
         open must refuse. Only the newest segment can hold such pages: a full one is synced
-        before the next starts, or the journal stops on it. Without room for the copy it
-        falls back to a sync in place and says so.
+        before the next starts, or the journal stops on it.
+
+        :raises OSError: also without room for the copy (ENOSPC, EDQUOT; the message says
+            how much is needed); nothing is changed then.
         """
         fs = self._fs
         copy = path + SEGMENT_COPY_SUFFIX
@@ -440,22 +442,22 @@ class Journal:
             finally:
                 fs.close(handle)
             fs.replace(copy, path)
-            return
         except OSError as exc:
             with contextlib.suppress(OSError):
                 fs.unlink(copy)
-            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
-                raise
-            log.warning(
-                "journal %s: no room to copy it (%s); synced in place instead, which cannot "
-                "bring back a batch whose sync failed before this open",
-                path,
-                exc,
-            )
-        if cut:
-            fs.truncate(path, len(data))  # fsyncs
-        else:
-            _sync_in_place(fs, path)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                # Not a sync in place instead: if a sync of this segment failed before,
+                # that would make its size durable over pages that never reached the disk,
+                # an older segment of zeros once the next one starts, which every later
+                # open refuses. Nothing was changed; freeing space is all it takes.
+                raise OSError(
+                    exc.errno,
+                    f"no room to copy the newest journal segment ({len(data)} bytes) and make "
+                    "its batches durable; free that much space and open again (nothing was "
+                    "changed)",
+                    path,
+                ) from exc
+            raise
 
     # -- append -----------------------------------------------------------------------------
 

@@ -264,7 +264,7 @@ class SimulatedFileSystem:
             dirs: set[int] = set()
 
             def survive(node: _File) -> bytes:
-                # Lost pages are clean: no writeback, so no tearing, can persist them.
+                # Lost pages are clean: no writeback, so no tearing, persists them.
                 cur, dur = bytes(node.on_disk() if node.lost else node.data), bytes(node.durable)
                 if not torn or len(cur) < len(dur) or cur == dur:
                     return dur
