@@ -245,6 +245,23 @@ async def test_an_append_after_a_failed_one_survives_a_power_loss(op):
     assert [i.id for i in (await log.read()).incidents] == [first.id, third.id]
 
 
+@pytest.mark.parametrize("op", ["write", "fsync"])
+async def test_a_failed_first_append_leaves_no_file_whose_name_is_not_durable(op):
+    """The log's first append fails: the file it created goes, so the next append creates
+    it again and syncs its directory entry (else that incident vanishes with the name)."""
+    from streamer.errors import StorageUnavailable
+
+    fs = SimulatedFileSystem()
+    log = IncidentLog(sim_store(fs))
+    fs.inject(op, 5, path_contains=INCIDENTS_KEY)
+    with pytest.raises(StorageUnavailable, match="incident"):
+        await log.record("data_loss")
+    assert not fs.exists(INCIDENTS_KEY)
+    second = await log.record("scrub_alert")
+    scan = await IncidentLog(sim_store(fs.durable_image())).read()
+    assert [i.id for i in scan.incidents] == [second.id]
+
+
 @pytest.mark.parametrize("kind", ["local", "memory"])
 async def test_concurrent_appends_all_survive(tmp_path, kind):
     store: BlobStore = await LocalStore.open(tmp_path) if kind == "local" else MemoryStore()

@@ -20,7 +20,7 @@ have no append, so they read, modify and compare-and-swap the whole object.
 
 from __future__ import annotations
 
-import contextlib
+import logging
 import os
 import secrets
 import threading
@@ -40,6 +40,8 @@ from streamer.storage.fs import FileSystem
 
 if TYPE_CHECKING:
     from streamer.recovery.check import CheckReport
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "INCIDENTS_KEY",
@@ -201,12 +203,24 @@ def _append_fs(fs: FileSystem, path: str, line: bytes) -> None:
         try:
             fs.write(handle, prefix + line)
             fs.fsync(handle)
-        except OSError:
+        except OSError as exc:
             # Cut the failed line off: after a failed sync its bytes stay readable in the
             # page cache but never reach the disk, and the next incident appended after
-            # them would follow a hole after a power loss, unreadable.
-            with contextlib.suppress(OSError):
-                fs.truncate(path, size)
+            # them would follow a hole after a power loss, unreadable. A file this append
+            # created goes: its name was never synced, and the next append must sync it.
+            try:
+                if new:
+                    fs.unlink(path)
+                else:
+                    fs.truncate(path, size)
+            except OSError as cut:
+                log.warning(
+                    "%s: an append failed (%s) and cutting it off failed too (%s); an "
+                    "incident appended next may be unreadable after a power loss",
+                    path,
+                    exc,
+                    cut,
+                )
             raise
         finally:
             fs.close(handle)
