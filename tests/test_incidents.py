@@ -187,7 +187,7 @@ async def test_crash_at_every_step_of_record():
     probe = SimulatedFileSystem()
     await _record_until_crash(probe, n)
     total = len(probe.ops)
-    assert total == 2 * n + 2  # create + fsync_dir once, write + fsync per append
+    assert total == 3 * n + 1  # create once; write, fsync and fsync_dir per append
     points = 0
     for k in range(total + 1):
         for torn in (False, True):
@@ -260,6 +260,46 @@ async def test_a_failed_first_append_leaves_no_file_whose_name_is_not_durable(op
     second = await log.record("scrub_alert")
     scan = await IncidentLog(sim_store(fs.durable_image())).read()
     assert [i.id for i in scan.incidents] == [second.id]
+
+
+async def test_a_failed_directory_sync_does_not_leave_the_next_incident_nameless():
+    """The first append's directory sync fails (the line is written and synced, the name is
+    not durable): the next append must still make the name durable."""
+    from streamer.errors import StorageUnavailable
+
+    fs = SimulatedFileSystem()
+    log = IncidentLog(sim_store(fs))
+    fs.inject("fsync_dir", 5)
+    with pytest.raises(StorageUnavailable, match="incident"):
+        await log.record("data_loss")
+    second = await log.record("scrub_alert")
+    ids = [i.id for i in (await IncidentLog(sim_store(fs.durable_image())).read()).incidents]
+    assert ids[-1] == second.id
+
+
+async def test_an_unreadable_log_is_never_taken_for_a_missing_one(monkeypatch):
+    """Only "no such file" means a new log: any other error reading its size fails the
+    append and leaves the log alone (a failed append of a file taken as new removes it)."""
+    from streamer.errors import StorageUnavailable
+
+    fs = SimulatedFileSystem()
+    log = IncidentLog(sim_store(fs))
+    first = await log.record("scrub_alert")
+    real_size = SimulatedFileSystem.size
+
+    def failing_size(self: SimulatedFileSystem, path: str) -> int:
+        if path == INCIDENTS_KEY:
+            raise OSError(5, "Input/output error", path)
+        return real_size(self, path)
+
+    # As os.path.exists does on a stat error (EIO, EACCES): "absent".
+    monkeypatch.setattr(SimulatedFileSystem, "exists", lambda self, path: False)
+    monkeypatch.setattr(SimulatedFileSystem, "size", failing_size)
+    fs.inject("write", 5, path_contains=INCIDENTS_KEY)
+    with pytest.raises(StorageUnavailable, match="incident"):
+        await log.record("data_loss")
+    monkeypatch.undo()
+    assert [i.id for i in (await log.read()).incidents] == [first.id]
 
 
 @pytest.mark.parametrize("kind", ["local", "memory"])

@@ -187,18 +187,20 @@ def parse_incidents(data: bytes) -> IncidentScan:
 
 
 def _append_fs(fs: FileSystem, path: str, line: bytes) -> None:
-    """One worker-thread hop: terminate a torn tail if any, append, fsync, fsync dir if new."""
+    """One worker-thread hop: terminate a torn tail if any, append, fsync, fsync the dir."""
     with _APPEND_LOCK:
-        new = not fs.exists(path)
         prefix = b""
-        size = 0
-        if not new:
+        try:
             size = fs.size(path)
-            if size > 0 and fs.pread(path, size - 1, 1) != b"\n":
-                tail = fs.pread(path, max(0, size - 65536), 65536)
-                last = tail.rpartition(b"\n")[2]
-                # A complete line that only lacks its newline stays a valid incident.
-                prefix = b"\n" if _parse_line(last) is not None else TORN_MARK + b"\n"
+            new = False
+        except FileNotFoundError:  # only that: any other error must not read as "absent"
+            size = 0
+            new = True
+        if size > 0 and fs.pread(path, size - 1, 1) != b"\n":
+            tail = fs.pread(path, max(0, size - 65536), 65536)
+            last = tail.rpartition(b"\n")[2]
+            # A complete line that only lacks its newline stays a valid incident.
+            prefix = b"\n" if _parse_line(last) is not None else TORN_MARK + b"\n"
         handle = fs.open_append(path)
         try:
             fs.write(handle, prefix + line)
@@ -207,7 +209,7 @@ def _append_fs(fs: FileSystem, path: str, line: bytes) -> None:
             # Cut the failed line off: after a failed sync its bytes stay readable in the
             # page cache but never reach the disk, and the next incident appended after
             # them would follow a hole after a power loss, unreadable. A file this append
-            # created goes: its name was never synced, and the next append must sync it.
+            # created goes with it.
             try:
                 if new:
                     fs.unlink(path)
@@ -224,8 +226,10 @@ def _append_fs(fs: FileSystem, path: str, line: bytes) -> None:
             raise
         finally:
             fs.close(handle)
-        if new:
-            fs.fsync_dir(os.path.dirname(path))
+        # Every time, not only when this append created the file: whether the name is
+        # durable cannot be told from its presence (a first append that failed, or a failed
+        # directory sync, leaves a file whose name is not), and incidents are rare.
+        fs.fsync_dir(os.path.dirname(path))
 
 
 class IncidentLog:
