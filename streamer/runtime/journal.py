@@ -342,7 +342,8 @@ class Journal:
             scanned = await self._run_sync(self._scan_blocking)
         except OSError as exc:
             raise StorageUnavailable(
-                f"cannot open the journal (reading, cutting or syncing its segments): {exc}",
+                f"cannot open the journal (reading, cutting, copying or syncing its "
+                f"segments): {exc}",
                 key=JOURNAL_DIR,
             ) from exc
         batches: list[JournalBatch] = []

@@ -169,6 +169,9 @@ def open_world(
         pass a ``SimulatedFileSystem``; the cross-process lock is then skipped, since such a
         file system lives in one process).
     :raises WorldNotFound, WorldLocked, UnsupportedFormat, IntegrityError: on entering.
+    :raises StorageUnavailable: on entering, the world's files could not be read or made
+        durable (e.g. no room to copy the newest journal segment; the message says how much
+        is needed, and nothing was changed).
     """
     return World(Path(path), config if config is not None else Config(), fs=fs)
 
