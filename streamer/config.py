@@ -61,8 +61,8 @@ class RuntimeSettings(_Section):
     #: Worker processes generating terrain for chunk loads, off this process's GIL. "auto":
     #: one if the machine has two or more cores, else none; 0: terrain in threads only.
     terrain_processes: Annotated[int, msgspec.Meta(ge=0, le=64)] | Literal["auto"] = "auto"
-    #: Dirty regions one flush writes concurrently, in batches (the timer's flushes,
-    #: ``flush()`` and live migration each run their own, so together they may have more).
+    #: Dirty regions being folded and written at once, across every flush of the world
+    #: (the timer's, ``flush()``, live migration's), in batches of up to 16.
     flush_concurrency: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 16
     #: A dirty region is folded into its file at most this long after its first delta.
     flush_interval_ms: PositiveInt = 1000

@@ -479,6 +479,41 @@ async def test_taking_every_flush_token_waits_for_the_batches_writing(
 # -- 6. _flush_region (live migration's single-region flush) --------------------------------
 
 
+async def test_flush_concurrency_bounds_every_flush_of_the_world_together(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two flushes at once (the timer's and flush(), say), each in two lanes of two: at most
+    ``flush_concurrency`` (4) regions are being written at any moment, not 4 per flush."""
+    await new_world(tmp_path)
+    async with open_world(tmp_path, cfg(flush_concurrency=4)) as world:
+        await world.submit(edits(REGIONS[:16], 1))
+        queues = sorted(world._queues.regions.values(), key=lambda q: q.key)
+        assert len(queues) == 16
+        spy = PutSpy(monkeypatch)
+        gate = anyio.Event()
+        for i in range(16):
+            spy.gates[i] = gate
+        try:
+            with anyio.fail_after(GUARD):
+                async with anyio.create_task_group() as tg:
+                    for half in (queues[::2], queues[1::2]):
+                        tg.start_soon(world._flush_regions, [(q, True) for q in half])
+                    await spy.wait_entered(2)
+                    # Room for a third batch to get in, if it could (without the bound, all
+                    # four lanes' first batches do, well within this).
+                    with anyio.move_on_after(2):
+                        await spy.wait_entered(3)
+                    assert spy.entered == 2
+                    assert spy.in_flight == 4 and spy.active == 2
+                    gate.set()
+        finally:
+            gate.set()
+        assert spy.max_in_flight == 4
+        assert sorted(spy.keys) == sorted(region_key(*q.key) for q in queues)
+        assert world._flush_slots.free == 4
+    assert set(lpts(tmp_path, REGIONS[:16]).values()) == {1}
+
+
 async def test_a_busy_region_does_not_hold_up_the_rest_of_its_batch(tmp_path: Path) -> None:
     """One region's flush lock is held (live migration of its file, say): the other regions
     of its batch are written meanwhile, and the busy one once the lock is free."""

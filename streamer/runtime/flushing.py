@@ -28,6 +28,7 @@ from streamer.errors import IntegrityError, StreamerError
 from streamer.format.manifest import WorldManifest
 from streamer.format.region import region_key
 from streamer.runtime.cache import ChunkCache
+from streamer.runtime.flush_slots import FlushSlots
 from streamer.runtime.journal import Journal
 from streamer.runtime.live_migrate import upgrade_in_memory
 from streamer.runtime.players import PLAYERS_KEY, PlayerIndex
@@ -169,6 +170,7 @@ class _FlushPath:
     _flush_locks: dict[RegionKey, anyio.Lock]
     _flush_wake: anyio.Event
     _flush_limiter: anyio.CapacityLimiter
+    _flush_slots: FlushSlots
     _fold_limiter: anyio.CapacityLimiter
     _cpu_limiter: anyio.CapacityLimiter
     _flushes: int
@@ -278,6 +280,7 @@ class _FlushPath:
         jobs: list[_Job] = []
         token = object()
         have_token = False
+        slots = 0
         try:
             for q, full in ordered:
                 lock = self._flush_lock(q.key)
@@ -294,8 +297,10 @@ class _FlushPath:
                 await lock.acquire()
                 held.append(lock)
                 jobs.append(_Job(q, full))
-            # One flush token per batch (as one per region flush before): a snapshot takes
-            # them all to pause flushing, and a batch never waits for a second one.
+            # Regions in flight across every flush of the world, then one flush token per
+            # batch: a snapshot takes them all to pause flushing, and a batch never waits
+            # for a second one.
+            slots = await self._flush_slots.take(len(jobs))
             await _acquire_token(self._flush_limiter, token)
             have_token = True
             for phase in (self._prepare, self._fold, self._write):
@@ -323,6 +328,8 @@ class _FlushPath:
                     job.q.flushing = False
             if have_token:
                 self._flush_limiter.release_on_behalf_of(token)
+            if slots:
+                self._flush_slots.give(slots)
             for lock in held:
                 lock.release()
             outcome.failed.update((job.q.key, job.error) for job in jobs if job.error)

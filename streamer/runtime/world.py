@@ -71,6 +71,7 @@ from streamer.recovery.snapshots import SnapshotInfo
 from streamer.runtime.cache import CacheStats, ChunkCache
 from streamer.runtime.chunk import Chunk, ChunkKey
 from streamer.runtime.events import EventStream
+from streamer.runtime.flush_slots import FlushSlots
 from streamer.runtime.flushing import _FlushPath
 from streamer.runtime.interest import InterestTracker
 from streamer.runtime.journal import Journal, JournalBatch, JournalStats
@@ -210,6 +211,7 @@ class World(_SubmitPath, _FlushPath):
         self._flush_locks: dict[RegionKey, anyio.Lock] = {}
         self._flush_wake = anyio.Event()
         self._flush_limiter = anyio.CapacityLimiter(rt.flush_concurrency)
+        self._flush_slots = FlushSlots(rt.flush_concurrency)
         # Folding and terrain are CPU work: a few threads keep the loop responsive without
         # letting 1,000 concurrent flushes hold 1,000 half-built region files at once.
         self._cpu_limiter = anyio.CapacityLimiter(max(2, min(8, os.cpu_count() or 2)))
