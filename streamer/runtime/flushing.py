@@ -236,9 +236,10 @@ class _FlushPath:
         A batch of up to ``_FLUSH_BATCH`` regions is prepared on the loop, folded (short
         folds on the loop, the rest in one thread hop), written with one
         ``put_many_atomic`` (one hop, one directory fsync) and installed. Batches run in
-        lanes, ``flush_concurrency`` regions in flight per call (``flush()``, the scheduler and
-        live migration each make their own calls), so one batch folds while
-        another is written. One region's failure fails it alone.
+        lanes, so one batch folds while another is written; ``flush_concurrency`` bounds
+        the regions in flight of every call together (``FlushSlots``: ``flush()``, the
+        scheduler and live migration each make their own calls). One region's failure fails
+        it alone.
         """
         outcome = _Outcome()
         pending = list(jobs)
