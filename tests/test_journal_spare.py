@@ -210,23 +210,6 @@ async def test_a_failed_delete_of_a_passed_segment_keeps_the_world_openable() ->
     assert [d.tick for b in replay.batches for d in b.deltas] == [1, 2, 3, 4, 5]
 
 
-async def test_a_spare_whose_segment_could_not_start_is_renamed_back() -> None:
-    """The writer renames the spare to segment 1 and the directory sync fails: that group
-    fails and the file goes back to the spare's name, so no older segment of zeros alone
-    (damage, to the scan) is left behind when segment 2's name becomes durable."""
-    fs = SimulatedFileSystem()
-    async with _running(fs, 1 << 16) as j:
-        fs.inject("fsync_dir", errno.EIO, path_contains="journal")
-        b = batch(j, 1)
-        with pytest.raises(StorageUnavailable):
-            await j.append(b, ticks_of(b)).wait()
-        await _acknowledged(j, range(2, 4))
-        image = fs.durable_image()
-    assert segment_name(1).rpartition("/")[2] not in image.listdir(JOURNAL_DIR)
-    replay = await Journal(image, run_sync, preallocate=True).open(ticks_of)
-    assert [d.tick for b in replay.batches for d in b.deltas] == [2, 3]
-
-
 class _NoRenameBack(SimulatedFileSystem):
     """Renaming a segment back to the spare's name fails (a second fault in a row)."""
 
@@ -236,10 +219,15 @@ class _NoRenameBack(SimulatedFileSystem):
         super().replace(src, dst)
 
 
-async def test_a_spare_that_can_neither_start_nor_go_back_is_removed() -> None:
-    """The directory sync fails and so does renaming the file back: it is unlinked, since
-    an older segment of zeros alone would refuse the next open."""
-    fs = _NoRenameBack()
+@pytest.mark.parametrize("fs_type", [SimulatedFileSystem, _NoRenameBack], ids=["back", "gone"])
+async def test_a_spare_whose_segment_could_not_start_leaves_no_segment(
+    fs_type: type[SimulatedFileSystem],
+) -> None:
+    """The writer renames the spare to segment 1 and the directory sync fails: that group
+    fails and the file goes back to the spare's name, or, if that rename fails too, is
+    unlinked, so no older segment of zeros alone (damage, to the scan) is left behind when
+    segment 2's name becomes durable."""
+    fs = fs_type()
     async with _running(fs, 1 << 16) as j:
         fs.inject("fsync_dir", errno.EIO, path_contains="journal")
         b = batch(j, 1)
