@@ -220,3 +220,20 @@ def test_the_verdict_on_each_shape_of_segment() -> None:
     assert judge(bytes(hole) + pad, newest=False).damaged
     far = bytes(hole[: ends[1] + 8]) + bytes(MAX_COMMIT_BYTES) + bytes(hole[ends[1] + 8 :])
     assert judge(far + pad, newest=True).damaged  # more than one commit's reach
+
+
+def test_segment_keys_are_what_open_replays_oldest_first() -> None:
+    keys = [
+        "journal/00000000000000000010.wal",
+        "journal/00000000000000000002.wal",
+        "journal/2.wal",
+        "journal/zz-copy.wal",
+        "journal/00000000000000000003.wal.copy",
+        "journal/spare.zero",
+        "journal/x/00000000000000000004.wal",
+        "regions/00000000000000000005.wal",
+    ]
+    assert journal.segment_keys(keys) == [
+        "journal/00000000000000000002.wal",
+        "journal/00000000000000000010.wal",
+    ]

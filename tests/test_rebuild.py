@@ -137,6 +137,14 @@ async def test_journal_high_tick_ignores_torn_tail(store: LocalStore) -> None:
     assert await journal_high_tick(store) == -1
 
 
+async def test_journal_high_tick_reads_only_what_open_replays(store: LocalStore) -> None:
+    """A stray ``.wal`` (an operator's copy) is not a segment: its ticks are not the world's."""
+    await store.put_atomic(SEG, journal_segment([3, 9]))
+    await store.put_atomic("journal/old-copy.wal", journal_segment([500]))
+    await store.put_atomic("journal/x/00000000000000000002.wal", journal_segment([700]))
+    assert await journal_high_tick(store) == 9
+
+
 async def test_regenerate_world(store: LocalStore) -> None:
     m = await populated(store, seed=3)
     await store.put_atomic(SEG, journal_segment([40, 41]))

@@ -22,6 +22,7 @@ from streamer.cli.common import load_settings, open_local_store, require_world_d
 from streamer.cli.main import EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, Handler, UsageError, run_async
 from streamer.config import Config
 from streamer.errors import NotFound
+from streamer.format.journal import segment_keys
 from streamer.format.region import region_key
 from streamer.recovery.inactive import load_inactive
 from streamer.recovery.incidents import Incident, IncidentLog
@@ -176,7 +177,7 @@ def cmd_regenerate(args: argparse.Namespace) -> int:
         async with await open_local_store(path, cfg) as store:
             m = await read_manifest(store, where=str(path))
             regions = len(await store.list("regions/"))
-            journal = len([k for k in await store.list("journal/") if k.endswith(".wal")])
+            journal = len(segment_keys(await store.list("journal/")))
             players = bool(await store.list("players.idx"))
             snaps = await list_snapshots(store)
         print(

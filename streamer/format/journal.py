@@ -17,6 +17,7 @@ after the intact frames is *padding*, the part not yet written, and not a torn t
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final
 
@@ -38,9 +39,11 @@ __all__ = [
     "parse_segment_name",
     "scan_frames",
     "segment_file_name",
+    "segment_keys",
 ]
 
 _SEGMENT_SUFFIX: Final = ".wal"
+_JOURNAL_PREFIX: Final = "journal/"
 #: The zero-filled file a preallocating journal makes its next segment from (not a segment).
 SPARE_FILE_NAME: Final = "spare.zero"
 #: Appended to the newest segment's name for its copy while open makes it durable; one left
@@ -55,11 +58,21 @@ def segment_file_name(seq: int) -> str:
 
 def parse_segment_name(name: str) -> int | None:
     """The sequence number of segment file ``name`` (no directory), or None for any other
-    file. Open and ``streamer check`` both go by this: what it refuses is not a segment."""
+    file. Everything that reads the journal goes by this (the runtime's open, ``streamer
+    check``, snapshots, rebuild): what it refuses is not a segment."""
     stem = name[: -len(_SEGMENT_SUFFIX)] if name.endswith(_SEGMENT_SUFFIX) else None
     if stem is None or len(stem) != 20 or not stem.isdigit() or not stem.isascii():
         return None
     return int(stem)
+
+
+def segment_keys(keys: Iterable[str]) -> list[str]:
+    """The journal segments among store ``keys``, oldest first: ``journal/`` + a name
+    :func:`parse_segment_name` takes (the 20-digit names sort as their numbers do)."""
+    n = len(_JOURNAL_PREFIX)
+    return sorted(
+        k for k in keys if k.startswith(_JOURNAL_PREFIX) and parse_segment_name(k[n:]) is not None
+    )
 
 
 JOURNAL_MAGIC: Final = b"JRNL"

@@ -16,8 +16,8 @@ from streamer.format.journal import (
     SEGMENT_COPY_SUFFIX,
     SPARE_FILE_NAME,
     judge_segment,
-    parse_segment_name,
     scan_frames,
+    segment_keys,
 )
 from streamer.format.manifest import MANIFEST_KEY, WorldManifest
 from streamer.format.region import decode_region, parse_region_key
@@ -101,12 +101,11 @@ async def check_world(
             report.problems.append(problem_from(key, exc))
 
     # Exactly the files open replays; anything else there it ignores, and so do we, aloud.
-    segments: list[str] = []
-    for key in await store.list("journal/"):
+    listed = await store.list("journal/")
+    segments = segment_keys(listed)
+    for key in sorted(set(listed) - set(segments)):
         name = key.removeprefix("journal/")
-        if parse_segment_name(name) is not None:
-            segments.append(key)
-        elif name.endswith(SEGMENT_COPY_SUFFIX):
+        if name.endswith(SEGMENT_COPY_SUFFIX):
             report.warnings.append(
                 f"{key}: a copy left by an open that crashed; the next open removes it"
             )
@@ -114,7 +113,6 @@ async def check_world(
             report.warnings.append(
                 f"{key}: not a journal segment (not 20 digits + .wal); the world ignores it"
             )
-    segments.sort()
     for i, key in enumerate(segments):
         report.files_checked += 1
         try:

@@ -45,7 +45,7 @@ import msgspec
 from streamer.coords import CHUNK_SIZE, region_chunks
 from streamer.errors import NotFound, StreamerError
 from streamer.format.checksum import xxh3
-from streamer.format.journal import scan_frames
+from streamer.format.journal import scan_frames, segment_keys
 from streamer.format.manifest import WorldManifest
 from streamer.format.region import (
     decode_index,
@@ -155,7 +155,7 @@ def _high_tick_blocking(segments: Sequence[bytes]) -> int:
 
 async def journal_high_tick(store: BlobStore) -> int:
     """The highest tick of any delta still in the journal (-1: none)."""
-    keys = [k for k in await store.list("journal/") if k.endswith(".wal")]
+    keys = segment_keys(await store.list("journal/"))
     blobs: list[bytes] = []
     for i in range(0, len(keys), _BATCH):
         blobs.extend(b.data for b in await store.get_many(keys[i : i + _BATCH]) if b is not None)
@@ -433,7 +433,7 @@ async def regenerate_world(
     # the manifest only), so nothing else needs setting aside.
     snap = await create_snapshot(store, keep=keep, reason="pre-regenerate")
 
-    journal = [k for k in await store.list("journal/") if k.endswith(".wal")]
+    journal = segment_keys(await store.list("journal/"))
     for key in journal:
         await store.delete(key)
     players = await _drop_players(store, None)

@@ -63,7 +63,7 @@ from streamer.errors import (
     UnsupportedFormat,
 )
 from streamer.format.checksum import hex64, xxh3
-from streamer.format.journal import scan_frames
+from streamer.format.journal import scan_frames, segment_keys
 from streamer.format.manifest import MANIFEST_KEY, WorldManifest, decode_manifest
 from streamer.format.region import decode_region, parse_region_key, region_key
 from streamer.recovery.check import CheckReport, ExtraCheck, Problem, problem_from
@@ -212,7 +212,7 @@ async def world_keys(store: BlobStore) -> list[str]:
         keys.extend(k for k in await store.list(exact) if k == exact)
     keys.extend(k for k in await store.list("regions/") if _region_coords(k) is not None)
     keys.extend(k for k in await store.list("state/") if k != RESTORE_MARKER_KEY)
-    keys.extend(k for k in await store.list("journal/") if k.endswith(".wal") and k.count("/") == 1)
+    keys.extend(segment_keys(await store.list("journal/")))
     return sorted(keys)
 
 
@@ -565,7 +565,7 @@ def _content(key: str, data: bytes, newest_segment: str | None) -> bytes:
 
 
 def _newest_segment(keys: Sequence[str]) -> str | None:
-    segments = sorted(k for k in keys if k.startswith("journal/") and k.endswith(".wal"))
+    segments = segment_keys(keys)
     return segments[-1] if segments else None
 
 

@@ -48,7 +48,7 @@ from streamer.errors import (
     RegionInactive,
     StreamerError,
 )
-from streamer.format.journal import scan_frames
+from streamer.format.journal import scan_frames, segment_keys
 from streamer.format.region import decode_region, region_key
 from streamer.recovery.inactive import load_inactive
 from streamer.recovery.incidents import IncidentLog
@@ -247,7 +247,7 @@ class RecoveryHooks:
     async def _read_journal(self, region: RegionKey, after: int, upto: float) -> list[Queued]:
         store = self._world._store
         assert store is not None
-        names = sorted(k for k in await store.list("journal/") if k.endswith(".wal"))
+        names = segment_keys(await store.list("journal/"))
         segments: list[tuple[str, bytes]] = []
         for i in range(0, len(names), _JOURNAL_BATCH):
             batch = names[i : i + _JOURNAL_BATCH]
