@@ -318,19 +318,23 @@ async def test_a_crash_while_open_secures_the_newest_segment_never_refuses_the_n
                 assert ticks == [1, 2, 3], (seed, ticks)
 
 
+@pytest.mark.parametrize("close_fails", [False, True], ids=["close-ok", "close-fails-too"])
 @pytest.mark.parametrize("due_commit", [False, True], ids=["periodic", "due-commit"])
 async def test_open_without_room_for_the_copy_refuses_and_changes_nothing(
-    due_commit: bool,
+    due_commit: bool, close_fails: bool
 ) -> None:
     """No room to copy the newest segment: open refuses, naming the space it needs, rather
     than sync in place, which after a failed sync would make the segment's size durable over
     pages that never reached the disk (an older segment of zeros once the next one starts,
-    refused by every later open). Freed space, it opens with everything."""
+    refused by every later open). Freed space, it opens with everything. A close that fails
+    after the failed write must not hide why."""
     fs = SimulatedFileSystem()
     await _broken_by_a_failed_sync(fs, due_commit=due_commit)
     seg = segment_name(1)
     before = fs.read(seg)
     fs.inject("write", errno.ENOSPC, path_contains=".copy")
+    if close_fails:
+        fs.inject("close", errno.EIO, path_contains=".copy")
     with pytest.raises(StorageUnavailable, match="no room to copy") as caught:
         await Journal(fs, run_sync).open(ticks_of)
     assert f"({len(before)} bytes)" in str(caught.value)

@@ -574,7 +574,7 @@ class _OrderFS(SimulatedFileSystem):
             self.most_open = max(self.most_open, self.open_now)
         return h
 
-    def write(self, handle: int, data: bytes) -> None:
+    def write(self, handle: int, data: bytes | memoryview) -> None:
         self.calls.append("write")
         super().write(handle, data)
 

@@ -438,10 +438,14 @@ class Journal:
         try:
             handle = fs.create(copy)
             try:
-                fs.write(handle, bytes(data))
+                fs.write(handle, data)
                 fs.fdatasync(handle)
-            finally:
-                fs.close(handle)
+            except BaseException:
+                # The write's or the sync's error is the one to report, not the close's.
+                with contextlib.suppress(OSError):
+                    fs.close(handle)
+                raise
+            fs.close(handle)
             fs.replace(copy, path)
         except OSError as exc:
             with contextlib.suppress(OSError):

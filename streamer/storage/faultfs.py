@@ -486,7 +486,7 @@ class SimulatedFileSystem:
         self._handles[handle] = _Handle(node, path, append)
         return handle
 
-    def write(self, handle: int, data: bytes) -> None:
+    def write(self, handle: int, data: bytes | memoryview) -> None:
         with self._lock:
             h = self._handle(handle)
             self._enter("write", h.path)

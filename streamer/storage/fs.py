@@ -68,7 +68,7 @@ class FileSystem(Protocol):
         (``O_WRONLY``); return a handle. ``FileNotFoundError`` if missing."""
         ...
 
-    def write(self, handle: int, data: bytes) -> None:
+    def write(self, handle: int, data: bytes | memoryview) -> None:
         """Write all of ``data`` at the handle's position."""
         ...
 
@@ -356,7 +356,7 @@ class OsFileSystem:
     def open_write(self, path: str) -> int:
         return self._open(path, os.O_WRONLY)
 
-    def write(self, handle: int, data: bytes) -> None:
+    def write(self, handle: int, data: bytes | memoryview) -> None:
         view = memoryview(data)
         while view:
             n = os.write(handle, view)
