@@ -647,6 +647,12 @@ class World(_SubmitPath, _FlushPath):
         """Load region states not in memory (one ``get_many``); return per-region failures."""
         failed: dict[RegionKey, Exception] = {}
         wanted = set(keys)
+        regions = self._regions
+        for k in wanted:
+            if k in regions:
+                # A use refreshes recency, so _evict_regions drops the least recently used
+                # state first, not the one installed first (the hottest region is often that).
+                regions.move_to_end(k)
         while True:
             for k in wanted & self._inactive:
                 # Its file is quarantined (or gone): loading it would read as pristine.
