@@ -97,8 +97,10 @@ def test_snapshot_list_restore(world: Path, capsys: pytest.CaptureFixture[str]) 
 def test_restore_unknown_id(world: Path, capsys: pytest.CaptureFixture[str]) -> None:
     sid = take(capsys, world)
     code, _, err = run(capsys, "restore", str(world), "20200101T000000000000Z-bad000")
-    assert code == cli_main.EXIT_PROBLEMS
+    # A mistyped id is a bad argument, like an unknown path: usage, one line.
+    assert code == cli_main.EXIT_USAGE
     assert "20200101T000000000000Z-bad000" in err and sid in err and "available" in err
+    assert [ln for ln in err.splitlines() if "no snapshot" in ln] == err.splitlines()[-1:]
 
 
 @pytest.mark.usefixtures("closed_world")
@@ -108,10 +110,11 @@ def test_refuses_a_locked_world(world: Path, capsys: pytest.CaptureFixture[str])
     lock.acquire()
     try:
         before = sorted(os.listdir(world / "snapshots"))
+        # Exit 2, as for every command that finds the world open elsewhere.
         code, _, err = run(capsys, "snapshot", str(world))
-        assert code == cli_main.EXIT_PROBLEMS and "lock" in err
+        assert code == cli_main.EXIT_USAGE and "lock" in err
         code, _, err = run(capsys, "restore", str(world), sid)
-        assert code == cli_main.EXIT_PROBLEMS and "lock" in err
+        assert code == cli_main.EXIT_USAGE and "lock" in err
         assert sorted(os.listdir(world / "snapshots")) == before
     finally:
         lock.release()
@@ -149,3 +152,18 @@ def test_snapshot_through_the_runtime(world: Path, capsys: pytest.CaptureFixture
             return [s.id for s in await list_snapshots(store)]
 
     assert anyio.run(ids) == [sid]
+
+
+def test_snapshot_through_the_runtime_refuses_a_locked_world(
+    world: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    if snapshot_cmds._find_open_world() is None:
+        pytest.skip("streamer.open_world not available")
+    lock = WorldLock(world)
+    lock.acquire()
+    try:
+        code, _, err = run(capsys, "snapshot", str(world))
+    finally:
+        lock.release()
+    assert code == cli_main.EXIT_USAGE, err
+    assert "open in another process" in err and "Traceback" not in err

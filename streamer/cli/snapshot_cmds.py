@@ -13,7 +13,7 @@ from typing import Any
 import anyio.to_thread
 
 from streamer.cli.common import load_settings, open_local_store, require_world_dir
-from streamer.cli.main import EXIT_OK, EXIT_PROBLEMS, run_async
+from streamer.cli.main import EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, UsageError, run_async
 from streamer.config import Config
 from streamer.errors import SnapshotError, UnknownSnapshot, WorldLocked
 from streamer.recovery.incidents import IncidentLog
@@ -60,12 +60,13 @@ def _find_open_world() -> Callable[..., Any] | None:
 
 
 def _refuse_locked(command: str, exc: WorldLocked) -> int:
+    """Exit 2, like every command that finds the world open elsewhere: nothing was tried."""
     print(
         f"streamer {command}: error: {exc}; stop the server (or wait for the other "
         "command) and try again",
         file=sys.stderr,
     )
-    return EXIT_PROBLEMS
+    return EXIT_USAGE
 
 
 async def _acquire(path: Path) -> WorldLock:
@@ -208,13 +209,12 @@ def cmd_restore(args: argparse.Namespace) -> int:
             async with await open_local_store(path, cfg) as store:
                 result = await restore_snapshot(store, snapshot_id, keep=cfg.snapshots.keep)
         except UnknownSnapshot as exc:
-            listing = "\n  ".join(exc.available) if exc.available else "(none)"
-            print(
-                f"streamer restore: error: no snapshot {exc.snapshot_id!r} in {path}; "
-                f"available:\n  {listing}",
-                file=sys.stderr,
-            )
-            return EXIT_PROBLEMS
+            # A mistyped argument, like an unknown path: a usage error, and nothing changed.
+            listing = ", ".join(exc.available) if exc.available else "none"
+            raise UsageError(
+                f"no snapshot {exc.snapshot_id!r} in {path}; available: {listing} "
+                f"(`streamer snapshots {path}` lists them)"
+            ) from None
         finally:
             lock.release()
         raw = " (holds damaged files, kept for salvage)" if result.pre_restore_raw else ""
