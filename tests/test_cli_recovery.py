@@ -64,7 +64,7 @@ def world(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Path:
 def corrupt(path: Path, rx: int, ry: int, pos: int = 77) -> bytes:
     f = path / region_key(rx, ry)
     bad = flip(f.read_bytes(), pos)
-    f.unlink()  # a new inode: snapshot copies are hard links of the old one
+    f.unlink()  # a new inode, as a tool that rewrote the file would leave
     f.write_bytes(bad)
     return bad
 
@@ -129,6 +129,42 @@ def test_region_rebuild_out_of_range(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert code == 2
     assert "outside this world" in err and "256" in err
     assert not (path / "regions").exists() or not list((path / "regions").iterdir())
+
+
+def test_region_rebuild_damaged_region_points_to_check_repair(
+    world: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = corrupt(world, 1, 0)
+    code, _, err = run(capsys, "region", "rebuild", str(world), "1", "0")
+    assert code == 2
+    assert "fails verification" in err and f"streamer check {world} --repair" in err
+    assert "--force" in err and "is active and has stored state" not in err
+    assert (world / region_key(1, 0)).read_bytes() == bad
+
+
+@pytest.mark.parametrize(
+    ("rx", "ry"),
+    [(999999999, 0), (0, -999999999), (1 << 29, 0), (-(1 << 29) - 1, 0)],
+)
+def test_region_rebuild_outside_the_addressable_world(
+    world: Path, capsys: pytest.CaptureFixture[str], rx: int, ry: int
+) -> None:
+    # Unbounded world, 2x2-chunk regions: the runtime loads chunks -2**30 <= c < 2**30,
+    # so regions -2**29 .. 2**29 - 1.
+    before = sorted(p.name for p in (world / "regions").iterdir())
+    code, _, err = run(capsys, "region", "rebuild", str(world), str(rx), str(ry))
+    assert code == 2
+    assert "outside the addressable world" in err and "-536870912 to 536870911" in err
+    assert sorted(p.name for p in (world / "regions").iterdir()) == before
+
+
+def test_region_rebuild_at_the_edge_of_the_addressable_world(
+    world: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for rx in ((1 << 29) - 1, -(1 << 29)):
+        code, out, err = run(capsys, "region", "rebuild", str(world), str(rx), "0")
+        assert code == 0, err
+        assert f"rebuilt region ({rx}, 0)" in out
 
 
 def test_region_rebuild_refused_while_locked(
@@ -263,6 +299,42 @@ def test_incidents_listing_and_damage_warnings(
     assert "line 1: damaged" in err
     assert "crash fragment" in err
     assert "1 damaged line(s)" in out
+
+
+def test_incidents_unknown_kind_is_a_usage_error(
+    world: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = run(capsys, "incidents", str(world), "--kind", "data_loss", "--kind", "bogus")
+    assert code == 2 and out == ""
+    assert "--kind bogus: unknown incident kind" in err
+    assert "data_loss" in err and "migration_failed" in err
+
+
+def test_incidents_text_shows_the_failed_migration_record(
+    world: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async def record(store: BlobStore) -> None:
+        await IncidentLog(store).record(
+            "migration_failed",
+            region=(0, 0),
+            file="regions/r.0.0.region",
+            details={
+                "snapshot_id": "20261126T110600343182Z-1770a4",
+                "record_id": "npc-anon",
+                "record_type": "character",
+                "schema_version": 2,
+                "chunk": [0, 1],
+                "error_type": "MigrationFailed",
+                "error": "migration step character_v2_to_v3 (v2→v3) failed: TypeError('x')",
+            },
+            action="rolled back to pre-migration snapshot 20261126T110600343182Z-1770a4",
+        )
+
+    _with_store(world, record)
+    code, out, err = run(capsys, "incidents", str(world), "--kind", "migration_failed")
+    assert code == 0, err
+    assert "    record: chunk (0, 1) id=npc-anon type=character schemaVersion=2\n" in out
+    assert "    error: MigrationFailed: migration step character_v2_to_v3" in out
 
 
 def test_incidents_unknown_path(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

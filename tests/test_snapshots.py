@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from streamer.errors import SnapshotError, UnknownSnapshot
+from streamer.format.checksum import hex64, xxh3
 from streamer.format.journal import encode_frame
 from streamer.format.manifest import MANIFEST_KEY, decode_manifest
 from streamer.format.region import encode_region, region_key
@@ -75,7 +77,7 @@ async def snapshot_state(store: BlobStore, sid: str) -> dict[str, bytes]:
 
 
 def corrupt_file(root: Path, key: str) -> None:
-    """Bit rot in a new inode, so a hard-linked twin stays intact."""
+    """A changed file in a new inode (a tool that rewrote it)."""
     path = root / key
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0x40
@@ -111,18 +113,90 @@ async def test_create_list_verify(store):
     assert info.created_at.endswith("Z") and info.created_at[:4] == info.id[:4]
 
 
-async def test_regions_are_hard_linked_and_the_journal_copied(store, tmp_path):
+def rot_in_place(root: Path, key: str) -> None:
+    """Bit rot inside the file's own inode, as the medium would do it: every hard link to
+    that inode sees it."""
+    with open(root / key, "r+b") as f:
+        f.seek(os.path.getsize(root / key) // 2)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0x40]))
+
+
+def reseal(path: Path, body: dict[str, object]) -> None:
+    """Rewrite ``snapshot.json`` with ``body`` and a matching checksum."""
+    body.pop("checksum", None)
+    body["checksum"] = hex64(xxh3(msgspec.json.Encoder(order="sorted").encode(body)))
+    path.write_bytes(msgspec.json.encode(body))
+
+
+def inode(root: Path, key: str) -> int:
+    return os.stat(root / key).st_ino
+
+
+async def test_copies_never_share_an_inode_with_the_world(store, tmp_path):
+    state = await make_world(store)
+    first = await create_snapshot(store, keep=5)
+    assert all(f.own for f in first.files)
+    for key in state:
+        assert inode(tmp_path, key) != inode(tmp_path, snapshot_file_key(first.id, key)), key
+    # A second snapshot shares the first one's copies of unchanged regions, and only those.
+    changed = region_key(1, 0)
+    await store.put_atomic(changed, region_bytes(1, 0, 21))
+    second = await create_snapshot(store, keep=5)
+    for key in state:
+        mine = inode(tmp_path, snapshot_file_key(second.id, key))
+        assert mine != inode(tmp_path, key), key
+        shared = mine == inode(tmp_path, snapshot_file_key(first.id, key))
+        assert shared == (key.startswith("regions/") and key != changed), key
+    assert await verify_snapshot(store, second.id) == []
+
+
+async def test_bit_rot_in_a_world_file_leaves_its_snapshot_copies_intact(store, tmp_path):
+    state = await make_world(store)
+    await create_snapshot(store, keep=5)
+    newest = await create_snapshot(store, keep=5)
+    key = region_key(0, 0)
+    rot_in_place(tmp_path, key)
+    assert await verify_snapshot(store, newest.id) == []
+    assert await find_valid_copy(store, key) == (newest.id, state[key])
+    await restore_snapshot(store, newest.id, keep=5)
+    assert (await store.get(key)).data == state[key]
+    # The restored file is a copy too: rot in it again spares the snapshot.
+    assert inode(tmp_path, key) != inode(tmp_path, snapshot_file_key(newest.id, key))
+
+
+async def test_a_damaged_earlier_copy_is_not_shared_by_the_next_snapshot(store, tmp_path):
+    state = await make_world(store)
+    first = await create_snapshot(store, keep=5)
+    key = region_key(-1, 2)
+    rot_in_place(tmp_path, snapshot_file_key(first.id, key))
+    second = await create_snapshot(store, keep=5)
+    assert await verify_snapshot(store, second.id) == []
+    assert (await store.get(snapshot_file_key(second.id, key))).data == state[key]
+    assert [p.file for p in await verify_snapshot(store, first.id)] == [
+        snapshot_file_key(first.id, key)
+    ]
+
+
+async def test_copies_of_older_snapshots_linked_to_the_world_are_not_reused(store, tmp_path):
+    """Snapshots made before copies were their own hard-linked region files to the world's
+    (no ``own`` flag): the next snapshot copies those regions rather than link to them."""
     await make_world(store)
-    info = await create_snapshot(store, keep=5)
-    for key in (region_key(0, 0), region_key(-1, 2)):
-        world = os.stat(tmp_path / key)
-        snap = os.stat(tmp_path / snapshot_file_key(info.id, key))
-        assert world.st_ino == snap.st_ino and world.st_nlink > 1
-    # The journal is appended in place: a shared inode would change the snapshot.
-    assert (
-        os.stat(tmp_path / JOURNAL).st_ino
-        != os.stat(tmp_path / snapshot_file_key(info.id, JOURNAL)).st_ino
-    )
+    old = await create_snapshot(store, keep=5)
+    manifest = f"snapshots/{old.id}/snapshot.json"
+    legacy = msgspec.json.decode((tmp_path / manifest).read_bytes())
+    for f in legacy["files"]:
+        f.pop("own")
+        if f["key"].startswith("regions/"):
+            os.unlink(tmp_path / snapshot_file_key(old.id, f["key"]))
+            os.link(tmp_path / f["key"], tmp_path / snapshot_file_key(old.id, f["key"]))
+    legacy["checksum"] = ""
+    reseal(tmp_path / manifest, legacy)
+    assert not any(f.own for f in (await list_snapshots(store))[0].files)
+    new = await create_snapshot(store, keep=5)
+    for key in (region_key(0, 0), region_key(1, 0), region_key(-1, 2)):
+        assert inode(tmp_path, snapshot_file_key(new.id, key)) != inode(tmp_path, key)
 
 
 async def test_rotation_keeps_the_newest_and_sweeps_incomplete(store, tmp_path):
@@ -203,12 +277,9 @@ async def test_restore_makes_the_world_byte_identical(store, tmp_path):
     assert [i.kind for i in incidents] == ["restored_from_snapshot"]
     assert incidents[0].details["snapshot"] == target.id
     assert incidents[0].details["pre_restore_snapshot"] == pre.id
-    # Regions are linked back, the journal copied.
-    key = region_key(0, 0)
-    assert (
-        os.stat(tmp_path / key).st_ino
-        == os.stat(tmp_path / snapshot_file_key(target.id, key)).st_ino
-    )
+    # Copied back, never linked: the world's files stay apart from the snapshot's.
+    for key in original:
+        assert inode(tmp_path, key) != inode(tmp_path, snapshot_file_key(target.id, key)), key
     assert await finish_interrupted_restore(store) is None
 
 

@@ -13,9 +13,14 @@ journal still holds records not folded into regions is captured completely. The 
 and ``quarantine/`` are deliberately left out: restoring must never roll back the record of
 what happened, nor the evidence set aside for the operator.
 
-Region files are never modified in place, so the snapshot hard-links them (``store.copy``);
-everything else (the journal is written in place) is copied byte for byte, but for the zero
-padding at the end of the newest journal segment (a running world's preallocated one).
+Every file is copied byte for byte (but for the zero padding at the end of the newest
+journal segment: a running world's preallocated one), never hard-linked to the world's file.
+A link would share one inode, so damage to the world's file on the medium (bit rot, a tool
+writing into it) would damage every snapshot of it at once, and the region it holds would
+have no copy left to restore from. A region file whose bytes an earlier snapshot already
+holds as a copy of its own (``SnapshotFile.own``) is hard-linked to *that* copy instead:
+snapshots share copies among themselves, never with the world, so a world file and its
+snapshot copy are always two files, and unchanged regions cost no copy time or space.
 
 Creation, in order -- each step only after the previous one is durable:
 
@@ -115,6 +120,10 @@ class SnapshotFile(msgspec.Struct, frozen=True, kw_only=True):
     #: and was copied as-is for the operator. Never restored, never served as a good copy.
     verified: bool = True
     fault: str | None = None
+    #: The copy is a file of its own (written by the snapshot, or linked to another
+    #: snapshot's own copy), never a hard link to the world's file. Snapshots made before
+    #: this field linked region files to the world's; their copies are not reused.
+    own: bool = False
 
 
 class SnapshotInfo(msgspec.Struct, frozen=True, kw_only=True):
@@ -589,32 +598,100 @@ def _survey(key: str, data: bytes, *, allow_raw: bool) -> _Source:
 async def _copy_into(
     store: BlobStore, sid: str, sources: list[_Source], newest: str | None
 ) -> None:
-    """Copy every source into snapshot ``sid`` and prove each copy holds what was verified."""
-    plain = [s.entry for s in sources if _region_coords(s.entry.key) is None]
-    links = [
-        (s.entry.key, snapshot_file_key(sid, s.entry.key))
-        for s in sources
-        if _region_coords(s.entry.key) is not None
-    ]
-    await _link_many(store, links)
-    # Re-read rather than keep every file in memory since the survey: the journal and small
-    # state files only. A change since the survey means the world was not quiescent.
-    keys = [e.key for e in plain]
-    for entry, blob in zip(plain, await _get_batched(store, keys), strict=True):
-        data = None if blob is None else _content(entry.key, blob.data, newest)
-        if data is None or hex64(xxh3(data)) != entry.xxh3:
-            raise SnapshotError(
-                f"{entry.key}: changed during the snapshot; the world is not quiescent"
-            )
-        await store.put_atomic(snapshot_file_key(sid, entry.key), data)
+    """Copy every source into snapshot ``sid`` and prove each copy holds what was verified.
+
+    Region files whose bytes an earlier snapshot holds as its own copy are linked to that
+    copy; the rest are written. Every entry is then ``own`` (see the module docstring).
+    """
+    twins = _own_copies(await list_snapshots(store))
+    linked: dict[str, str] = {}
+    written: list[SnapshotFile] = []
+    for s in sources:
+        e = s.entry
+        twin = twins.get((e.key, e.size, e.xxh3)) if _region_coords(e.key) is not None else None
+        if twin is not None:
+            linked[e.key] = twin
+        else:
+            written.append(e)
+    await _link_many(store, [(twin, snapshot_file_key(sid, key)) for key, twin in linked.items()])
+    await _write_copies(store, sid, written, newest)
     paths = [snapshot_file_key(sid, s.entry.key) for s in sources]
+    bad_twins: list[SnapshotFile] = []
     async for i, blob in _iter_batched(store, paths):
         entry = sources[i].entry
-        if blob is None or len(blob.data) != entry.size or hex64(xxh3(blob.data)) != entry.xxh3:
-            raise SnapshotError(
-                f"snapshot {sid}: copy of {entry.key} does not match its source after "
-                "copying (the world changed during the snapshot, or storage is failing)"
-            )
+        if _same(blob, entry):
+            continue
+        if entry.key in linked:
+            # The earlier snapshot's copy is damaged: that snapshot fails its own
+            # verification; this one gets a fresh copy instead of sharing the damage.
+            bad_twins.append(entry)
+            continue
+        raise SnapshotError(
+            f"snapshot {sid}: copy of {entry.key} does not match its source after "
+            "copying (the world changed during the snapshot, or storage is failing)"
+        )
+    if bad_twins:
+        await _delete_many(store, [snapshot_file_key(sid, e.key) for e in bad_twins])
+        await _write_copies(store, sid, bad_twins, newest)
+        keys = [snapshot_file_key(sid, e.key) for e in bad_twins]
+        for entry, blob in zip(bad_twins, await _get_batched(store, keys), strict=True):
+            if not _same(blob, entry):
+                raise SnapshotError(
+                    f"snapshot {sid}: copy of {entry.key} does not match its source after "
+                    "copying (storage is failing)"
+                )
+    for s in sources:
+        s.entry = msgspec.structs.replace(s.entry, own=True)
+
+
+def _own_copies(infos: Sequence[SnapshotInfo]) -> dict[tuple[str, int, str], str]:
+    """``(key, size, xxh3)`` → path of the newest snapshot copy of those bytes that is a
+    file of its own (``infos`` newest first)."""
+    twins: dict[tuple[str, int, str], str] = {}
+    for info in infos:
+        for f in info.files:
+            if f.own and f.verified:
+                twins.setdefault((f.key, f.size, f.xxh3), snapshot_file_key(info.id, f.key))
+    return twins
+
+
+def _same(blob: Blob | None, entry: SnapshotFile) -> bool:
+    return (
+        blob is not None and len(blob.data) == entry.size and hex64(xxh3(blob.data)) == entry.xxh3
+    )
+
+
+async def _write_copies(
+    store: BlobStore, sid: str, entries: Sequence[SnapshotFile], newest: str | None
+) -> None:
+    """Write a copy of each world file of ``entries`` into snapshot ``sid``.
+
+    Re-read rather than kept in memory since the survey (a world's regions need not fit in
+    memory): a change since means the world was not quiescent.
+    """
+    for i in range(0, len(entries), _BATCH):
+        batch = entries[i : i + _BATCH]
+        items: list[tuple[str, bytes]] = []
+        for entry, blob in zip(batch, await store.get_many([e.key for e in batch]), strict=True):
+            data = None if blob is None else _content(entry.key, blob.data, newest)
+            if data is None or hex64(xxh3(data)) != entry.xxh3:
+                raise SnapshotError(
+                    f"{entry.key}: changed during the snapshot; the world is not quiescent"
+                )
+            items.append((snapshot_file_key(sid, entry.key), data))
+        await _put_many(store, items)
+
+
+async def _put_many(store: BlobStore, items: list[tuple[str, bytes]]) -> None:
+    """Atomic puts: on a local store one worker-thread hop and one directory fsync per batch."""
+    local = _local(store)
+    if local is None:
+        for key, data in items:
+            await store.put_atomic(key, data)
+        return
+    for result in await local.put_many_atomic(items):
+        if isinstance(result, Exception):
+            raise result
 
 
 async def _delete_snapshot(store: BlobStore, sid: str) -> None:
@@ -674,26 +751,6 @@ def _link_many_blocking(local: LocalStore, pairs: list[tuple[str, str]]) -> None
             fs.fsync_dir(d)
 
 
-def _replace_many_blocking(local: LocalStore, pairs: list[tuple[str, str]]) -> None:
-    """Hard-link each ``src`` over ``dst`` atomically (link to a temp, rename over)."""
-    fs = local.fs
-    dirs: set[str] = set()
-    for src, dst in pairs:
-        d = dst.rpartition("/")[0]
-        if d not in dirs:
-            fs.makedirs(d)
-            dirs.add(d)
-        tmp = _temp_name(dst)
-        fs.link(src, tmp)
-        fs.replace(tmp, dst)
-        # rename() between two links of one inode does nothing and leaves the temp name.
-        if fs.exists(tmp):
-            fs.unlink(tmp)
-    if local.fsync:
-        for d in sorted(dirs):
-            fs.fsync_dir(d)
-
-
 def _unlink_many_blocking(local: LocalStore, keys: list[str]) -> None:
     fs = local.fs
     dirs: set[str] = set()
@@ -737,10 +794,6 @@ def _delete_tree_blocking(local: LocalStore, sid: str) -> None:
 
 async def _link_many(store: BlobStore, pairs: list[tuple[str, str]]) -> None:
     await _pairs_in_batches(store, pairs, "snapshot", _link_many_blocking)
-
-
-async def _replace_many(store: BlobStore, pairs: list[tuple[str, str]]) -> None:
-    await _pairs_in_batches(store, pairs, "restore", _replace_many_blocking)
 
 
 async def _pairs_in_batches(
@@ -828,7 +881,7 @@ async def restore_snapshot(store: BlobStore, snapshot_id: str, *, keep: int) -> 
        are only there), and a restore must never destroy the last trace of them. A raw
        snapshot is never restored and never served as a good copy, but its intact files are.
     4. ``state/restore.json`` is written durably: from here the restore is committed.
-    5. Files are replaced: each snapshot file put in place (regions hard-linked), world
+    5. Files are replaced: each snapshot file copied into place (never linked), world
        files absent from the snapshot (regions, journal segments, state) deleted, and the
        result read back and compared with the snapshot's checksums.
     6. A ``restored_from_snapshot`` incident is recorded, then the marker deleted.
@@ -908,17 +961,19 @@ async def _apply_restore(
     current = await world_keys(store)
     # world.json last: until the rest is in place a crash leaves the marker to redo it
     # anyway, but an operator looking at a half-restored directory sees the old manifest.
+    # Copied, not linked: the restored world's files must not share an inode with the
+    # snapshot's copies (see the module docstring).
     ordered = sorted(wanted, key=lambda k: (k == MANIFEST_KEY, k))
-    plain = [k for k in ordered if _region_coords(k) is None]
-    await _replace_many(
-        store, [(snapshot_file_key(sid, k), k) for k in ordered if _region_coords(k) is not None]
-    )
-    for key, blob in zip(
-        plain, await _get_batched(store, [snapshot_file_key(sid, k) for k in plain]), strict=True
-    ):
-        if blob is None or hex64(xxh3(blob.data)) != wanted[key].xxh3:
-            raise SnapshotError(f"snapshot {sid}: copy of {key} is missing or damaged")
-        await store.put_atomic(key, blob.data)
+    for group in (ordered[:-1], ordered[-1:]):
+        for i in range(0, len(group), _BATCH):
+            batch = group[i : i + _BATCH]
+            paths = [snapshot_file_key(sid, k) for k in batch]
+            items: list[tuple[str, bytes]] = []
+            for key, blob in zip(batch, await store.get_many(paths), strict=True):
+                if blob is None or hex64(xxh3(blob.data)) != wanted[key].xxh3:
+                    raise SnapshotError(f"snapshot {sid}: copy of {key} is missing or damaged")
+                items.append((key, blob.data))
+            await _put_many(store, items)
     await _delete_many(store, [k for k in current if k not in wanted])
     keys = sorted(wanted)
     async for i, blob in _iter_batched(store, keys):

@@ -12,9 +12,11 @@ flushed completely (every acknowledged delta folded, passed journal segments del
 
 Submits keep being accepted meanwhile but are acknowledged only after the pause (their
 journal write waits), so what the snapshot holds is exactly: region files + journal =
-every delta acknowledged before the pause. The pause lasts as long as the copy (hard links
-for regions, byte copies for the journal), which is why the flush comes first: it leaves
-little journal to copy.
+every delta acknowledged before the pause. The pause lasts as long as the copy, which is
+why the flush comes first: it leaves little journal to copy. Regions unchanged since the
+last snapshot are hard links to its copies; the others are written (batched atomic writes,
+one directory fsync per batch), so the pause grows with the regions rewritten since the
+last snapshot: a copy is never a link to the world's own file (``recovery/snapshots.py``).
 
 Something outside the pause can still change a file (the recovery ladder restoring a
 region, a ``players.idx`` write already in progress): the snapshot then fails with
