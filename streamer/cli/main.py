@@ -1,7 +1,8 @@
 """`streamer` command line: operator tools, the demo/main job and benchmarks.
 
-Exit codes: 0 success (healthy), 1 problems found or the command failed, 2 usage error.
-Errors print one clear line; ``--debug`` shows the traceback.
+Exit codes: 0 success (healthy), 1 problems found or the command failed, 2 usage error
+(bad arguments, not a world, world open in another process).
+Errors print one clear line; ``--debug`` (before or after the command) shows the traceback.
 """
 
 from __future__ import annotations
@@ -52,7 +53,26 @@ def _build_parser() -> argparse.ArgumentParser:
     run_cmd.register(sub)
     demo_cmd.register(sub)
     bench_cmd.register(sub)
+    _accept_debug_after_command(sub)
     return parser
+
+
+def _accept_debug_after_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Let ``--debug`` follow the command too (``streamer check W --debug``), as the docs show.
+
+    ``SUPPRESS`` keeps a subcommand that did not see the flag from resetting the value the
+    top-level parser already stored.
+    """
+    for parser in set(sub.choices.values()):
+        parser.add_argument(
+            "--debug",
+            action="store_true",
+            default=argparse.SUPPRESS,
+            help="show tracebacks on errors",
+        )
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                _accept_debug_after_command(action)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -78,6 +98,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         print(f"streamer {args.command}: error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_PROBLEMS
+    except OSError as exc:
+        # Paths the operator named (init's directory, salvage's --out) are touched directly,
+        # not through a store that would translate the error.
+        if args.debug:
+            traceback.print_exc()
+        print(f"streamer {args.command}: error: {describe_os_error(exc)}", file=sys.stderr)
+        return EXIT_PROBLEMS
+
+
+def describe_os_error(exc: OSError) -> str:
+    """``FILE: reason`` for an ``OSError``, naming both files of a failed rename or link."""
+    reason = exc.strerror or str(exc)
+    if exc.filename is None:
+        return reason
+    if exc.filename2 is not None:
+        return f"{exc.filename} -> {exc.filename2}: {reason}"
+    return f"{exc.filename}: {reason}"
 
 
 def run_async(fn: Callable[[], Awaitable[int]]) -> int:

@@ -23,7 +23,14 @@ import anyio
 import msgspec
 
 from streamer.cli.common import load_settings, open_local_store, require_world_dir
-from streamer.cli.main import EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, UsageError, run_async
+from streamer.cli.main import (
+    EXIT_OK,
+    EXIT_PROBLEMS,
+    EXIT_USAGE,
+    UsageError,
+    describe_os_error,
+    run_async,
+)
 from streamer.errors import ConfigError, StreamerError, UnsupportedFormat, WorldError, WorldLocked
 from streamer.migrate import CheckpointError, MigrationReport, migrate_world
 from streamer.worlddir import LOCK_NAME, WorldLock
@@ -268,6 +275,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_PROBLEMS if isinstance(exc, UnsupportedFormat) else EXIT_USAGE
     except StreamerError as exc:
         print(f"streamer migrate: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_PROBLEMS
+    except OSError as exc:
+        print(f"streamer migrate: error: {describe_os_error(exc)}", file=sys.stderr)
         return EXIT_PROBLEMS
 
 

@@ -34,7 +34,10 @@ finds chunks that are already current, whose bytes are reused without decoding t
 chunks are decoded once, handed to the registry without a defensive copy (``consume``: the
 plain data is ours and dropped afterwards), validated once as ``ChunkRecord`` and encoded.
 
-A dry run reads everything and writes nothing: no snapshot, no checkpoint, no incident.
+A dry run reads everything and writes nothing: no snapshot, no checkpoint, no incident. It
+never halts: a region it cannot read (fails verification, a storage error, a dead worker, a
+bug) is one failure naming the file and the reason, and the other regions are still read, so
+its report covers the whole world; any failure makes it ``status="failed"``.
 """
 
 from __future__ import annotations
@@ -196,6 +199,9 @@ class MigrationReport(msgspec.Struct, kw_only=True):
     regions_current: int = 0
     #: Listed as finished in the checkpoint of an interrupted run; not read again.
     regions_skipped: int = 0
+    #: Regions with a failure: for a dry run every region that could not be read or has a
+    #: record that would fail; for a real run the region that halted it.
+    regions_failed: int = 0
     chunks_total: int = 0
     chunks_upgraded: int = 0
     records_total: int = 0
@@ -550,17 +556,23 @@ def migrate_region_bytes(
     """Verify one region file and migrate its chunks; blocking, pure CPU.
 
     ``new_data`` is the complete new file, or ``None`` when every chunk is already current
-    (or, with ``collect_failures``, when any chunk failed: a dry run only reports).
+    (or, with ``collect_failures``, when anything failed: a dry run only reports). With
+    ``collect_failures`` a file that does not verify is one failure naming the file, and
+    nothing of it is counted.
 
-    :raises _RegionFailed: the file does not verify, or (without ``collect_failures``) a
-        chunk fails to migrate.
+    :raises _RegionFailed: (without ``collect_failures``) the file does not verify or a chunk
+        fails to migrate.
     """
     region = (rx, ry)
     res = _RegionResult()
     try:
         rf = decode_region(data, rx=rx, ry=ry, path=key)
     except (IntegrityError, UnsupportedFormat) as exc:
-        raise _RegionFailed(_failure(key, region, None, exc), exc) from exc
+        fail = _failure(key, region, None, exc)
+        if not collect_failures:
+            raise _RegionFailed(fail, exc) from exc
+        res.failures.append(fail)  # nothing in it can be read: the whole file is the failure
+        return res
     header = rf.header
     codec = _codec(header.encoding)
     peek = _PEEKERS[header.encoding].decode
@@ -879,9 +891,29 @@ class _Run:
     halted_cause: BaseException | None = None
 
     def fail(self, failure: RecordFailure, cause: BaseException | None) -> None:
+        """A region could not be handled (unreadable, storage error, dead worker, a bug).
+
+        A real run halts on it (and rolls back). A dry run writes nothing, so there is
+        nothing to protect by stopping: the region is recorded as a failure, naming its file
+        and the reason, and the other regions are still read.
+        """
+        if self.dry_run:
+            log.warning("dry run: cannot read %s: %s", failure.file, failure.describe())
+            self.report.regions_failed += 1
+            self._record([failure])
+            if self.progress is not None:
+                self.progress.advance(regions=1, chunks=0)
+            return
         if self.halted is None:
             self.halted = failure
             self.halted_cause = cause
+
+    def _record(self, failures: list[RecordFailure]) -> None:
+        r = self.report
+        r.failures_total += len(failures)
+        room = self.max_failures - len(r.failures)
+        if room > 0:
+            r.failures.extend(failures[:room])
 
     def add(self, res: _RegionResult) -> None:
         r = self.report
@@ -890,10 +922,9 @@ class _Run:
         r.records_total += res.records
         r.records_upgraded += res.records_upgraded
         self.counts.update(res.counts)
-        r.failures_total += len(res.failures)
-        room = self.max_failures - len(r.failures)
-        if room > 0:
-            r.failures.extend(res.failures[:room])
+        if res.failures:
+            r.regions_failed += 1
+            self._record(res.failures)
 
     async def region(self, key: str, rx: int, ry: int) -> None:
         lock = self.hooks.region_lock or _no_lock
@@ -1128,11 +1159,17 @@ async def migrate_world(
     report.counts = _nest_counts(run.counts)
 
     if dry_run:
+        # ``_Run.fail`` records a dry run's region failures and never halts it; a halt that
+        # came some other way must still not read as a clean dry run.
+        if run.halted is not None and run.halted not in report.failures:
+            report.failures.insert(0, run.halted)
+            report.failures_total += 1
         report.status = "failed" if report.failures_total else "dry_run"
     elif run.halted is not None:
         assert checkpointer is not None
         report.failures = [run.halted]
         report.failures_total = 1
+        report.regions_failed = 1
         _log_failure(run.halted, run.halted_cause)
         await _rollback(store, snaps, checkpointer.cp, report, run.halted, resumed_rollback=False)
     else:
