@@ -60,6 +60,7 @@ from streamer.errors import (
     IntegrityError,
     NotFound,
     RegionInactive,
+    StorageError,
     StreamerError,
     WorldClosed,
     WorldNotFound,
@@ -94,6 +95,7 @@ from streamer.runtime.terrain_server import server_pid as terrain_server_pid
 from streamer.runtime.thread_lane import ThreadLane
 from streamer.schema.codec import ChunkCodec
 from streamer.schema.records import Character, ChunkRecord
+from streamer.storage.base import Blob
 from streamer.storage.fs import FileSystem
 from streamer.storage.local import LocalStore
 from streamer.worlddir import WorldLock, read_manifest
@@ -668,10 +670,11 @@ class World(_SubmitPath, _FlushPath):
                 for k in mine:
                     self._region_loading[k] = done
                 try:
-                    store = self._store
-                    assert store is not None
-                    blobs = await store.get_many([region_key(*k) for k in mine])
+                    blobs = await self._read_region_files(mine)
                     for k, blob in zip(mine, blobs, strict=True):
+                        if isinstance(blob, StorageError):
+                            failed[k] = blob
+                            continue
                         try:
                             state = region_state_from_bytes(None if blob is None else blob.data, k)
                         except StreamerError as bad:
@@ -695,6 +698,29 @@ class World(_SubmitPath, _FlushPath):
         for key, err in failed.items():
             self._region_failed(key, err)
         return failed
+
+    async def _read_region_files(self, keys: list[RegionKey]) -> list[Blob | StorageError | None]:
+        """Each region's file (``None``: it has none) or the error that reading it raised.
+
+        One ``get_many``, so one thread hop for the lot. Should it fail, the files are read
+        again one at a time: one unreadable file then fails only its own region, with an
+        error naming that file, and the regions read with it still load.
+        """
+        store = self._store
+        assert store is not None
+        names = [region_key(*k) for k in keys]
+        try:
+            return list(await store.get_many(names))
+        except StorageError as err:
+            if len(names) == 1:
+                return [err]
+        out: list[Blob | StorageError | None] = []
+        for name in names:
+            try:
+                out.extend(await store.get_many([name]))
+            except StorageError as err:
+                out.append(err)
+        return out
 
     def _region_failed(self, key: RegionKey, err: Exception) -> None:
         """A region could not be loaded even after the recovery ladder (runtime/recovery_hooks)."""
