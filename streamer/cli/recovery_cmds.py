@@ -25,7 +25,7 @@ from streamer.errors import NotFound
 from streamer.format.journal import segment_keys
 from streamer.format.region import region_key
 from streamer.recovery.inactive import load_inactive
-from streamer.recovery.incidents import Incident, IncidentLog
+from streamer.recovery.incidents import KINDS, Incident, IncidentLog
 from streamer.recovery.rebuild import rebuild_region, regenerate_world, region_in_bounds
 from streamer.recovery.repair import RepairReport, repair_world
 from streamer.recovery.salvage import SALVAGE_NAME, salvage_files
@@ -277,6 +277,22 @@ def cmd_salvage(args: argparse.Namespace) -> int:
 # --- incidents --------------------------------------------------------------------------
 
 
+def _format_record(details: dict[str, Any]) -> str | None:
+    """The failing record of a ``migration_failed`` incident, as the migrate command prints it."""
+    parts = []
+    if details.get("chunk") is not None:
+        cx, cy = details["chunk"]
+        parts.append(f"chunk ({cx}, {cy})")
+    for key, label in (
+        ("record_id", "id"),
+        ("record_type", "type"),
+        ("schema_version", "schemaVersion"),
+    ):
+        if details.get(key) is not None:
+            parts.append(f"{label}={details[key]}")
+    return " ".join(parts) if parts else None
+
+
 def _format_incident(inc: Incident) -> str:
     where = []
     if inc.region is not None:
@@ -287,6 +303,12 @@ def _format_incident(inc: Incident) -> str:
     lines = [head, f"    id {inc.id}"]
     if inc.action:
         lines.append(f"    {inc.action}")
+    record = _format_record(inc.details)
+    if record is not None:
+        lines.append(f"    record: {record}")
+    if inc.details.get("error") is not None:
+        kind = inc.details.get("error_type")
+        lines.append(f"    error: {kind + ': ' if kind else ''}{inc.details['error']}")
     for key in ("lost", "snapshot", "quarantine", "snapshot_ids", "expected", "actual"):
         if key in inc.details and inc.details[key] is not None:
             lines.append(f"    {key}: {inc.details[key]}")
@@ -294,6 +316,13 @@ def _format_incident(inc: Incident) -> str:
 
 
 def cmd_incidents(args: argparse.Namespace) -> int:
+    unknown = sorted(set(args.kind or ()) - KINDS)
+    if unknown:
+        # Else a typo filters everything out and reads as "no incidents".
+        raise UsageError(
+            f"--kind {', '.join(unknown)}: unknown incident kind; valid kinds: "
+            f"{', '.join(sorted(KINDS))}"
+        )
     cfg = load_settings(args)
     path = require_world_dir(args.path)
 
