@@ -21,9 +21,10 @@ import msgspec
 from streamer.cli.common import load_settings, open_local_store, require_world_dir, world_checks
 from streamer.cli.main import EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, Handler, UsageError, run_async
 from streamer.config import Config
-from streamer.errors import NotFound
+from streamer.coords import CHUNK_SIZE
+from streamer.errors import IntegrityError, NotFound
 from streamer.format.journal import segment_keys
-from streamer.format.region import region_key
+from streamer.format.region import decode_region, region_key
 from streamer.recovery.inactive import load_inactive
 from streamer.recovery.incidents import KINDS, Incident, IncidentLog
 from streamer.recovery.rebuild import rebuild_region, regenerate_world, region_in_bounds
@@ -122,6 +123,33 @@ async def locked_world(path: Path, cfg: Config) -> AsyncIterator[BlobStore]:
 
 # --- region rebuild ---------------------------------------------------------------------
 
+#: Chunk coordinates the runtime addresses in an unbounded world: ``-2**30 <= c < 2**30``
+#: (``World._check_chunk``), so tiles stay within ``±2**36`` and every chunk and region
+#: coordinate fits the int32 fields of the region format.
+CHUNK_LIMIT = 1 << 30
+
+
+def _region_addressable(region_size: int, rx: int, ry: int) -> bool:
+    """Whether every chunk of region ``(rx, ry)`` is one the runtime can load."""
+    return all(
+        -CHUNK_LIMIT <= v * region_size and (v + 1) * region_size - 1 < CHUNK_LIMIT
+        for v in (rx, ry)
+    )
+
+
+async def _verifies(store: BlobStore, rx: int, ry: int) -> IntegrityError | None:
+    """The fault of the stored region file, or None when it verifies.
+
+    :raises NotFound: the region has no file.
+    """
+    key = region_key(rx, ry)
+    blob = await store.get(key)
+    try:
+        await anyio.to_thread.run_sync(lambda: decode_region(blob.data, rx=rx, ry=ry, path=key))
+    except IntegrityError as exc:
+        return exc
+    return None
+
 
 def cmd_region_rebuild(args: argparse.Namespace) -> int:
     cfg = load_settings(args)
@@ -131,18 +159,35 @@ def cmd_region_rebuild(args: argparse.Namespace) -> int:
     async def body() -> int:
         async with locked_world(path, cfg) as store:
             manifest = await read_manifest(store, where=str(path))
+            span = manifest.region_size * CHUNK_SIZE
             if not region_in_bounds(manifest, rx, ry):
                 raise UsageError(
                     f"region ({rx}, {ry}) is outside this world: it is bounded to |x|, |y| < "
-                    f"{manifest.bound_tiles} tiles ({manifest.region_size * 64} tiles per region)"
+                    f"{manifest.bound_tiles} tiles ({span} tiles per region)"
+                )
+            if not _region_addressable(manifest.region_size, rx, ry):
+                limit = CHUNK_LIMIT // manifest.region_size
+                raise UsageError(
+                    f"region ({rx}, {ry}) is outside the addressable world: with "
+                    f"{manifest.region_size}x{manifest.region_size}-chunk regions, region "
+                    f"coordinates run from {-limit} to {limit - 1} (tiles |x|, |y| < 2**36)"
                 )
             inactive = await load_inactive(store)
             if (rx, ry) not in inactive and not args.force:
                 try:
-                    await store.head(region_key(rx, ry))
+                    fault = await _verifies(store, rx, ry)
                 except NotFound:
                     pass
                 else:
+                    if fault is not None:
+                        raise UsageError(
+                            f"region ({rx}, {ry}) fails verification ({fault}) but is not "
+                            f"isolated yet; run `streamer check {path} --repair` first: it "
+                            "restores the region from a snapshot when one holds a valid copy "
+                            "(keeping its state), else marks it inactive, and then this "
+                            "command rebuilds it. Pass --force to rebuild it now, discarding "
+                            "everything it holds"
+                        )
                     raise UsageError(
                         f"region ({rx}, {ry}) is active and has stored state; rebuilding "
                         "discards its player edits, characters, structures and societies "
