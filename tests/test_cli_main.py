@@ -1,7 +1,8 @@
-"""CLI entry point: --debug in either position, one-line OS errors."""
+"""CLI entry point: --debug in either position, one-line OS errors, which settings were used."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -86,7 +87,11 @@ def test_debug_before_the_command_survives_the_subcommand_parser(
 def test_init_under_a_file_is_one_line(not_a_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = run(capsys, "init", str(not_a_dir / "w"), "--seed", "1")
     assert code == 1 and out == ""
-    assert err == f"streamer init: error: {not_a_dir}/w: Not a directory\n"
+    assert err.splitlines() == [
+        "streamer init: using built-in default settings (no --config, no $STREAMER_CONFIG, "
+        "no ./config/streamer.toml)",
+        f"streamer init: error: {not_a_dir}/w: Not a directory",
+    ]
 
 
 def test_salvage_out_under_a_file_is_one_line(
@@ -98,3 +103,44 @@ def test_salvage_out_under_a_file_is_one_line(
     (line,) = [ln for ln in err.splitlines() if "error" in ln]
     assert line.startswith("streamer salvage: error: ") and str(not_a_dir) in line
     assert "Not a directory" in line
+
+
+# --- which settings -------------------------------------------------------------------------
+
+
+def test_check_says_it_uses_built_in_defaults(
+    world: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = run(capsys, "check", str(world), "--json")
+    assert code in (0, 1)
+    json.loads(out)  # the note stays off stdout
+    assert err.splitlines()[0] == (
+        "streamer check: using built-in default settings (no --config, no $STREAMER_CONFIG, "
+        "no ./config/streamer.toml)"
+    )
+
+
+def test_check_names_the_settings_file_and_overrides(
+    world: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "streamer.toml").write_text("[snapshots]\nmin_valid = 0\n")
+    monkeypatch.setenv("STREAMER_SNAPSHOTS_KEEP", "3")
+    code, _, err = run(capsys, "check", str(world))
+    assert code == 0, err
+    assert err.splitlines()[0] == (
+        f"streamer check: using settings from {tmp_path / 'config' / 'streamer.toml'}, "
+        "overridden by STREAMER_SNAPSHOTS_KEEP"
+    )
+    other = tmp_path / "other.toml"
+    other.write_text("")
+    code, _, err = run(capsys, "--config", str(other), "check", str(world), "--repair")
+    assert err.startswith(f"streamer check: using settings from {other}, overridden by ")
+
+
+def test_read_only_commands_stay_quiet_about_settings(
+    world: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for argv in (["info", str(world)], ["incidents", str(world)], ["snapshots", str(world)]):
+        _, _, err = run(capsys, *argv)
+        assert "settings" not in err, argv

@@ -17,7 +17,7 @@ from typing import Literal
 import anyio
 import msgspec
 
-from streamer.cli.common import load_settings
+from streamer.cli.common import load_settings, note_settings
 from streamer.cli.main import EXIT_OK, UsageError, run_async
 from streamer.config import Config
 from streamer.loadtest import MAX_DURATION_S, MAX_PLAYERS, Demo, DemoOptions, ensure_world
@@ -100,11 +100,14 @@ def with_runtime(
 def cmd_demo(args: argparse.Namespace) -> int:
     options = demo_options(args)
     cfg = with_runtime(
-        load_settings(args), view_radius=args.view_radius, durability=args.durability
+        load_settings(args),
+        view_radius=args.view_radius,
+        durability=args.durability,
     )
     path: Path = args.path
     if path.exists() and not path.is_dir():
         raise UsageError(f"{path}: exists and is not a directory")
+    note_settings(args, "demo")
     return run_demo(path, cfg, options, as_json=args.json)
 
 

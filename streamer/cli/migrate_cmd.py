@@ -22,7 +22,7 @@ from typing import Any
 import anyio
 import msgspec
 
-from streamer.cli.common import load_settings, open_local_store, require_world_dir
+from streamer.cli.common import load_settings, note_settings, open_local_store, require_world_dir
 from streamer.cli.main import (
     EXIT_OK,
     EXIT_PROBLEMS,
@@ -202,6 +202,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     if args.dry_run and args.resume:
         raise UsageError("--dry-run and --resume exclude each other")
     path = require_world_dir(args.path)
+    note_settings(args, "migrate")
     migrate_log = logging.getLogger("streamer.migrate")
     if not args.debug and not logging.getLogger().handlers and not migrate_log.handlers:
         # The failure is printed below as one line; keep logging's last-resort handler from

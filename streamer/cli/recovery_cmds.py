@@ -18,7 +18,13 @@ from typing import Any
 import anyio.to_thread
 import msgspec
 
-from streamer.cli.common import load_settings, open_local_store, require_world_dir, world_checks
+from streamer.cli.common import (
+    load_settings,
+    note_settings,
+    open_local_store,
+    require_world_dir,
+    world_checks,
+)
 from streamer.cli.main import EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, Handler, UsageError, run_async
 from streamer.config import Config
 from streamer.coords import CHUNK_SIZE
@@ -435,6 +441,7 @@ def cmd_check_repair(args: argparse.Namespace) -> int:
     """``check PATH --repair`` (``--json`` prints the whole repair report)."""
     cfg = load_settings(args)
     path = require_world_dir(args.path)
+    note_settings(args, "check")
 
     async def body() -> int:
         async with locked_world(path, cfg) as store:

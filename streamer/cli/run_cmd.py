@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from streamer.cli.common import load_settings
+from streamer.cli.common import load_settings, note_settings
 from streamer.cli.demo_cmd import add_load_options, demo_options, run_demo
 from streamer.cli.main import UsageError
 
@@ -33,4 +33,5 @@ def cmd_run(args: argparse.Namespace) -> int:
     path: Path = args.path if args.path is not None else Path(cfg.world.path)
     if path.exists() and not path.is_dir():
         raise UsageError(f"{path}: exists and is not a directory")
+    note_settings(args, "run")
     return run_demo(path, cfg, options, as_json=args.json)

@@ -12,7 +12,7 @@ from typing import Any
 
 import anyio.to_thread
 
-from streamer.cli.common import load_settings, open_local_store, require_world_dir
+from streamer.cli.common import load_settings, note_settings, open_local_store, require_world_dir
 from streamer.cli.main import EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, UsageError, run_async
 from streamer.config import Config
 from streamer.errors import SnapshotError, UnknownSnapshot, WorldLocked
@@ -87,6 +87,7 @@ async def _flush_world(path: Path, cfg: Config) -> None:
 def cmd_snapshot(args: argparse.Namespace) -> int:
     cfg = load_settings(args)
     path = require_world_dir(args.path)
+    note_settings(args, "snapshot")
 
     async def body() -> int:
         try:
@@ -198,6 +199,7 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
 def cmd_restore(args: argparse.Namespace) -> int:
     cfg = load_settings(args)
     path = require_world_dir(args.path)
+    note_settings(args, "restore")
     snapshot_id: str = args.snapshot_id
 
     async def body() -> int:

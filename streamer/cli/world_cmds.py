@@ -11,7 +11,13 @@ from typing import Any
 
 import msgspec
 
-from streamer.cli.common import load_settings, open_local_store, require_world_dir, world_checks
+from streamer.cli.common import (
+    load_settings,
+    note_settings,
+    open_local_store,
+    require_world_dir,
+    world_checks,
+)
 from streamer.cli.main import EXIT_OK, EXIT_PROBLEMS, UsageError, run_async
 from streamer.cli.recovery_cmds import add_repair_option
 from streamer.errors import WorldExists
@@ -53,6 +59,7 @@ def cmd_init(args: argparse.Namespace) -> int:
         raise WorldExists("a world already exists here; refusing to overwrite it", path=str(path))
     if path.is_dir() and any(path.iterdir()):
         raise UsageError(f"{path}: directory is not empty and holds no world; refusing to use it")
+    note_settings(args, "init")
 
     async def body() -> int:
         path.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - CLI startup, loop idle
@@ -118,6 +125,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     cfg = load_settings(args)
     path = require_world_dir(args.path)
+    note_settings(args, "check")
 
     async def body() -> int:
         async with await open_local_store(path, cfg) as store:
