@@ -1,9 +1,12 @@
-"""CLI entry point: --debug in either position, one-line OS errors, which settings were used."""
+"""CLI entry point: --debug in either position, one-line OS errors, which settings were used,
+and ``python -m streamer``."""
 
 from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -144,3 +147,26 @@ def test_read_only_commands_stay_quiet_about_settings(
     for argv in (["info", str(world)], ["incidents", str(world)], ["snapshots", str(world)]):
         _, _, err = run(capsys, *argv)
         assert "settings" not in err, argv
+
+
+# --- python -m streamer ---------------------------------------------------------------------
+
+
+def test_python_dash_m_streamer(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "streamer", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("usage: streamer ")
+    proc = subprocess.run(
+        [sys.executable, "-m", "streamer", "info", str(tmp_path / "nope")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 2 and "no such directory" in proc.stderr
