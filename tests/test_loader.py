@@ -295,7 +295,7 @@ async def test_bounded_queue() -> None:
     loader = ChunkLoader(fake, workers=1, max_queued=2)
     assert loader.prefetch((0, 0))
     assert loader.prefetch((1, 0))
-    assert not loader.prefetch((2, 0))
+    assert not loader.prefetch((2, 0))  # deferred: not queued, but not lost either
     assert loader.prefetch((0, 0), -5)  # already queued: joins, not refused
     got: list[Chunk] = []
 
@@ -306,9 +306,10 @@ async def test_bounded_queue() -> None:
         tg.start_soon(reader)
         await settle(rounds=20)
         assert loader.queue_depth == 2 and not got  # waiting for room
+        assert loader.deferred == 1
         async with running(loader):
-            await settle(lambda: len(got) == 1)
-    assert sorted(fake.loaded) == [(0, 0), (1, 0), (3, 0)]
+            await settle(lambda: len(got) == 1 and loader.stats().loads == 4)
+    assert sorted(fake.loaded) == [(0, 0), (1, 0), (2, 0), (3, 0)]
     assert loader.stats().rejected == 1
 
 

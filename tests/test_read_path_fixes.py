@@ -4,16 +4,21 @@ and prefetches that did not fit in the load queue."""
 from __future__ import annotations
 
 import errno
-from collections.abc import Sequence
+import math
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import anyio
+import anyio.lowlevel
+import numpy as np
 import pytest
 
 import streamer.runtime.world as world_mod
 from streamer import StorageUnavailable, open_world
 from streamer.config import Config, RuntimeSettings, StorageSettings
-from streamer.runtime.chunk import Chunk
+from streamer.runtime.chunk import Chunk, ChunkKey
+from streamer.runtime.loader import ChunkLoader
 from streamer.storage.base import Blob
 from streamer.storage.local import LocalStore
 from streamer.worlddir import create_world
@@ -120,3 +125,204 @@ async def test_healthy_regions_are_read_in_one_get_many(
             for cx in (0, 8, 16):
                 tg.start_soon(world.chunk, cx, 0)
         assert len(calls) == 1 and len(calls[0]) == 3
+
+
+# -- loader: prefetches that found the queue full, and failed prefetches ----------------------
+
+_TILES = np.zeros((64, 64), dtype=np.uint16)
+
+
+class Boom(Exception):
+    pass
+
+
+class FakeLoad:
+    """Records every load_batch call; fails a key while ``failures[key]`` is above zero."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[ChunkKey]] = []
+        self.failures: dict[ChunkKey, float] = {}
+
+    async def __call__(self, keys: list[ChunkKey]) -> Mapping[ChunkKey, Chunk | Exception]:
+        self.calls.append(list(keys))
+        await anyio.lowlevel.checkpoint()
+        out: dict[ChunkKey, Chunk | Exception] = {}
+        for k in keys:
+            if self.failures.get(k, 0) > 0:
+                self.failures[k] -= 1
+                out[k] = Boom(str(k))
+            else:
+                out[k] = Chunk(k[0], k[1], _TILES)
+        return out
+
+    @property
+    def loaded(self) -> list[ChunkKey]:
+        return [k for call in self.calls for k in call]
+
+
+@asynccontextmanager
+async def running(loader: ChunkLoader) -> AsyncIterator[None]:
+    async with anyio.create_task_group() as tg:
+        loader.run(tg)
+        try:
+            yield
+        finally:
+            tg.cancel_scope.cancel()
+
+
+async def settle(predicate: Callable[[], bool], rounds: int = 5000) -> None:
+    """Let other tasks run until ``predicate`` holds; bounded by scheduler turns."""
+    for _ in range(rounds):
+        if predicate():
+            return
+        await anyio.lowlevel.checkpoint()
+    raise AssertionError("condition not reached")
+
+
+async def test_prefetches_beyond_a_full_queue_all_load_in_priority_order() -> None:
+    fake = FakeLoad()
+    loader = ChunkLoader(fake, workers=1, max_batch=1, max_queued=4)
+    ring4 = [((i, 4), 70 + i) for i in range(4)]
+    for key, prio in ring4:
+        assert loader.prefetch(key, prio)
+    # The queue is full: a late player's own chunk, and one of its far chunks.
+    assert not loader.prefetch((50, 50), 0)
+    assert not loader.prefetch((50, 54), 90)
+    assert loader.is_pending((50, 50)) and loader.is_pending((50, 54))
+    assert loader.queue_depth == 4 and loader.deferred == 2
+    async with running(loader):
+        await settle(lambda: loader.stats().loads == 6)
+    assert fake.loaded == [(50, 50), *(k for k, _ in ring4), (50, 54)]
+    assert loader.deferred == 0 and loader.queue_depth == 0
+
+
+async def test_deferred_prefetch_priority_can_be_raised_and_a_get_takes_it_over() -> None:
+    fake = FakeLoad()
+    loader = ChunkLoader(fake, workers=1, max_batch=1, max_queued=1)
+    assert loader.prefetch((0, 0), 10)
+    assert not loader.prefetch((1, 0), 20)
+    assert not loader.prefetch((2, 0), 30)
+    assert loader.prefetch((2, 0), 5)  # already pending (deferred): joins, raises priority
+    async with running(loader):
+        got = await loader.get((1, 0), 40)  # joins the deferred prefetch: one load
+        await settle(lambda: loader.stats().loads == 3)
+    assert got.key == (1, 0)
+    assert sorted(fake.loaded) == [(0, 0), (1, 0), (2, 0)]
+    assert fake.loaded[0] == (2, 0)
+
+
+async def test_cancel_forgets_a_deferred_prefetch() -> None:
+    fake = FakeLoad()
+    loader = ChunkLoader(fake, workers=1, max_queued=1)
+    assert loader.prefetch((0, 0))
+    assert not loader.prefetch((1, 0))
+    assert loader.cancel((1, 0))
+    assert not loader.is_pending((1, 0)) and loader.deferred == 0
+    async with running(loader):
+        await settle(lambda: loader.stats().loads == 1)
+        for _ in range(50):
+            await anyio.lowlevel.checkpoint()
+    assert fake.loaded == [(0, 0)]
+    assert loader.stats().cancelled == 1
+
+
+async def test_failed_prefetch_is_retried_until_it_loads() -> None:
+    fake = FakeLoad()
+    fake.failures[(3, 3)] = 2
+    loader = ChunkLoader(fake, workers=1, retry_after=0.0)
+    assert loader.prefetch((3, 3), 7)
+    async with running(loader):
+        await settle(lambda: loader.stats().loads == 1)
+    s = loader.stats()
+    assert (s.errors, s.retries, s.loads) == (2, 2, 1)
+    assert fake.loaded == [(3, 3)] * 3
+    assert not loader.is_pending((3, 3))
+
+
+async def test_a_waiting_retry_is_pending_and_a_get_does_not_wait_for_it() -> None:
+    fake = FakeLoad()
+    fake.failures[(3, 3)] = 1
+    loader = ChunkLoader(fake, workers=1, retry_after=3600.0, retry_max=3600.0)
+    assert loader.prefetch((3, 3))
+    async with running(loader):
+        await settle(lambda: loader.stats().errors == 1)
+        assert loader.is_pending((3, 3)) and loader.deferred == 1
+        chunk = await loader.get((3, 3))
+    assert chunk.key == (3, 3)
+    assert fake.loaded == [(3, 3), (3, 3)]
+    assert loader.deferred == 0
+
+
+async def test_cancelled_prefetch_is_not_retried() -> None:
+    fake = FakeLoad()
+    fake.failures[(1, 1)] = math.inf
+    fake.failures[(2, 2)] = math.inf
+    loader = ChunkLoader(fake, workers=1, retry_after=0.0)
+    assert loader.prefetch((1, 1))
+    async with running(loader):
+        await settle(lambda: loader.stats().errors >= 3)
+        loader.cancel((1, 1))  # queued, deferred, waiting to retry or loading: all stop
+        await settle(lambda: not loader.is_pending((1, 1)))
+        calls = len(fake.calls)
+        for _ in range(50):
+            await anyio.lowlevel.checkpoint()
+        assert len(fake.calls) == calls
+        # Cancelled while its load is in progress: that load's failure is not retried either.
+        assert loader.prefetch((2, 2))
+        await settle(lambda: fake.loaded[-1:] == [(2, 2)])
+        assert not loader.cancel((2, 2))  # loading: goes on
+        await settle(lambda: not loader.is_pending((2, 2)))
+        for _ in range(50):
+            await anyio.lowlevel.checkpoint()
+        assert fake.loaded.count((2, 2)) == 1
+    assert loader.deferred == 0
+
+
+async def wait_idle(loader: ChunkLoader, keys: Iterable[ChunkKey]) -> None:
+    """Until none of ``keys`` is pending (bounded by turns; no timing is asserted)."""
+    keys = list(keys)
+    for _ in range(3000):
+        if not any(loader.is_pending(k) for k in keys):
+            return
+        await anyio.sleep(0.01)
+    raise AssertionError("loads still pending")
+
+
+async def test_every_pinned_chunk_loads_when_prefetches_overflow_the_queue(
+    tmp_path: Path,
+) -> None:
+    await new_world(tmp_path)
+    async with open_world(tmp_path, cfg(view_radius=2, load_workers=1)) as world:
+        loader = world._loader
+        loader._max_queued = 8  # stands in for 4096: 4 players x 25 chunks overflow it
+        for i in range(4):
+            world.update_interest(f"p{i}", i * 20 * 64 + 10, 10)
+        pinned = world._interest.pinned_keys()
+        assert len(pinned) == 100
+        await wait_idle(loader, pinned)
+        assert [k for k in pinned if k not in world._cache] == []
+
+
+async def test_a_pinned_chunk_whose_load_failed_is_loaded_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await new_world(tmp_path)
+    async with open_world(tmp_path, cfg(view_radius=1, load_workers=1)) as world:
+        store = world._store
+        assert store is not None
+        real_read = store.fs.read
+        failures = {"regions/r.0.0.region": 1}  # one transient EIO
+
+        def read(key: str, *args: object, **kwargs: object) -> bytes:
+            if failures.get(key, 0) > 0:
+                failures[key] -= 1
+                raise OSError(errno.EIO, "Input/output error")
+            return real_read(key, *args, **kwargs)
+
+        monkeypatch.setattr(store.fs, "read", read)
+        world.update_interest("p", 3 * 64 + 10, 3 * 64 + 10)  # chunks (2..4, 2..4) of region 0,0
+        pinned = world._interest.pinned_keys()
+        await wait_idle(world._loader, pinned)
+        assert failures["regions/r.0.0.region"] == 0  # the failure did happen
+        assert [k for k in pinned if k not in world._cache] == []
+        assert world.stats().loader.errors >= 1

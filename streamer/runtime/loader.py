@@ -18,8 +18,18 @@ Cancellation rules:
   :class:`~streamer.errors.WorldClosed`, so no caller outside that task group hangs.
 
 Errors: an exception from ``load_batch`` fails every key of the batch; an ``Exception`` in the
-returned mapping fails just that key. Every waiter of the key gets the error; nothing is
-remembered, so the next ``get`` loads again.
+returned mapping fails just that key. Every waiter of the key gets the error, and the next
+``get`` loads again. A failed key that was prefetched (and not cancelled since) is tried again
+after a backoff that doubles per failure (``retry_after`` up to ``retry_max``): its prefetch
+still stands until ``cancel``, and nothing else would ask for it again.
+
+The queue is bounded (``max_queued``) but a prefetch is never lost. One that finds the queue
+full is *deferred*: kept as just ``(priority, key)`` in a second heap, and workers take from
+both heaps in one priority order, so a late player's own chunk still loads before the ring-4
+chunks queued ahead of it. Nothing is displaced and nothing needs re-offering; the deferred
+keys are bounded by what the caller prefetched and has not cancelled (the world: its pinned
+chunks). The bound still applies where it matters: to flights, each with an event and
+waiters, so a flood of ``get`` calls waits for room.
 
 Results are not kept here: the cache is the world's. ``on_loaded`` (called before waiters wake)
 lets the world cache a chunk before anyone can miss it again and start a second load.
@@ -73,10 +83,14 @@ class LoaderStats(msgspec.Struct, frozen=True, kw_only=True):
     errors: int
     #: Queued flights dropped unloaded (``cancel`` or every waiter gone).
     cancelled: int
-    #: Prefetches refused because the queue was full.
+    #: Prefetches that found the queue full and were deferred (they still load, in order).
     rejected: int
     p50_ms: float
     p99_ms: float
+    #: Prefetches waiting outside the full queue, or for their retry after failing.
+    deferred: int = 0
+    #: Failed prefetches scheduled to be tried again.
+    retries: int = 0
 
 
 class Latency(NamedTuple):
@@ -95,6 +109,7 @@ class _State(enum.Enum):
 
 class _Flight:
     __slots__ = (
+        "attempts",
         "chunk",
         "done",
         "error",
@@ -121,6 +136,21 @@ class _Flight:
         self.error: BaseException | None = None
         self.traceback: TracebackType | None = None
         self.requested_at = time.perf_counter()
+        #: Failed loads of this prefetch so far (sets the backoff of its next retry).
+        self.attempts = 0
+
+
+class _Deferred:
+    """A prefetch waiting outside the queue: for room (``due == 0``) or for its retry."""
+
+    __slots__ = ("attempts", "due", "priority", "requested_at", "seq")
+
+    def __init__(self, priority: int, seq: int, attempts: int, due: float) -> None:
+        self.priority = priority
+        self.seq = seq
+        self.attempts = attempts
+        self.due = due
+        self.requested_at = time.perf_counter()
 
 
 class ChunkLoader:
@@ -131,10 +161,13 @@ class ChunkLoader:
     :param max_batch: most keys per ``load_batch`` call.
     :param batch_band: if set, a batch only takes keys whose priority is within this much of
         the best queued key, so urgent loads do not wait behind a batch of distant ones.
-    :param max_queued: queue bound. A ``prefetch`` beyond it is refused (returns ``False``);
-        a ``get`` for a new key waits for room (back-pressure).
+    :param max_queued: queue bound. A ``prefetch`` beyond it is deferred (returns ``False``)
+        and still loads in priority order; a ``get`` for a new key waits for room
+        (back-pressure).
     :param on_loaded: called with each loaded chunk before its waiters wake.
     :param latency_window: how many recent latencies the percentiles are computed over.
+    :param retry_after: seconds before a failed prefetch is tried again; doubles with each
+        further failure, up to ``retry_max``.
     """
 
     def __init__(
@@ -147,19 +180,31 @@ class ChunkLoader:
         max_queued: int = 4096,
         on_loaded: OnLoaded | None = None,
         latency_window: int = 2048,
+        retry_after: float = 0.25,
+        retry_max: float = 30.0,
     ) -> None:
         if workers < 1 or max_batch < 1 or max_queued < 1 or latency_window < 1:
             raise ValueError("workers, max_batch, max_queued and latency_window must be >= 1")
         if batch_band is not None and batch_band < 0:
             raise ValueError("batch_band must be >= 0")
+        if retry_after < 0 or retry_max < retry_after:
+            raise ValueError("need 0 <= retry_after <= retry_max")
         self._load_batch = load_batch
         self._workers = workers
         self._max_batch = max_batch
         self._batch_band = batch_band
         self._max_queued = max_queued
         self._on_loaded = on_loaded
+        self._retry_after = retry_after
+        self._retry_max = retry_max
 
         self._flights: dict[ChunkKey, _Flight] = {}
+        #: Prefetches that found the queue full, in their own heap (see the module docstring).
+        self._deferred: dict[ChunkKey, _Deferred] = {}
+        self._deferred_heap: list[tuple[int, int, ChunkKey]] = []
+        #: Failed prefetches waiting for their retry, and the earliest retry's time.
+        self._retrying: dict[ChunkKey, _Deferred] = {}
+        self._next_retry = math.inf
         #: Makes each flight's Event without anyio's backend lookup (see fastsync).
         self._new_event: Callable[[], anyio.Event] | None = None
         self._heap: list[tuple[int, int, ChunkKey]] = []
@@ -183,6 +228,7 @@ class ChunkLoader:
         self._errors = 0
         self._cancelled = 0
         self._rejected = 0
+        self._retries = 0
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -222,7 +268,15 @@ class ChunkLoader:
             # Someone else may have queued the key while we waited.
             flight = self._flights.get(key)
         if flight is None:
-            flight = self._enqueue(key, priority)
+            waiting = self._take_deferred(key)
+            if waiting is None:
+                flight = self._enqueue(key, priority)
+            else:
+                # A deferred prefetch, or one waiting for its retry: someone needs it now.
+                self._joined += 1
+                flight = self._enqueue(key, min(priority, waiting.priority))
+                flight.prefetched = True
+                flight.attempts = waiting.attempts
         else:
             self._joined += 1
             self._raise_priority(flight, priority)
@@ -243,7 +297,9 @@ class ChunkLoader:
     def prefetch(self, key: ChunkKey, priority: int = 0) -> bool:
         """Queue ``key`` for loading without waiting for it.
 
-        Returns ``False`` if the queue is full and the key was not already pending.
+        Returns ``False`` if the queue is full and the key was not already pending: the key
+        is then deferred, not dropped, and loads in priority order all the same. A prefetch
+        stands until ``cancel``: if its load fails, it is tried again after a backoff.
 
         :raises WorldClosed: the loader has stopped.
         """
@@ -255,8 +311,15 @@ class ChunkLoader:
             flight.prefetched = True
             self._raise_priority(flight, priority)
             return True
+        waiting = self._deferred.get(key) or self._retrying.get(key)
+        if waiting is not None:
+            self._joined += 1
+            if priority < waiting.priority:
+                self._set_deferred_priority(key, waiting, priority)
+            return True
         if self._queued >= self._max_queued:
             self._rejected += 1
+            self._defer(key, priority, attempts=0)
             return False
         self._enqueue(key, priority).prefetched = True
         return True
@@ -264,21 +327,26 @@ class ChunkLoader:
     def cancel(self, key: ChunkKey) -> bool:
         """Withdraw a prefetch of ``key``. Returns whether a queued load was dropped.
 
-        A load nobody awaits is dropped if still queued; one already loading, or awaited by a
-        ``get``, goes on.
+        A load nobody awaits is dropped if still queued (or deferred); one already loading, or
+        awaited by a ``get``, goes on, but is no longer retried if it fails.
         """
         flight = self._flights.get(key)
-        if flight is None or flight.state is not _State.QUEUED:
-            return False
+        if flight is None:
+            if self._take_deferred(key) is None:
+                return False
+            self._cancelled += 1
+            return True
         flight.prefetched = False
+        if flight.state is not _State.QUEUED:
+            return False
         if flight.waiters:
             return False
         self._drop(flight)
         return True
 
     def is_pending(self, key: ChunkKey) -> bool:
-        """Whether ``key`` is queued or loading."""
-        return key in self._flights
+        """Whether ``key`` is queued, deferred, waiting to retry, or loading."""
+        return key in self._flights or key in self._deferred or key in self._retrying
 
     # -- metrics ----------------------------------------------------------------------------
 
@@ -289,6 +357,11 @@ class ChunkLoader:
     @property
     def inflight(self) -> int:
         return self._inflight
+
+    @property
+    def deferred(self) -> int:
+        """Prefetches waiting outside the full queue or for their retry."""
+        return len(self._deferred) + len(self._retrying)
 
     def latency_percentiles(self) -> Latency:
         """p50/p99 of request → ready in ms over the recent window; NaN with no samples."""
@@ -317,6 +390,8 @@ class ChunkLoader:
             rejected=self._rejected,
             p50_ms=latency.p50_ms,
             p99_ms=latency.p99_ms,
+            deferred=self.deferred,
+            retries=self._retries,
         )
 
     # -- queue ------------------------------------------------------------------------------
@@ -338,15 +413,66 @@ class ChunkLoader:
         heapq.heappush(self._heap, (flight.priority, flight.seq, flight.key))
         self._work.set()
 
-    def _enqueue(self, key: ChunkKey, priority: int) -> _Flight:
+    def _new_flight(self, key: ChunkKey, priority: int) -> _Flight:
         new_event = self._new_event
         if new_event is None:  # resolved inside the running loop, once
             new_event = self._new_event = event_factory()
         flight = _Flight(key, priority, 0, new_event())
         self._flights[key] = flight
+        return flight
+
+    def _enqueue(self, key: ChunkKey, priority: int) -> _Flight:
+        flight = self._new_flight(key, priority)
         self._queued += 1
         self._push(flight)
         return flight
+
+    def _defer(self, key: ChunkKey, priority: int, *, attempts: int) -> None:
+        self._seq += 1
+        self._deferred[key] = _Deferred(priority, self._seq, attempts, 0.0)
+        heapq.heappush(self._deferred_heap, (priority, self._seq, key))
+        self._work.set()
+
+    def _set_deferred_priority(self, key: ChunkKey, entry: _Deferred, priority: int) -> None:
+        entry.priority = priority
+        if self._deferred.get(key) is entry:
+            self._seq += 1
+            entry.seq = self._seq
+            heapq.heappush(self._deferred_heap, (priority, entry.seq, key))
+            self._maybe_compact_deferred()
+
+    def _take_deferred(self, key: ChunkKey) -> _Deferred | None:
+        """Remove ``key`` from the deferred prefetches (or their retries) and return it."""
+        entry = self._deferred.pop(key, None)
+        if entry is not None:
+            self._maybe_compact_deferred()
+            return entry
+        return self._retrying.pop(key, None)
+
+    def _maybe_compact_deferred(self) -> None:
+        heap = self._deferred_heap
+        if len(heap) > 64 and len(heap) > 2 * len(self._deferred):
+            self._deferred_heap = [(d.priority, d.seq, k) for k, d in self._deferred.items()]
+            heapq.heapify(self._deferred_heap)
+
+    def _schedule_retry(self, flight: _Flight) -> None:
+        attempts = flight.attempts + 1
+        delay = min(self._retry_after * 2 ** (attempts - 1), self._retry_max)
+        due = time.monotonic() + delay
+        self._retrying[flight.key] = _Deferred(flight.priority, 0, attempts, due)
+        self._next_retry = min(self._next_retry, due)
+        self._retries += 1
+
+    def _retry_due(self) -> None:
+        """Move the failed prefetches whose backoff has passed to the deferred heap."""
+        now = time.monotonic()
+        if now < self._next_retry:
+            return
+        due = [k for k, d in self._retrying.items() if d.due <= now]
+        for key in due:
+            entry = self._retrying.pop(key)
+            self._defer(key, entry.priority, attempts=entry.attempts)
+        self._next_retry = min((d.due for d in self._retrying.values()), default=math.inf)
 
     def _raise_priority(self, flight: _Flight, priority: int) -> None:
         if flight.state is not _State.QUEUED or priority >= flight.priority:
@@ -382,28 +508,54 @@ class ChunkLoader:
         return flight is not None and flight.state is _State.QUEUED and flight.seq == seq
 
     def _take_batch(self) -> list[_Flight]:
+        if self._retrying:
+            self._retry_due()
+        else:
+            self._next_retry = math.inf  # the retries it was set for were cancelled
         heap = self._heap
+        deferred = self._deferred_heap
         batch: list[_Flight] = []
         band_limit: int | None = None
-        while heap and len(batch) < self._max_batch:
-            priority, seq, key = heap[0]
-            if not self._is_live(seq, key):
+        from_queue = 0
+        while len(batch) < self._max_batch:
+            while heap and not self._is_live(heap[0][1], heap[0][2]):
                 heapq.heappop(heap)
                 self._stale -= 1
-                continue
+            while deferred and not self._is_deferred(deferred[0][1], deferred[0][2]):
+                heapq.heappop(deferred)
+            # One priority order over the queue and the deferred prefetches (seqs are unique).
+            if heap and (not deferred or heap[0] < deferred[0]):
+                source = heap
+            elif deferred:
+                source = deferred
+            else:
+                break
+            priority, _, key = source[0]
             if band_limit is None:
                 if self._batch_band is not None:
                     band_limit = priority + self._batch_band
             elif priority > band_limit:
                 break
-            heapq.heappop(heap)
-            flight = self._flights[key]
+            heapq.heappop(source)
+            if source is heap:
+                flight = self._flights[key]
+                from_queue += 1
+            else:
+                entry = self._deferred.pop(key)
+                flight = self._new_flight(key, priority)
+                flight.prefetched = True
+                flight.attempts = entry.attempts
+                flight.requested_at = entry.requested_at
             flight.state = _State.LOADING
             batch.append(flight)
-        if batch:
-            self._queued -= len(batch)
+        if from_queue:
+            self._queued -= from_queue
             self._room.set()
         return batch
+
+    def _is_deferred(self, seq: int, key: ChunkKey) -> bool:
+        entry = self._deferred.get(key)
+        return entry is not None and entry.seq == seq
 
     # -- workers ----------------------------------------------------------------------------
 
@@ -415,7 +567,9 @@ class ChunkLoader:
                 if not batch:
                     if self._work.is_set():
                         self._work = anyio.Event()
-                    await self._work.wait()
+                    # A failed prefetch waiting for its retry needs no request to wake us.
+                    with anyio.move_on_after(self._next_retry - time.monotonic()):
+                        await self._work.wait()
                     # One more turn of the loop lets requests made in the same tick as the one
                     # that woke us join this batch instead of the next.
                     await anyio.lowlevel.checkpoint()
@@ -473,6 +627,8 @@ class ChunkLoader:
         flight.error = error
         flight.traceback = error.__traceback__
         self._resolve(flight)
+        if flight.prefetched and self._flights.get(flight.key) is None:
+            self._schedule_retry(flight)
 
     def _resolve(self, flight: _Flight) -> None:
         flight.state = _State.DONE
@@ -490,5 +646,9 @@ class ChunkLoader:
                 self._resolve(flight)
         self._heap.clear()
         self._stale = 0
+        self._deferred.clear()
+        self._deferred_heap.clear()
+        self._retrying.clear()
+        self._next_retry = math.inf
         # Wake gets blocked on a full queue so they see the loader is closed.
         self._room.set()
