@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +17,11 @@ import pytest
 
 from streamer.cli import migrate_cmd
 from streamer.errors import StorageUnavailable
-from streamer.migrate import RecoverySnapshots, migrate_world
+from streamer.migrate import RecoverySnapshots, batch, migrate_world
 from streamer.migrate.synth import write_world
 from streamer.migrate.verify import record_census, tree_digests
+from streamer.schema.migrations import MigrationRegistry, RawRecord, StepFn
+from streamer.schema.upgrades import character_v1_to_v2, character_v2_to_v3, society_v1_to_v2
 from streamer.storage.base import Blob, BlobStore
 from streamer.storage.local import LocalStore
 
@@ -91,8 +94,6 @@ async def test_dry_run_storage_error_is_a_failure_and_the_run_goes_on(tmp_path: 
 async def test_dry_run_unexpected_error_is_a_failure_and_the_run_goes_on(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from streamer.migrate import batch
-
     world = await small_world(tmp_path)
     real = batch.migrate_region_bytes
 
@@ -165,3 +166,102 @@ async def test_real_run_halts_on_an_unreadable_region_names_it_and_rolls_back(
     # Rolled back to the pre-migration snapshot, which holds the good file.
     assert tree_digests(world) == before
     assert record_census(world).ids == census.ids
+
+
+# -- 4. a dead worker process left a slot with no worker behind it --------------------------
+
+SHIPPED: dict[tuple[str, int], StepFn] = {
+    ("character", 1): character_v1_to_v2,
+    ("character", 2): character_v2_to_v3,
+    ("society", 1): society_v1_to_v2,
+}
+
+
+class DieOn:
+    """A shipped step that kills the worker process running it for one record id (module
+    level, so a registry of them pickles and can be sent to worker processes)."""
+
+    def __init__(self, fn: StepFn, record_id: str) -> None:
+        self.fn, self.record_id = fn, record_id
+
+    def __call__(self, rec: RawRecord) -> RawRecord:
+        if rec.get("id") == self.record_id:
+            os._exit(3)
+        return self.fn(rec)
+
+
+def dying_registry(record_id: str) -> MigrationRegistry:
+    reg = MigrationRegistry()
+    for (t, v), fn in SHIPPED.items():
+        reg.register(t, v, DieOn(fn, record_id))
+    return reg
+
+
+async def _migrate_concurrently(
+    pool: batch._ProcessWorkers, world: Path, keys: list[str]
+) -> dict[str, batch._RegionResult | batch._RegionFailed]:
+    """Submit ``keys`` to ``pool`` at once, in order; what each one came back with."""
+    out: dict[str, batch._RegionResult | batch._RegionFailed] = {}
+
+    async def one(i: int, key: str) -> None:
+        data = await anyio.Path(world / key).read_bytes()
+        try:
+            out[key] = await pool.migrate(data, key, i, 0, True)
+        except batch._RegionFailed as exc:
+            out[key] = exc
+
+    async with anyio.create_task_group() as tg:
+        for i, key in enumerate(keys):
+            tg.start_soon(one, i, key)
+    return out
+
+
+async def test_a_region_waiting_for_a_worker_that_dies_gets_a_new_one(tmp_path: Path) -> None:
+    world = await small_world(tmp_path, regions=2)
+    # One process, two regions at once: the second waits while the first kills the worker.
+    pool = batch._ProcessWorkers(1, dying_registry("c-0-0-0"))
+    try:
+        await pool.start()
+        assert await pool.ready()
+        out = await _migrate_concurrently(pool, world, REGION_KEYS[:2])
+    finally:
+        await pool.aclose()
+    died = out[REGION_KEYS[0]]
+    assert isinstance(died, batch._RegionFailed)
+    assert died.failure.error_type == "BrokenExecutor" and "died" in died.failure.error
+    ok = out[REGION_KEYS[1]]
+    assert isinstance(ok, batch._RegionResult) and ok.chunks_upgraded == 2
+
+
+async def test_when_no_worker_can_replace_a_dead_one_waiting_regions_fail(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    world = await small_world(tmp_path, regions=3)
+    pool = batch._ProcessWorkers(1, dying_registry("c-0-0-0"))
+    try:
+        await pool.start()
+        assert await pool.ready()
+
+        def cannot_spawn() -> batch._Worker:
+            raise OSError(errno.EAGAIN, "injected: fork failed")
+
+        monkeypatch.setattr(pool, "_spawn_sync", cannot_spawn)
+        out = await _migrate_concurrently(pool, world, REGION_KEYS[:3])
+    finally:
+        await pool.aclose()
+    errors = {k: v.failure.error for k, v in out.items() if isinstance(v, batch._RegionFailed)}
+    assert set(errors) == set(REGION_KEYS[:3])
+    assert "died" in errors[REGION_KEYS[0]]
+    assert "every worker process has died" in errors[REGION_KEYS[1]]
+
+
+async def test_dry_run_in_processes_goes_on_after_a_worker_dies(tmp_path: Path) -> None:
+    world = await small_world(tmp_path, regions=4)
+    async with await LocalStore.open(world) as store:
+        report = await migrate_world(
+            store, jobs=3, dry_run=True, registry=dying_registry("c-8-0-0"), workers="processes"
+        )
+    assert report.status == "failed" and not report.ok
+    (fail,) = report.failures
+    assert (fail.file, fail.error_type) == (REGION_KEYS[1], "BrokenExecutor")
+    assert report.regions_failed == 1 and report.regions_rewritten == 3

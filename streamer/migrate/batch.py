@@ -744,15 +744,18 @@ class _ProcessWorkers:
     a fork here would inherit its open descriptors (the world lock's among them) and any
     lock another thread holds at that instant. ``_RegionFailed`` pickles, so a failing
     record halts and rolls back exactly as with threads; a worker that dies is a failure of
-    its region.
+    its region and is replaced by a new one (a dry run goes on after it).
     """
 
     def __init__(self, processes: int, registry: MigrationRegistry) -> None:
         self.processes = processes
         self._registry = None if registry is REGISTRY else registry
-        self._idle: list[_Worker] = []
         self._all: list[_Worker] = []
-        self._slots = anyio.Semaphore(processes)
+        # The idle workers themselves are the slots: a region takes one out and puts it back
+        # when done, so a worker that dies (and is not put back) can never be handed out.
+        self._idle_in, self._idle = anyio.create_memory_object_stream[_Worker](processes)
+        #: Workers started and not known dead; 0 closes ``_idle_in`` (no worker left).
+        self._alive = 0
         self._started = anyio.Event()
         #: Set when the workers could not be started: the run falls back to threads.
         self.broken: BaseException | None = None
@@ -761,32 +764,55 @@ class _ProcessWorkers:
         """Start the workers (in a thread: the first start of a process launches the fork
         server, which imports streamer). Never raises; on failure the run uses threads."""
         try:
-            await anyio.to_thread.run_sync(self._start_sync)
+            workers = await anyio.to_thread.run_sync(self._start_sync)
         except Exception as exc:  # nothing was submitted yet: threads take over
             self.broken = exc
             log.warning("worker processes unavailable (%r); migrating in threads", exc)
+        else:
+            for worker in workers:
+                self._idle_in.send_nowait(worker)
+            self._alive = len(workers)
         finally:
             self._started.set()
 
-    def _start_sync(self) -> None:
+    def _start_sync(self) -> list[_Worker]:
         ctx = multiprocessing.get_context("forkserver")
         # Only takes effect when this process starts its fork server; the fork server then
         # imports streamer once and every worker forked from it starts ready.
         ctx.set_forkserver_preload([__name__])
-        for _ in range(self.processes):
-            parent_conn, child_conn = ctx.Pipe(duplex=True)
-            proc = ctx.Process(
-                target=_worker_main,
-                args=(child_conn, self._registry),
-                name="streamer-migrate-worker",
-                daemon=True,
-            )
-            worker = _Worker(proc, parent_conn)
-            self._all.append(worker)
-            proc.start()
-            child_conn.close()  # the worker's end lives in the worker only: EOF on our death
-            os.set_blocking(parent_conn.fileno(), False)
-            self._idle.append(worker)
+        return [self._spawn_sync() for _ in range(self.processes)]
+
+    def _spawn_sync(self) -> _Worker:
+        ctx = multiprocessing.get_context("forkserver")
+        parent_conn, child_conn = ctx.Pipe(duplex=True)
+        proc = ctx.Process(
+            target=_worker_main,
+            args=(child_conn, self._registry),
+            name="streamer-migrate-worker",
+            daemon=True,
+        )
+        worker = _Worker(proc, parent_conn)
+        self._all.append(worker)
+        proc.start()
+        child_conn.close()  # the worker's end lives in the worker only: EOF on our death
+        os.set_blocking(parent_conn.fileno(), False)
+        return worker
+
+    async def _replace(self, dead: _Worker) -> None:
+        """Account for a dead worker and start one in its place (a dry run goes on after
+        a death). If none can be started the pool shrinks; with no worker left, regions
+        waiting for one fail instead of waiting forever."""
+        self._alive -= 1
+        dead.conn.close()
+        try:
+            worker = await anyio.to_thread.run_sync(self._spawn_sync)
+        except Exception as exc:
+            log.warning("cannot start a worker process to replace a dead one: %r", exc)
+        else:
+            self._alive += 1
+            self._idle_in.send_nowait(worker)
+        if self._alive == 0:
+            self._idle_in.close()
 
     async def ready(self) -> bool:
         await self._started.wait()
@@ -796,25 +822,33 @@ class _ProcessWorkers:
         self, data: bytes, key: str, rx: int, ry: int, collect_failures: bool
     ) -> _RegionResult:
         request = pickle.dumps((data, key, rx, ry, collect_failures), pickle.HIGHEST_PROTOCOL)
-        async with self._slots:
-            worker = self._idle.pop()
-            fd = worker.conn.fileno()
-            try:
-                await write_all(fd, FRAME_LEN.pack(len(request)) + request)
-                (n,) = FRAME_LEN.unpack(await read_exact(fd, FRAME_LEN.size))
-                ok, value, remote_tb = pickle.loads(await read_exact(fd, n))
-            except (EOFError, OSError) as exc:
-                # The worker died (killed, out of memory); it is not put back.
+        try:
+            worker = await self._idle.receive()
+        except (anyio.EndOfStream, anyio.ClosedResourceError):
+            gone = BrokenExecutor("every worker process has died; none could be restarted")
+            raise _RegionFailed(_failure(key, (rx, ry), None, gone), gone) from None
+        fd = worker.conn.fileno()
+        try:
+            await write_all(fd, FRAME_LEN.pack(len(request)) + request)
+            (n,) = FRAME_LEN.unpack(await read_exact(fd, FRAME_LEN.size))
+            ok, value, remote_tb = pickle.loads(await read_exact(fd, n))
+        except (EOFError, OSError) as exc:
+            # The worker died (killed, out of memory); it is not put back.
+            with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(worker.process.join, 5.0)
-                died = BrokenExecutor(
-                    f"worker process {worker.process.pid} died (exit code "
-                    f"{worker.process.exitcode}) while migrating this region"
-                )
-                raise _RegionFailed(_failure(key, (rx, ry), None, died), died) from exc
-            except BaseException:
-                worker.process.kill()  # cancelled mid-message: the worker is out of step
-                raise
-            self._idle.append(worker)
+                await self._replace(worker)
+            died = BrokenExecutor(
+                f"worker process {worker.process.pid} died (exit code "
+                f"{worker.process.exitcode}) while migrating this region"
+            )
+            raise _RegionFailed(_failure(key, (rx, ry), None, died), died) from exc
+        except BaseException:
+            worker.process.kill()  # cancelled mid-message: the worker is out of step
+            self._alive -= 1
+            if self._alive == 0:
+                self._idle_in.close()
+            raise
+        self._idle_in.send_nowait(worker)
         if ok:
             assert isinstance(value, _RegionResult)
             return value
@@ -826,6 +860,8 @@ class _ProcessWorkers:
 
     async def aclose(self) -> None:
         with anyio.CancelScope(shield=True):
+            self._idle_in.close()
+            self._idle.close()
             for worker in self._all:
                 worker.conn.close()  # EOF: the worker exits after its current region
             await anyio.to_thread.run_sync(self._join_sync)
