@@ -41,7 +41,14 @@ from streamer.schema.deltas import (
     StructureUpsert,
     TileSet,
 )
-from streamer.schema.records import Character
+from streamer.schema.records import (
+    CURRENT_VERSIONS,
+    Character,
+    Feature,
+    Record,
+    Society,
+    Structure,
+)
 
 _I32 = 1 << 31
 #: Direct ``chunk()`` calls go ahead of every interest prefetch (priorities are >= 0).
@@ -65,6 +72,20 @@ _PLAIN_TYPES = frozenset(
     {TileSet, FeatureAdd, FeatureRemove, StructureUpsert, StructureRemove, SocietyUpdate}
 )
 _TILES_ONLY = frozenset({TileSet})
+#: Delta type → (field, exact record type, its tag, the only schemaVersion accepted). The
+#: record goes into a chunk as it is, so it must be what this code writes: an older version
+#: in today's shape would be "migrated" again when the chunk is next read and fail there, and
+#: a newer one makes the whole region refuse to load, taking its valid edits with it.
+_RECORD_FIELDS: dict[type, tuple[str, type[Record], str, int]] = {
+    delta: (field, rec, tag, CURRENT_VERSIONS[tag])
+    for delta, field, rec in (
+        (EntityUpsert, "character", Character),
+        (FeatureAdd, "feature", Feature),
+        (StructureUpsert, "structure", Structure),
+        (SocietyUpdate, "society", Society),
+    )
+    for tag in (str(rec.__struct_config__.tag),)
+}
 _CHUNK_SHIFT = CHUNK_SIZE.bit_length() - 1
 assert 1 << _CHUNK_SHIFT == CHUNK_SIZE  # x >> shift is x // CHUNK_SIZE, negatives included
 #: Distinct chunk keys ``_route_batch`` shares before it starts over.
@@ -105,6 +126,30 @@ def _delta_point(d: ChunkDelta) -> tuple[int, int]:
         case SocietyUpdate(society=s):
             return s.x, s.y
     raise DeltaError(f"not a single-chunk delta: {d!r}")
+
+
+def _check_record(d: AnyDelta, spec: tuple[str, type[Record], str, int], what: str) -> None:
+    """Refuse a record that is not exactly what this code writes: its exact type (so its
+    ``type`` tag) and the current ``schemaVersion`` of that type.
+
+    :raises DeltaError: names the delta (``what``), the record's id, type and version.
+    """
+    field, rec_type, tag, current = spec
+    rec = getattr(d, field)
+    if type(rec) is not rec_type:
+        # A subclass (even one with the same tag) would be journaled and replayed as the base
+        # type but held in memory as itself until then.
+        raise DeltaError(
+            f"{what}: {field} must be exactly a {rec_type.__name__} record (type {tag!r}), "
+            f"got {type(rec).__name__}"
+        )
+    version = rec.schemaVersion
+    if type(version) is not int or version != current:
+        raise DeltaError(
+            f"{what}: {tag} record {getattr(rec, 'id', None)!r} has schemaVersion {version!r}; "
+            f"this server accepts only schemaVersion {current} for type {tag!r} (records are "
+            "never migrated on submit: build it at the current version)"
+        )
 
 
 class _SubmitPath:
@@ -216,8 +261,10 @@ class _SubmitPath:
         ``EntityUpsert`` places (or replaces) a character in the chunk at its position; use
         ``EntityMove`` to relocate one. Removes of absent records are no-ops.
 
-        :raises DeltaError: a malformed delta, a coordinate outside the world, a tick going
-            backwards, or an ``EntityMove`` whose entity is not at its ``from`` position.
+        :raises DeltaError: a malformed delta, a record (character, structure, feature,
+            society) not exactly of its type at the current ``schemaVersion``, a coordinate
+            outside the world, a tick going backwards, or an ``EntityMove`` whose entity is
+            not at its ``from`` position.
         :raises TickAlreadyProcessed: a tick at or below the region's lastProcessedTick.
         :raises StorageUnavailable: the journal write failed; nothing of the batch applied.
         :raises WorldClosed: the world is closed.
@@ -338,6 +385,9 @@ class _SubmitPath:
                 self._check_point(d.from_x, d.from_y, what)
                 self._check_point(d.to_x, d.to_y, what)
                 continue
+            spec = _RECORD_FIELDS.get(type(d))
+            if spec is not None:
+                _check_record(d, spec, what)
             self._check_point(*_delta_point(d), what)
             if isinstance(d, TileSet) and not 0 <= d.tile <= 0xFFFF:
                 raise DeltaError(f"{what}: tile id {d.tile} is outside 0..65535")
