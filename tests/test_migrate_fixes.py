@@ -13,17 +13,21 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import msgspec
 import pytest
 
 from streamer.cli import migrate_cmd
 from streamer.errors import StorageUnavailable
+from streamer.format.manifest import MANIFEST_KEY, encode_manifest
 from streamer.migrate import RecoverySnapshots, batch, migrate_world
 from streamer.migrate.synth import write_world
 from streamer.migrate.verify import record_census, tree_digests
 from streamer.schema.migrations import MigrationRegistry, RawRecord, StepFn
+from streamer.schema.records import CURRENT_VERSIONS
 from streamer.schema.upgrades import character_v1_to_v2, character_v2_to_v3, society_v1_to_v2
 from streamer.storage.base import Blob, BlobStore
 from streamer.storage.local import LocalStore
+from streamer.worlddir import read_manifest
 
 REGION_KEYS = [f"regions/r.{i}.0.region" for i in range(4)]
 
@@ -265,3 +269,25 @@ async def test_dry_run_in_processes_goes_on_after_a_worker_dies(tmp_path: Path) 
     (fail,) = report.failures
     assert (fail.file, fail.error_type) == (REGION_KEYS[1], "BrokenExecutor")
     assert report.regions_failed == 1 and report.regions_rewritten == 3
+
+
+# -- 5. the manifest's record versions could be lowered ------------------------------------
+
+
+async def test_finish_never_lowers_a_record_version_a_newer_release_recorded(
+    tmp_path: Path,
+) -> None:
+    world = await small_world(tmp_path, regions=2)
+    async with await LocalStore.open(world) as store:
+        manifest = await read_manifest(store)
+        newer = {**manifest.record_versions, "society": CURRENT_VERSIONS["society"] + 2}
+        newer["character"] = 1  # what this run migrates: raised to the target
+        await store.put_atomic(
+            MANIFEST_KEY,
+            encode_manifest(msgspec.structs.replace(manifest, record_versions=newer)),
+        )
+        report = await migrate_world(store, jobs=1)
+        assert report.status == "completed"
+        after = (await read_manifest(store)).record_versions
+    assert after["society"] == CURRENT_VERSIONS["society"] + 2
+    assert after["character"] == CURRENT_VERSIONS["character"]

@@ -1226,9 +1226,15 @@ async def migrate_world(
 
 
 async def _finish(store: BlobStore, *, manifest_targets: dict[str, int], where: str) -> None:
-    """Record in the manifest that every record is now written at the target versions."""
+    """Record in the manifest that every record is now written at the target versions.
+
+    Per type the higher of the two wins: a version recorded by a newer release (records of
+    a type this code does not migrate, or a newer chain) is never lowered.
+    """
     manifest = await read_manifest(store, where=where)
-    merged = {**manifest.record_versions, **manifest_targets}
+    merged = dict(manifest.record_versions)
+    for rtype, version in manifest_targets.items():
+        merged[rtype] = max(version, merged.get(rtype, version))
     if merged != manifest.record_versions:
         updated = msgspec.structs.replace(manifest, record_versions=merged)
         await store.put_atomic(MANIFEST_KEY, encode_manifest(updated))
