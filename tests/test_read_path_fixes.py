@@ -18,6 +18,7 @@ import streamer.runtime.world as world_mod
 from streamer import StorageUnavailable, open_world
 from streamer.config import Config, RuntimeSettings, StorageSettings
 from streamer.runtime.chunk import Chunk, ChunkKey
+from streamer.runtime.interest import DIRECTION_STEPS, RING_STRIDE, InterestTracker
 from streamer.runtime.loader import ChunkLoader
 from streamer.storage.base import Blob
 from streamer.storage.local import LocalStore
@@ -326,3 +327,80 @@ async def test_a_pinned_chunk_whose_load_failed_is_loaded_again(
         assert failures["regions/r.0.0.region"] == 0  # the failure did happen
         assert [k for k in pinned if k not in world._cache] == []
         assert world.stats().loader.errors >= 1
+
+
+# -- held chunks follow the player's new position --------------------------------------------
+
+
+def test_entering_another_chunk_reranks_the_chunks_already_held() -> None:
+    tracker = InterestTracker(view_radius=4, hysteresis=1)
+    first = tracker.update("p", 10, 10)  # chunk (0, 0), standing still
+    assert dict(first.load)[(0, 0)] == 0 and first.rerank == []
+    assert tracker.update("p", 20, 10).rerank == []  # same chunk: nothing to re-rank
+    moved = tracker.update("p", 3 * 64 + 10, 10)  # three chunks east, heading east
+    rerank = dict(moved.rerank)
+    # Every chunk still held from before is re-ranked, and only those.
+    assert set(rerank) == tracker.held_by("p") - {k for k, _ in moved.load}
+    assert rerank[(3, 0)] == 0  # where it stands now
+    assert rerank[(4, 0)] == 1 * RING_STRIDE  # straight ahead, ring 1
+    assert rerank[(2, 0)] == 1 * RING_STRIDE + 2 * DIRECTION_STEPS  # straight behind
+    assert rerank[(0, 0)] == 3 * RING_STRIDE + 2 * DIRECTION_STEPS  # the chunk it left
+    assert rerank[(-2, 0)] == 5 * RING_STRIDE + 2 * DIRECTION_STEPS  # kept by hysteresis
+    # The same priorities as a fresh player at the new chunk with the same heading gets.
+    fresh = InterestTracker(view_radius=4, hysteresis=1)
+    fresh.update("q", 2 * 64 + 10, 10)
+    same = dict(fresh.update("q", 3 * 64 + 10, 10).rerank)
+    ranks = dict(moved.load) | rerank
+    assert all(ranks[k] == prio for k, prio in same.items())
+    assert [p for _, p in moved.rerank] == sorted(p for _, p in moved.rerank)
+
+
+async def test_reprioritize_can_lower_a_prefetch_but_not_below_a_waiting_get() -> None:
+    fake = FakeLoad()
+    loader = ChunkLoader(fake, workers=1, max_batch=1, max_queued=3)
+    assert loader.prefetch((0, 0), 0)
+    assert loader.prefetch((1, 0), 5)
+    assert loader.prefetch((2, 0), 6)
+    assert not loader.prefetch((3, 0), 7)  # deferred
+    assert loader.reprioritize((0, 0), 50)  # lowered
+    assert loader.reprioritize((3, 0), 1)  # raised, while deferred
+    assert not loader.reprioritize((9, 9), 0)  # not pending: nothing is queued
+    assert not loader.is_pending((9, 9))
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(loader.get, (2, 0), -1)
+        await settle(lambda: loader.stats().joined == 1)
+        assert loader.reprioritize((2, 0), 60)  # a get waits on it: keeps the get's -1
+        async with running(loader):
+            await settle(lambda: loader.stats().loads == 4)
+    assert fake.loaded == [(2, 0), (3, 0), (1, 0), (0, 0)]
+
+
+async def test_after_a_fast_move_the_chunk_a_player_stands_in_loads_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await new_world(tmp_path)
+    config = cfg(view_radius=4, hysteresis=1, load_workers=1)
+    async with open_world(tmp_path, config) as world:
+        loader = world._loader
+        order: list[ChunkKey] = []
+        inner = loader._load_batch
+
+        async def spy(keys: list[ChunkKey]) -> Mapping[ChunkKey, Chunk | Exception]:
+            order.extend(keys)
+            return await inner(keys)
+
+        monkeypatch.setattr(loader, "_load_batch", spy)
+        # p1 appears in chunk (0, 0) and, before any load starts, walks to chunk (3, 0).
+        world.update_interest("p1", 10, 10)
+        world.update_interest("p1", 3 * 64 + 10, 10)
+        world.update_interest("p2", 40 * 64 + 10, 10)  # someone elsewhere
+        assert loader._flights[(3, 0)].priority == 0
+        mine = world._interest.held_by("p1")
+        await wait_idle(loader, mine)
+        p1_order = [k for k in order if k in mine]
+        assert p1_order[0] == (3, 0)
+        # Nearest first from where p1 is now: rings never go back down.
+        rings = [max(abs(k[0] - 3), abs(k[1])) for k in p1_order]
+        assert rings == sorted(rings)
+        # Its own new chunk did not wait behind p2's chunks either.
+        assert order.index((3, 0)) <= 1

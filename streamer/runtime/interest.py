@@ -15,6 +15,11 @@ chunk and ``direction`` in ``[0, 2 * DIRECTION_STEPS]`` is 0 straight ahead alon
 movement, ``DIRECTION_STEPS`` sideways (or when the player has not moved) and
 ``2 * DIRECTION_STEPS`` straight behind; the player's own chunk has priority 0. The ``load``
 list is sorted by priority, then by Euclidean distance, then by key, so it is deterministic.
+
+Priorities are relative to where the player stands, so when it enters another chunk the
+chunks it already held are ranked again (``rerank``): some of their loads may still be
+pending, and the chunk it now stands in must not wait behind the one it left. That costs one
+pass over the player's held set per chunk crossed, no more than the crossing already does.
 """
 
 from __future__ import annotations
@@ -37,6 +42,8 @@ RING_STRIDE = 2 * DIRECTION_STEPS + 1
 
 PlayerId: TypeAlias = Hashable
 
+_FRESH, _SHARED, _HELD = 0, 1, 2
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class InterestChange:
@@ -48,6 +55,9 @@ class InterestChange:
     #: Chunks this player newly holds that another player already held: not to be pinned
     #: again, but if still queued their load priority may be raised to this.
     shared: list[tuple[ChunkKey, int]] = dataclasses.field(default_factory=list)
+    #: Chunks this player held already, with their priority from its new chunk (reported
+    #: only when it entered another chunk), in the same order as ``load``.
+    rerank: list[tuple[ChunkKey, int]] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass(slots=True)
@@ -62,6 +72,18 @@ class _Player:
 
 def _chebyshev(a: ChunkKey, b: ChunkKey) -> int:
     return max(abs(a[0] - b[0]), abs(a[1] - b[1]))
+
+
+def _priority(dx: int, dy: int, heading: tuple[int, int], heading_len: float) -> int:
+    """Load priority of the chunk ``(dx, dy)`` chunks from the player's (module docstring)."""
+    ring = max(abs(dx), abs(dy))
+    if ring == 0:
+        return 0  # the player's own chunk is the most urgent load there is
+    direction = DIRECTION_STEPS
+    if heading_len > 0:
+        cos = (dx * heading[0] + dy * heading[1]) / (math.hypot(dx, dy) * heading_len)
+        direction = round((1.0 - cos) * DIRECTION_STEPS)
+    return ring * RING_STRIDE + direction
 
 
 class InterestTracker:
@@ -109,11 +131,16 @@ class InterestTracker:
             if self._decref(key):
                 release.append(key)
 
-        hx, hy = player.heading
-        heading_len = math.hypot(hx, hy)
-        ranked: list[tuple[int, int, ChunkKey, bool]] = []
-        r = self._radius
+        heading = player.heading
+        heading_len = math.hypot(*heading)
         cx, cy = center
+        # (priority, distance², key, kind), kind: _FRESH, _SHARED or _HELD.
+        ranked: list[tuple[int, int, ChunkKey, int]] = []
+        for key in player.held:
+            dx, dy = key[0] - cx, key[1] - cy
+            prio = _priority(dx, dy, heading, heading_len)
+            ranked.append((prio, dx * dx + dy * dy, key, _HELD))
+        r = self._radius
         for dy in range(-r, r + 1):
             for dx in range(-r, r + 1):
                 key = (cx + dx, cy + dy)
@@ -122,17 +149,16 @@ class InterestTracker:
                 player.held.add(key)
                 refs = self._refs.get(key, 0)
                 self._refs[key] = refs + 1
-                ring = max(abs(dx), abs(dy))
-                # The player's own chunk is the most urgent load there is: priority 0.
-                direction = 0 if ring == 0 else DIRECTION_STEPS
-                if heading_len > 0 and ring > 0:
-                    cos = (dx * hx + dy * hy) / (math.hypot(dx, dy) * heading_len)
-                    direction = round((1.0 - cos) * DIRECTION_STEPS)
-                ranked.append((ring * RING_STRIDE + direction, dx * dx + dy * dy, key, refs == 0))
+                kind = _FRESH if refs == 0 else _SHARED
+                prio = _priority(dx, dy, heading, heading_len)
+                ranked.append((prio, dx * dx + dy * dy, key, kind))
         ranked.sort()
-        load = [(key, prio) for prio, _, key, fresh in ranked if fresh]
-        shared = [(key, prio) for prio, _, key, fresh in ranked if not fresh]
-        return InterestChange(load=load, release=release, shared=shared)
+        return InterestChange(
+            load=[(key, prio) for prio, _, key, kind in ranked if kind == _FRESH],
+            release=release,
+            shared=[(key, prio) for prio, _, key, kind in ranked if kind == _SHARED],
+            rerank=[(key, prio) for prio, _, key, kind in ranked if kind == _HELD],
+        )
 
     def drop(self, player_id: PlayerId) -> list[ChunkKey]:
         """Forget ``player_id``; returns the chunks no other player holds (sorted). Idempotent."""

@@ -113,6 +113,7 @@ class _Flight:
         "chunk",
         "done",
         "error",
+        "get_priority",
         "key",
         "prefetched",
         "priority",
@@ -138,6 +139,8 @@ class _Flight:
         self.requested_at = time.perf_counter()
         #: Failed loads of this prefetch so far (sets the backoff of its next retry).
         self.attempts = 0
+        #: Best priority a ``get`` asked for: ``reprioritize`` never demotes a load below it.
+        self.get_priority: int | None = None
 
 
 class _Deferred:
@@ -280,6 +283,8 @@ class ChunkLoader:
         else:
             self._joined += 1
             self._raise_priority(flight, priority)
+        if flight.get_priority is None or priority < flight.get_priority:
+            flight.get_priority = priority
         flight.waiters += 1
         try:
             await flight.done.wait()
@@ -322,6 +327,28 @@ class ChunkLoader:
             self._defer(key, priority, attempts=0)
             return False
         self._enqueue(key, priority).prefetched = True
+        return True
+
+    def reprioritize(self, key: ChunkKey, priority: int) -> bool:
+        """Give ``key``'s pending prefetch ``priority``, better or worse than it had.
+
+        For a requester whose ranking changed (a player moved) and who alone wants the key;
+        ``prefetch`` only ever raises a priority, since other requesters may need it sooner.
+        A ``get`` waiting for the key keeps the priority it asked for. Queues nothing: returns
+        whether ``key`` was pending.
+        """
+        flight = self._flights.get(key)
+        if flight is not None:
+            if flight.state is _State.QUEUED:
+                if flight.waiters and flight.get_priority is not None:
+                    priority = min(priority, flight.get_priority)
+                self._set_priority(flight, priority)
+            return True
+        entry = self._deferred.get(key) or self._retrying.get(key)
+        if entry is None:
+            return False
+        if priority != entry.priority:
+            self._set_deferred_priority(key, entry, priority)
         return True
 
     def cancel(self, key: ChunkKey) -> bool:
@@ -475,7 +502,11 @@ class ChunkLoader:
         self._next_retry = min((d.due for d in self._retrying.values()), default=math.inf)
 
     def _raise_priority(self, flight: _Flight, priority: int) -> None:
-        if flight.state is not _State.QUEUED or priority >= flight.priority:
+        if flight.state is _State.QUEUED and priority < flight.priority:
+            self._set_priority(flight, priority)
+
+    def _set_priority(self, flight: _Flight, priority: int) -> None:
+        if priority == flight.priority:
             return
         # heapq has no decrease-key: push a fresh entry and let the old one go stale.
         flight.priority = priority

@@ -774,6 +774,14 @@ class World(_SubmitPath, _FlushPath):
         for key, priority in change.shared:
             if self._loader.is_pending(key):
                 self._loader.prefetch(key, priority)
+        for key, priority in change.rerank:
+            if self._interest.holders(key) == 1:
+                # Its rank from this player's new chunk is its rank, even if worse than before:
+                # otherwise the chunk just left would still load ahead of the one entered.
+                self._loader.reprioritize(key, priority)
+            elif self._loader.is_pending(key):
+                # The other holders' ranks are not known here: only ever raise.
+                self._loader.prefetch(key, priority)
 
     def drop_interest(self, player_id: str) -> None:
         """Forget ``player_id``'s view; its chunks become evictable. Idempotent."""
