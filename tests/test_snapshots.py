@@ -15,6 +15,7 @@ from streamer.format.manifest import MANIFEST_KEY, decode_manifest
 from streamer.format.region import encode_region, region_key
 from streamer.recovery.check import CheckReport
 from streamer.recovery.incidents import IncidentLog
+from streamer.recovery.lineage import write_lineage
 from streamer.recovery.snapshots import (
     RESTORE_MARKER_KEY,
     create_snapshot,
@@ -209,7 +210,7 @@ async def test_rotation_keeps_the_newest_and_sweeps_incomplete(store, tmp_path):
     scan = await scan_snapshots(store)
     assert scan.incomplete == [] and scan.damaged == {}
     # Deleted snapshots leave no empty directories behind either.
-    assert sorted(os.listdir(tmp_path / "snapshots")) == sorted(ids[2:])
+    assert sorted(os.listdir(tmp_path / "snapshots")) == sorted([*ids[2:], "lineage.json"])
 
 
 async def test_corrupt_source_region_is_refused(store, tmp_path):
@@ -301,7 +302,12 @@ async def test_restore_with_corrupt_current_files_keeps_them_raw(store, tmp_path
     assert not await is_valid_snapshot(store, pre)
     with pytest.raises(SnapshotError, match="raw"):
         await restore_snapshot(store, pre.id, keep=5)
-    # ...and its damaged file is never served, while its intact files are.
+    # ...and serves no copies: the world no longer descends from it (recovery/lineage.py).
+    assert await find_valid_copy(store, region_key(1, 0)) == (target.id, original[region_key(1, 0)])
+    assert (await find_valid_copy(store, region_key(0, 0)) or ("", b""))[0] == target.id
+    # Were it an ancestor (a restore that crashed before committing), its damaged file would
+    # still never be served, while its intact files would.
+    await write_lineage(store, [pre.id, target.id])
     assert await find_valid_copy(store, region_key(1, 0)) == (target.id, original[region_key(1, 0)])
     assert (await find_valid_copy(store, region_key(0, 0)) or ("", b""))[0] == pre.id
 

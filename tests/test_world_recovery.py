@@ -428,7 +428,8 @@ async def test_preallocated_segments_leave_no_padding_or_spare_after_close(
 
 
 async def test_open_finishes_an_interrupted_restore_first(tmp_path: Path) -> None:
-    from streamer.recovery.snapshots import RESTORE_MARKER_KEY, RestoreMarker, _seal
+    from streamer.recovery.sealed import seal
+    from streamer.recovery.snapshots import RESTORE_MARKER_KEY, RestoreMarker
 
     path = await new_world(tmp_path)
     async with open_world(path, cfg()) as world:
@@ -438,7 +439,7 @@ async def test_open_finishes_an_interrupted_restore_first(tmp_path: Path) -> Non
     # A restore of `snap` whose marker is durable but whose file replacement never ran.
     store = await LocalStore.open(path, fsync=False)
     marker = RestoreMarker(snapshot=snap.id, pre_restore=None, started_at="2026-01-01T00:00:00Z")
-    await store.put_atomic(RESTORE_MARKER_KEY, _seal(marker))
+    await store.put_atomic(RESTORE_MARKER_KEY, seal(marker))
     await store.aclose()
     async with open_world(path, cfg()) as world:
         assert tile((await world.chunk(0, 0)).tiles, 1, 1) == 11

@@ -56,6 +56,7 @@ from streamer.format.region import (
 )
 from streamer.recovery.inactive import INACTIVE_KEY, load_inactive, reactivate
 from streamer.recovery.incidents import IncidentLog
+from streamer.recovery.lineage import write_lineage
 from streamer.recovery.quarantine import quarantine_copy
 from streamer.recovery.snapshots import create_snapshot, list_snapshots
 from streamer.schema.codec import ChunkCodec
@@ -432,6 +433,9 @@ async def regenerate_world(
     # Damaged journal segments are copied as-is into the snapshot (it verifies regions and
     # the manifest only), so nothing else needs setting aside.
     snap = await create_snapshot(store, keep=keep, reason="pre-regenerate")
+    # Before anything is dropped: the regenerated world descends from no snapshot, so the
+    # recovery ladder must never bring back a region of the state given up here.
+    await write_lineage(store, [])
 
     journal = segment_keys(await store.list("journal/"))
     for key in journal:

@@ -58,14 +58,12 @@ from typing import Any, Final, Literal
 import msgspec
 
 from streamer.errors import (
-    ChecksumMismatch,
     MalformedFile,
     NotFound,
     SnapshotError,
     StorageUnavailable,
     StreamerError,
     UnknownSnapshot,
-    UnsupportedFormat,
 )
 from streamer.format.checksum import hex64, xxh3
 from streamer.format.journal import scan_frames, segment_keys
@@ -73,6 +71,8 @@ from streamer.format.manifest import MANIFEST_KEY, WorldManifest, decode_manifes
 from streamer.format.region import decode_region, parse_region_key, region_key
 from streamer.recovery.check import CheckReport, ExtraCheck, Problem, problem_from
 from streamer.recovery.incidents import IncidentLog
+from streamer.recovery.lineage import read_lineage, write_lineage
+from streamer.recovery.sealed import seal, unseal
 from streamer.storage.base import Blob, BlobStore
 from streamer.storage.local import LocalStore
 
@@ -109,8 +109,6 @@ _BATCH: Final = 32
 # Links, renames and unlinks per hop: metadata only, so far more than reads per hop.
 _LINK_BATCH: Final = 512
 
-_JSON = msgspec.json.Encoder(order="sorted")
-
 
 class SnapshotFile(msgspec.Struct, frozen=True, kw_only=True):
     key: str
@@ -142,6 +140,9 @@ class SnapshotInfo(msgspec.Struct, frozen=True, kw_only=True):
     files: list[SnapshotFile] = msgspec.field(default_factory=list)
     #: Some files failed verification at the source (see ``SnapshotFile.verified``).
     raw: bool = False
+    #: The snapshots the world's state descended from when this one was taken, newest
+    #: first (``recovery/lineage.py``); ``None``: taken before lineage was recorded.
+    ancestors: list[str] | None = None
     checksum: str = ""
 
     @property
@@ -228,38 +229,8 @@ async def world_keys(store: BlobStore) -> list[str]:
 # --- snapshot.json ---------------------------------------------------------------------------
 
 
-def _seal(obj: msgspec.Struct) -> bytes:
-    body = msgspec.to_builtins(obj)
-    body.pop("checksum", None)
-    body["checksum"] = hex64(xxh3(_JSON.encode(body)))
-    return msgspec.json.format(_JSON.encode(body), indent=2) + b"\n"
-
-
-def _unseal(data: bytes, path: str, kind: str) -> dict[str, Any]:
-    try:
-        raw = msgspec.json.decode(data)
-    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
-        raise MalformedFile(f"{kind} is not valid JSON: {exc}", path=path) from None
-    if not isinstance(raw, dict) or raw.get("type") != kind:
-        raise MalformedFile(f"not a {kind} record (type != {kind!r})", path=path)
-    stored = raw.pop("checksum", None)
-    actual = hex64(xxh3(_JSON.encode(raw)))
-    if stored != actual:
-        raise ChecksumMismatch(
-            f"{kind} record checksum mismatch", path=path, expected=str(stored), actual=actual
-        )
-    version = raw.get("schemaVersion")
-    if not isinstance(version, int) or version > 1:
-        raise UnsupportedFormat(
-            f"{kind} record schemaVersion {version!r} is newer than this streamer reads (1)",
-            path=path,
-        )
-    raw["checksum"] = stored
-    return raw
-
-
 def _decode_info(data: bytes, path: str) -> SnapshotInfo:
-    raw = _unseal(data, path, "snapshot")
+    raw = unseal(data, path, "snapshot")
     try:
         return msgspec.convert(raw, SnapshotInfo)
     except msgspec.ValidationError as exc:
@@ -267,7 +238,7 @@ def _decode_info(data: bytes, path: str) -> SnapshotInfo:
 
 
 def _decode_marker(data: bytes, path: str) -> RestoreMarker:
-    raw = _unseal(data, path, "restore")
+    raw = unseal(data, path, "restore")
     try:
         return msgspec.convert(raw, RestoreMarker)
     except msgspec.ValidationError as exc:
@@ -298,7 +269,9 @@ async def scan_snapshots(store: BlobStore) -> SnapshotScan:
     """Every snapshot directory, classified. Reads only the ``snapshot.json`` files."""
     groups: dict[str, bool] = {}
     for key in await store.list(SNAPSHOTS_PREFIX):
-        sid, _, rest = key[len(SNAPSHOTS_PREFIX) :].partition("/")
+        sid, slash, rest = key[len(SNAPSHOTS_PREFIX) :].partition("/")
+        if not slash:
+            continue  # a file of the snapshot set itself (the lineage), not a snapshot
         groups[sid] = groups.get(sid, False) or rest == SNAPSHOT_MANIFEST
     complete = sorted((sid for sid, has in groups.items() if has), reverse=True)
     incomplete = sorted(sid for sid, has in groups.items() if not has)
@@ -438,11 +411,16 @@ async def is_valid_snapshot(store: BlobStore, info: SnapshotInfo) -> bool:
 async def find_valid_copy(store: BlobStore, key: str) -> tuple[str, bytes] | None:
     """The newest snapshot copy of world key ``key`` that verifies: ``(snapshot id, bytes)``.
 
+    Only snapshots the world's current state descends from count (``recovery/lineage.py``).
+
     A copy must match ``snapshot.json``'s size and xxh3, and a region (or the manifest) must
     also decode and verify on its own. Snapshots whose copy fails are skipped, so an older
     intact copy is found behind a damaged newer one. ``None``: no snapshot has a good copy.
     """
+    lineage = await read_lineage(store)
     for info in await list_snapshots(store):
+        if lineage is not None and info.id not in lineage:
+            continue  # an abandoned state: rolled back past, or regenerated over
         entry = next((f for f in info.files if f.key == key), None)
         if entry is None or not entry.verified:
             continue
@@ -540,6 +518,9 @@ async def _create(
     await _rotate(store, keep=keep, protect=protect, valid_too=False)
     existing = [*(await scan_snapshots(store)).ids]
     sid = _new_id(existing)
+    lineage = await read_lineage(store)
+    # A world from before lineage was recorded: every snapshot counted, so they still do.
+    ancestors = lineage if lineage is not None else sorted(existing, reverse=True)
     try:
         await _copy_into(store, sid, sources, newest)
         info = SnapshotInfo(
@@ -551,12 +532,14 @@ async def _create(
             last_processed_tick={s.entry.key: s.tick for s in sources if s.tick is not None},
             files=[s.entry for s in sources],
             raw=any(not s.entry.verified for s in sources),
+            ancestors=ancestors,
         )
-        await store.put_atomic(_manifest_key(sid), _seal(info))
+        await store.put_atomic(_manifest_key(sid), seal(info))
         stored = _decode_info((await store.get(_manifest_key(sid))).data, _manifest_key(sid))
     except StreamerError:
         await _delete_quietly(store, sid)
         raise
+    await write_lineage(store, [sid, *ancestors])
     await _rotate(store, keep=keep, protect=protect | {sid})
     return stored
 
@@ -912,7 +895,7 @@ async def restore_snapshot(store: BlobStore, snapshot_id: str, *, keep: int) -> 
         pre_restore=pre.id,
         started_at=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
     )
-    await store.put_atomic(RESTORE_MARKER_KEY, _seal(marker))
+    await store.put_atomic(RESTORE_MARKER_KEY, seal(marker))
     incident = await _apply_restore(store, info, marker, resumed=False)
     return RestoreResult(
         snapshot=snapshot_id, pre_restore=pre.id, pre_restore_raw=pre.raw, incident=incident
@@ -953,6 +936,14 @@ async def finish_interrupted_restore(store: BlobStore) -> RestoreResult | None:
     )
 
 
+async def _ancestors_of(store: BlobStore, info: SnapshotInfo) -> list[str]:
+    """The snapshots ``info``'s state descends from, newest first. One taken before lineage
+    was recorded: every older snapshot, as every snapshot counted then."""
+    if info.ancestors is not None:
+        return info.ancestors
+    return sorted((i for i in (await scan_snapshots(store)).ids if i < info.id), reverse=True)
+
+
 async def _apply_restore(
     store: BlobStore, info: SnapshotInfo, marker: RestoreMarker, *, resumed: bool
 ) -> str:
@@ -983,6 +974,8 @@ async def _apply_restore(
                 f"restore of snapshot {sid}: {key} does not match the snapshot after replacing "
                 f"it; the restore stays pending ({RESTORE_MARKER_KEY}) and is retried at open"
             )
+    # The world now descends from the snapshot, not from those taken after it.
+    await write_lineage(store, [sid, *(await _ancestors_of(store, info))])
     # Recorded before the marker goes: a crash in between records the restore twice, which
     # is better than not at all.
     incident = await IncidentLog(store).record(
