@@ -13,6 +13,7 @@ in ``World.__init__``.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import TypeAlias, cast
 
@@ -49,6 +50,8 @@ from streamer.schema.records import (
     Society,
     Structure,
 )
+
+log = logging.getLogger(__name__)
 
 _I32 = 1 << 31
 #: Direct ``chunk()`` calls go ahead of every interest prefetch (priorities are >= 0).
@@ -428,13 +431,30 @@ class _SubmitPath:
                 need.append(key)
         if not need:
             return True
+        errors: list[Exception] = []
         async with anyio.create_task_group() as tg:
             for key in dict.fromkeys(need):
-                tg.start_soon(self._load_quiet, key)
+                tg.start_soon(self._load_quiet, key, errors, tg.cancel_scope)
+        if errors:
+            # The caller gets the error itself (StorageUnavailable, RegionInactive,
+            # WorldClosed ...), not an ExceptionGroup it would have to take apart.
+            # The others are logged, not attached: a loader hands one error object to every
+            # chunk of a failed region and to every caller waiting on it.
+            first = errors[0]
+            for other in dict.fromkeys(errors[1:]):
+                if other is not first:
+                    log.warning("submit: another EntityMove source chunk failed to load: %r", other)
+            raise first
         return False
 
-    async def _load_quiet(self, key: ChunkKey) -> None:
-        await self._loader.get(key, _DIRECT_PRIORITY)
+    async def _load_quiet(
+        self, key: ChunkKey, errors: list[Exception], scope: anyio.CancelScope
+    ) -> None:
+        try:
+            await self._loader.get(key, _DIRECT_PRIORITY)
+        except Exception as exc:
+            errors.append(exc)
+            scope.cancel()  # the batch fails anyway: stop waiting for the other loads
 
     def _lookup_entity(
         self, local: dict[str, Character | None], entity_id: str, x: int, y: int
