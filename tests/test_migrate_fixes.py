@@ -19,9 +19,11 @@ import pytest
 from streamer.cli import migrate_cmd
 from streamer.errors import StorageUnavailable
 from streamer.format.manifest import MANIFEST_KEY, encode_manifest
+from streamer.format.region import encode_region
 from streamer.migrate import RecoverySnapshots, batch, migrate_world
-from streamer.migrate.synth import write_world
+from streamer.migrate.synth import character_raw, chunk_raw, society_raw, write_world
 from streamer.migrate.verify import record_census, tree_digests
+from streamer.recovery.incidents import IncidentLog
 from streamer.schema.migrations import MigrationRegistry, RawRecord, StepFn
 from streamer.schema.records import CURRENT_VERSIONS
 from streamer.schema.upgrades import character_v1_to_v2, character_v2_to_v3, society_v1_to_v2
@@ -291,3 +293,81 @@ async def test_finish_never_lowers_a_record_version_a_newer_release_recorded(
         after = (await read_manifest(store)).record_versions
     assert after["society"] == CURRENT_VERSIONS["society"] + 2
     assert after["character"] == CURRENT_VERSIONS["character"]
+
+
+# -- 3. a record failing only the final validation was reported as id=- type=chunk ----------
+
+_MSGPACK = msgspec.msgpack.Encoder()
+
+
+def _region_of(chunks: dict[tuple[int, int], dict[str, Any]]) -> bytes:
+    return encode_region(
+        rx=0,
+        ry=0,
+        last_processed_tick=1,
+        generation=1,
+        writer="test",
+        encoding="msgpack",
+        chunks={ck: _MSGPACK.encode(raw) for ck, raw in chunks.items()},
+        region_size=8,
+    )
+
+
+def _validation_failures(chunks: dict[tuple[int, int], dict[str, Any]]) -> list[Any]:
+    res = batch.migrate_region_bytes(
+        _region_of(chunks), key="regions/r.0.0.region", rx=0, ry=0, collect_failures=True
+    )
+    return res.failures
+
+
+def test_a_record_failing_validation_after_its_steps_is_named() -> None:
+    bad = character_raw("npc-bad", 2, 1, 1)
+    bad["x"] = "2"  # every step passes it through; the current Character rejects it
+    (fail,) = _validation_failures(
+        {(0, 0): chunk_raw(0, 0, characters=[character_raw("npc-ok", 1, 1, 1), bad])}
+    )
+    assert (fail.record_id, fail.record_type, fail.schema_version) == ("npc-bad", "character", 1)
+    assert fail.chunk == (0, 0) and fail.error_type == "SchemaError"
+    assert "$.characters[1].x" in fail.error and "after upgrading it to v3" in fail.error
+    assert "id=npc-bad type=character schemaVersion=1" in fail.describe()
+
+
+def test_a_society_failing_validation_is_named() -> None:
+    soc = society_raw("soc-bad", 0, 0, 1, ["soc-x"])
+    soc["name"] = 7
+    chunk = chunk_raw(
+        0,
+        0,
+        characters=[character_raw("c-1", 1, 1, 1)],
+        societies=[society_raw("soc-ok", 0, 0, 2, []), soc],
+    )
+    (fail,) = _validation_failures({(0, 0): chunk})
+    assert (fail.record_id, fail.record_type, fail.schema_version) == ("soc-bad", "society", 1)
+
+
+def test_a_chunk_field_failing_validation_names_the_chunk() -> None:
+    chunk = chunk_raw(0, 0, characters=[character_raw("c-1", 1, 1, 1)])
+    chunk["generator_version"] = "one"
+    (fail,) = _validation_failures({(0, 0): chunk})
+    assert (fail.record_type, fail.schema_version) == ("chunk", 1)
+    assert fail.record_id is None and "$.generator_version" in fail.error
+
+
+async def test_real_run_failure_and_incident_name_the_record(tmp_path: Path) -> None:
+    world = await small_world(tmp_path, regions=2)
+    bad = character_raw("npc-bad", 2, 1, 1)
+    bad["x"] = "2"
+    (world / REGION_KEYS[0]).write_bytes(_region_of({(0, 0): chunk_raw(0, 0, characters=[bad])}))
+    async with await LocalStore.open(world) as store:
+        report = await migrate_world(store, jobs=1)
+        assert report.status == "failed" and report.rolled_back
+        (fail,) = report.failures
+        assert (fail.record_id, fail.record_type, fail.schema_version) == (
+            "npc-bad",
+            "character",
+            1,
+        )
+        (inc,) = [
+            i for i in (await IncidentLog(store).read()).incidents if i.kind == "migration_failed"
+        ]
+    assert (inc.details["record_id"], inc.details["record_type"]) == ("npc-bad", "character")

@@ -48,6 +48,7 @@ import multiprocessing
 import multiprocessing.process
 import os
 import pickle
+import re
 import time
 import traceback
 from collections import Counter
@@ -524,11 +525,12 @@ def _codec(encoding: Encoding) -> ChunkCodec:
 _BUILTIN_TYPES: Final[dict[str, tuple[type, ...] | None]] = {"msgpack": (bytes,), "json": None}
 
 
-def _encode_upgraded(codec: ChunkCodec, up: RawRecord, where: str) -> bytes:
+def _encode_upgraded(codec: ChunkCodec, up: RawRecord, where: str, stored: bytes) -> bytes:
     """Validate an upgraded chunk as the current ``ChunkRecord`` and encode it.
 
     Equivalent to ``codec.encode_raw`` minus its second ``upgrade_chunk`` pass (``up`` is
-    already current), which is a quarter of the CPU per migrated chunk.
+    already current), which is a quarter of the CPU per migrated chunk. ``stored`` (the
+    chunk's bytes as read) is only decoded again to name the failing record.
     """
     try:
         rec = msgspec.convert(up, ChunkRecord, builtin_types=_BUILTIN_TYPES[codec.encoding])
@@ -536,11 +538,57 @@ def _encode_upgraded(codec: ChunkCodec, up: RawRecord, where: str) -> bytes:
     except (msgspec.ValidationError, RecursionError, ValueError) as exc:
         # The steps ran but produced something the current record type rejects: that is a
         # step failing, not the stored bytes being damaged.
+        rid, rtype, version, note = _failing_record(codec, up, str(exc), stored, where)
         raise SchemaError(
-            f"migrated chunk does not validate as the current schema: {exc}",
-            record_type="chunk",
+            f"migrated chunk does not validate as the current schema: {exc}{note}",
+            record_type=rtype,
+            record_id=rid,
+            schema_version=version,
             where=where,
         ) from exc
+
+
+#: The JSON path msgspec ends a validation message with, e.g. ``$.characters[1].x``.
+_ERROR_PATH: Final = re.compile(r"at `\$\.([A-Za-z_]\w*)\[(\d+)\]")
+
+
+def _failing_record(
+    codec: ChunkCodec, up: RawRecord, message: str, stored: bytes, where: str
+) -> tuple[str | None, str, int | None, str]:
+    """Resolve a validation error's JSON path to the record it is in.
+
+    Returns the record's id, type and schemaVersion *as stored* (the version an operator
+    finds in the data; the steps had brought it to the current one), and a note for the
+    message. A path into a nested record (``$.characters[1].x``) names that record; any
+    other path names the chunk itself.
+    """
+    field_name: str | None = None
+    index = 0
+    rec: Mapping[str, Any] = up
+    rtype = "chunk"
+    m = _ERROR_PATH.search(message)
+    if m is not None and m.group(1) in CHUNK_NESTED_FIELDS:
+        items, index = up.get(m.group(1)), int(m.group(2))
+        if isinstance(items, list) and index < len(items) and isinstance(items[index], dict):
+            field_name, rec = m.group(1), items[index]
+            rtype = CHUNK_NESTED_FIELDS[field_name]
+    rid = rec.get("id") if isinstance(rec.get("id"), str) else None
+    upgraded = rec.get("schemaVersion") if type(rec.get("schemaVersion")) is int else None
+
+    # The same record in the bytes as read: by id, else by position.
+    try:
+        old: Any = codec.decode_raw(stored, where=where)
+    except (SchemaError, IntegrityError):
+        old = None
+    if field_name is not None and isinstance(old, dict):
+        olds = old.get(field_name)
+        olds = olds if isinstance(olds, list) else []
+        by_id = [o for o in olds if rid is not None and isinstance(o, dict) and o.get("id") == rid]
+        old = by_id[0] if by_id else (olds[index] if index < len(olds) else None)
+    stored_version = old.get("schemaVersion") if isinstance(old, dict) else None
+    if type(stored_version) is not int or stored_version == upgraded:
+        return rid, rtype, upgraded, ""
+    return rid, rtype, stored_version, f" (after upgrading it to v{upgraded})"
 
 
 def migrate_region_bytes(
@@ -601,7 +649,7 @@ def migrate_region_bytes(
             # Decoded here and dropped after encoding: the steps may run on it uncopied.
             up, changed = registry.upgrade_chunk(raw, where=where, consume=True)
             if changed:
-                payload = _encode_upgraded(codec, up, where)
+                payload = _encode_upgraded(codec, up, where, payload)
                 res.chunks_upgraded += 1
         except (SchemaError, IntegrityError) as exc:
             fail = _failure(key, region, ck, exc, {"type": chunk_type})
