@@ -3,8 +3,10 @@ and prefetches that did not fit in the load queue."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import math
+import random
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -143,6 +145,8 @@ class FakeLoad:
     def __init__(self) -> None:
         self.calls: list[list[ChunkKey]] = []
         self.failures: dict[ChunkKey, float] = {}
+        #: Keys in the order their loads succeeded.
+        self.succeeded: list[ChunkKey] = []
 
     async def __call__(self, keys: list[ChunkKey]) -> Mapping[ChunkKey, Chunk | Exception]:
         self.calls.append(list(keys))
@@ -154,6 +158,7 @@ class FakeLoad:
                 out[k] = Boom(str(k))
             else:
                 out[k] = Chunk(k[0], k[1], _TILES)
+                self.succeeded.append(k)
         return out
 
     @property
@@ -404,3 +409,49 @@ async def test_after_a_fast_move_the_chunk_a_player_stands_in_loads_first(
         assert rings == sorted(rings)
         # Its own new chunk did not wait behind p2's chunks either.
         assert order.index((3, 0)) <= 1
+
+
+@pytest.mark.parametrize("seed", range(20))
+async def test_every_standing_prefetch_loads_through_a_small_queue_and_failures(
+    seed: int,
+) -> None:
+    rng = random.Random(seed)
+    fake = FakeLoad()
+    loader = ChunkLoader(
+        fake,
+        workers=rng.randrange(1, 4),
+        max_batch=rng.randrange(1, 6),
+        max_queued=rng.randrange(1, 6),
+        retry_after=0.0,
+        retry_max=0.0,
+    )
+    standing: set[ChunkKey] = set()
+    loaded_since: dict[ChunkKey, int] = {}
+
+    async def reader(key: ChunkKey, prio: int) -> None:
+        with contextlib.suppress(Boom):
+            await loader.get(key, prio)
+
+    async with running(loader), anyio.create_task_group() as tg:
+        for _ in range(300):
+            key, prio, op = (rng.randrange(12), 0), rng.randrange(-2, 30), rng.random()
+            if op < 0.4:
+                loader.prefetch(key, prio)
+                standing.add(key)
+                loaded_since[key] = len(fake.succeeded)
+                if rng.random() < 0.2:
+                    fake.failures[key] = rng.randrange(1, 3)
+            elif op < 0.55:
+                loader.cancel(key)
+                standing.discard(key)
+            elif op < 0.7:
+                loader.reprioritize(key, prio)
+            elif op < 0.8:
+                tg.start_soon(reader, key, prio)
+            if rng.random() < 0.5:
+                await anyio.lowlevel.checkpoint()
+            assert loader.queue_depth <= loader._max_queued
+        await settle(lambda: not (loader.queue_depth or loader.inflight or loader.deferred))
+    # Every prefetch still standing loaded after it was last asked for, failures or not.
+    assert [k for k in standing if k not in fake.succeeded[loaded_since[k] :]] == []
+    assert not loader._flights and loader.deferred == 0
