@@ -1,16 +1,21 @@
-"""``EntityMove`` in ``World.submit``: load errors reach the caller as themselves."""
+"""``EntityMove`` in ``World.submit``: resolved against durable state only, and load errors
+reach the caller as themselves."""
 
 from __future__ import annotations
 
+import errno
 import logging
+import threading
 from pathlib import Path
 
+import anyio
 import pytest
 
-from streamer import EntityMove, open_world
+from streamer import Character, DeltaError, EntityMove, EntityUpsert, open_world
 from streamer.config import Config, RuntimeSettings
 from streamer.errors import RegionInactive, StorageUnavailable
 from streamer.runtime.chunk import ChunkKey
+from streamer.runtime.world import World
 from streamer.storage.faultfs import SimulatedFileSystem
 from streamer.storage.local import LocalStore
 from streamer.worlddir import create_world
@@ -24,6 +29,91 @@ async def new_world(path: Path) -> SimulatedFileSystem:
     await create_world(store, seed=5)
     await store.aclose()
     return fs
+
+
+class _HeldWrite:
+    """Holds the next file write (the journal's: nothing else writes here) until released,
+    then lets it fail with EIO or go through."""
+
+    def __init__(self, fs: SimulatedFileSystem, *, fail: bool) -> None:
+        self.started = threading.Event()
+        self.release = threading.Event()
+        self._real = fs.write
+        self._armed = True
+        self._fail = fail
+        fs.write = self._write  # type: ignore[method-assign]
+
+    def _write(self, handle: int, data: bytes | memoryview) -> None:
+        if self._armed:
+            self._armed = False
+            self.started.set()
+            self.release.wait(30)
+            if self._fail:
+                raise OSError(errno.EIO, "EIO")
+        self._real(handle, data)
+
+
+async def _upsert_then_move(world: World, held: _HeldWrite) -> dict[int, BaseException | None]:
+    """Batch 1 upserts ``ghost`` and is held in its journal write; batch 2 moves ghost
+    meanwhile. Returns each batch's outcome."""
+    res: dict[int, BaseException | None] = {}
+
+    async def run(n: int, delta: EntityUpsert | EntityMove) -> None:
+        try:
+            await world.submit([delta])
+            res[n] = None
+        except Exception as exc:
+            res[n] = exc
+
+    ghost = Character(id="ghost", x=5, y=5)
+    move = EntityMove(tick=2, entity_id="ghost", from_x=5, from_y=5, to_x=600, to_y=5)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run, 1, EntityUpsert(tick=1, character=ghost))
+        await anyio.to_thread.run_sync(held.started.wait, 30)
+        tg.start_soon(run, 2, move)
+        # Batch 2 has gone as far as it can while batch 1 is being written.
+        await anyio.wait_all_tasks_blocked()
+        held.release.set()
+    return res
+
+
+async def test_a_move_resolved_while_its_entity_is_pending_fails_with_that_batch(
+    tmp_path: Path,
+) -> None:
+    """/tmp/review_submit/overlay_fail.py: batch 1 creating ``ghost`` fails (EIO); batch 2,
+    moving ghost, must not make it exist."""
+    fs = await new_world(tmp_path)
+    async with open_world(tmp_path, CONF, fs=fs) as world:
+        await world.chunk(0, 0)  # source and target cached: batch 2 needs no load
+        await world.chunk(9, 0)
+        res = await _upsert_then_move(world, _HeldWrite(fs, fail=True))
+        assert isinstance(res[1], StorageUnavailable)
+        err = res[2]
+        assert isinstance(err, DeltaError)
+        assert "'ghost' is not in chunk (0, 0)" in str(err)
+        assert "batch 1" in str(err) and "failed" in str(err)
+        assert [e.id for e in (await world.chunk(9, 0)).entities if e.id == "ghost"] == []
+        assert [e.id for e in (await world.chunk(0, 0)).entities if e.id == "ghost"] == []
+    async with open_world(tmp_path, CONF, fs=fs) as world:
+        for key in [(0, 0), (9, 0)]:
+            assert "ghost" not in [e.id for e in (await world.chunk(*key)).entities]
+
+
+async def test_a_move_waits_for_the_pending_batch_of_its_entity_and_then_applies(
+    tmp_path: Path,
+) -> None:
+    fs = await new_world(tmp_path)
+    async with open_world(tmp_path, CONF, fs=fs) as world:
+        await world.chunk(0, 0)
+        await world.chunk(9, 0)
+        res = await _upsert_then_move(world, _HeldWrite(fs, fail=False))
+        assert res == {1: None, 2: None}
+        assert [e.id for e in (await world.chunk(9, 0)).entities if e.id == "ghost"] == ["ghost"]
+        assert [e.id for e in (await world.chunk(0, 0)).entities if e.id == "ghost"] == []
+        await world.flush()
+    async with open_world(tmp_path, CONF, fs=fs) as world:
+        assert "ghost" in [e.id for e in (await world.chunk(9, 0)).entities]
+        assert "ghost" not in [e.id for e in (await world.chunk(0, 0)).entities]
 
 
 @pytest.mark.parametrize(
