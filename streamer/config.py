@@ -13,7 +13,7 @@ import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Final, Literal
 
 import msgspec
 
@@ -128,6 +128,12 @@ def _from_mapping(data: Mapping[str, Any], source: str) -> Config:
         raise ConfigError(detail, path=source, key=key) from None
 
 
+#: ``STREAMER_*`` variables that are not settings: the config file's path, the CLI's
+#: tracebacks, and the benchmarks' and the S3 tests' own switches. Any other name must be a
+#: setting, so a misspelt override fails loudly instead of being ignored.
+_NOT_SETTINGS: Final = frozenset({"config", "debug", "bench_dir", "weed"})
+
+
 def _env_overrides(env: Mapping[str, str]) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for name, raw in env.items():
@@ -136,7 +142,7 @@ def _env_overrides(env: Mapping[str, str]) -> dict[str, dict[str, Any]]:
         rest = name[len("STREAMER_") :].lower()
         section = next((s for s in _SECTIONS if rest.startswith(s + "_")), None)
         if section is None:
-            if rest in {"config", "debug"}:
+            if rest in _NOT_SETTINGS:
                 continue
             raise ConfigError(
                 f"environment override names no section (expected one of {sorted(_SECTIONS)})",

@@ -170,3 +170,30 @@ def test_python_dash_m_streamer(tmp_path: Path) -> None:
         check=False,
     )
     assert proc.returncode == 2 and "no such directory" in proc.stderr
+
+
+def test_streamer_debug_in_the_environment_shows_the_traceback(
+    not_a_dir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("STREAMER_DEBUG", "1")
+    code, _, err = run(capsys, "init", str(not_a_dir / "w"), "--seed", "1")
+    assert code == 1 and "Traceback" in err
+    monkeypatch.setenv("STREAMER_DEBUG", "0")
+    code, _, err = run(capsys, "init", str(not_a_dir / "w"), "--seed", "1")
+    assert code == 1 and "Traceback" not in err
+
+
+def test_an_interrupted_migrate_says_how_to_go_on(
+    world: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import streamer.cli.migrate_cmd as migrate_cmd
+
+    def interrupted(args: object) -> int:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(migrate_cmd, "cmd_migrate", interrupted)
+    code, _, err = run(capsys, "migrate", str(world))
+    assert code == 130
+    assert "interrupted" in err and "--resume" in err
+    code, _, err = run(capsys, "check", str(world))
+    assert code == 0

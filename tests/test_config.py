@@ -73,6 +73,9 @@ def test_environment_overrides(tmp_path: Path) -> None:
             "STREAMER_RUNTIME_DURABILITY": "interval",
             "STREAMER_STORAGE_FSYNC": "false",
             "UNRELATED": "x",
+            # Ours, but not settings: the benchmarks' directory, the S3 tests' server binary.
+            "STREAMER_BENCH_DIR": "/tmp/bench",
+            "STREAMER_WEED": "/usr/bin/weed",
         },
     )
     assert cfg.runtime.cache_bytes == 2048

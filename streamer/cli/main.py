@@ -2,12 +2,14 @@
 
 Exit codes: 0 success (healthy), 1 problems found or the command failed, 2 usage error
 (bad arguments, not a world, world open in another process).
-Errors print one clear line; ``--debug`` (before or after the command) shows the traceback.
+Errors print one clear line; ``--debug`` (before or after the command) or
+``STREAMER_DEBUG=1`` shows the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import traceback
 from collections.abc import Awaitable, Callable, Sequence
@@ -78,6 +80,8 @@ def _accept_debug_after_command(sub: argparse._SubParsersAction[argparse.Argumen
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _build_parser()
     args = parser.parse_args(argv)
+    # For wrappers (cron, systemd units) where adding a flag is harder than an environment line.
+    args.debug = args.debug or os.environ.get("STREAMER_DEBUG", "") not in ("", "0")
     handler: Handler = args.handler
     try:
         return handler(args)
@@ -85,7 +89,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"streamer {args.command}: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print(f"streamer {args.command}: interrupted", file=sys.stderr)
+        hint = (
+            "; finished regions are kept: run the same command with --resume to go on"
+            if args.command == "migrate"
+            else ""
+        )
+        print(f"streamer {args.command}: interrupted{hint}", file=sys.stderr)
         return 130
     except (ConfigError, WorldError) as exc:
         if args.debug:
