@@ -6,8 +6,10 @@ Every region the runtime has touched has one :class:`RegionQueue`. Its three tic
 - ``floor``: ticks ``<= floor`` are *sealed*: a flush has taken (or is writing) them. A new
   delta must have ``tick > floor`` or it is rejected with ``TickAlreadyProcessed``. ``floor``
   only moves up, and ``floor >= lpt``.
-- ``hwm``: the highest tick accepted. A new delta must have ``tick >= hwm``, so within a
-  queue ticks are non-decreasing and "every delta with tick <= cutoff" is always a prefix.
+- ``hwm``: the highest tick accepted (durable, or pending on its way to the journal). A new
+  delta must have ``tick >= hwm``, so within a queue ticks are non-decreasing and "every
+  delta with tick <= cutoff" is always a prefix. A failed batch was never accepted: its
+  ticks stop counting (:meth:`RegionQueue.settle`).
 
 Why a flush seals rather than just folding: replay after a crash keeps exactly the journal
 records with ``tick > lpt``. That is exactly-once only if, once a region file says
@@ -219,6 +221,7 @@ class QueuedEntries:
 @dataclass(slots=True)
 class _PendingBatch:
     min_tick: int
+    max_tick: int
     count: int
 
 
@@ -284,15 +287,23 @@ class RegionQueue:
 
     def reserve(self, ticks: list[int]) -> None:
         """Account an accepted batch that is on its way to the journal."""
-        self.pending.append(_PendingBatch(min(ticks), len(ticks)))
+        self.pending.append(_PendingBatch(min(ticks), max(ticks), len(ticks)))
         self.pending_count += len(ticks)
         self.hwm = max(self.hwm, max(ticks))
         self.last_submit = time.monotonic()
 
-    def settle(self) -> int:
-        """The oldest pending batch left the journal queue (durable or failed)."""
+    def settle(self, *, failed: bool = False) -> int:
+        """The oldest pending batch left the journal queue (durable, or ``failed``)."""
         done = self.pending.popleft()
         self.pending_count -= done.count
+        if failed and done.max_tick >= self.hwm:
+            # Its ticks were never accepted: a later submit below them but not below what
+            # is durable (queued, or folded up to lpt) or still pending must pass.
+            self.hwm = max(
+                self.lpt,
+                self.entries[-1].tick if self.entries else -1,
+                max((p.max_tick for p in self.pending), default=-1),
+            )
         if not self.pending_count:
             self.room.set()
         return done.count

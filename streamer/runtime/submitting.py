@@ -630,6 +630,6 @@ class _SubmitPath:
             for region in regions:
                 q = self._queues.regions.get(region)
                 if q is not None and q.pending:
-                    q.settle()
+                    q.settle(failed=True)
             self._clear_overlay(jb)
         self._settled(batches, failed=True)
