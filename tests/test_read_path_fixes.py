@@ -202,7 +202,7 @@ async def test_prefetches_beyond_a_full_queue_all_load_in_priority_order() -> No
     assert loader.deferred == 0 and loader.queue_depth == 0
 
 
-async def test_deferred_prefetch_priority_can_be_raised_and_a_get_takes_it_over() -> None:
+async def test_deferred_prefetch_priority_can_be_raised() -> None:
     fake = FakeLoad()
     loader = ChunkLoader(fake, workers=1, max_batch=1, max_queued=1)
     assert loader.prefetch((0, 0), 10)
@@ -210,11 +210,21 @@ async def test_deferred_prefetch_priority_can_be_raised_and_a_get_takes_it_over(
     assert not loader.prefetch((2, 0), 30)
     assert loader.prefetch((2, 0), 5)  # already pending (deferred): joins, raises priority
     async with running(loader):
-        got = await loader.get((1, 0), 40)  # joins the deferred prefetch: one load
         await settle(lambda: loader.stats().loads == 3)
+    assert fake.loaded == [(2, 0), (0, 0), (1, 0)]
+
+
+async def test_a_get_takes_over_a_deferred_prefetch() -> None:
+    fake = FakeLoad()
+    loader = ChunkLoader(fake, workers=1, max_queued=1)
+    assert loader.prefetch((0, 0), 10)
+    assert not loader.prefetch((1, 0), 20)
+    async with running(loader):
+        got = await loader.get((1, 0), 40)
+        await settle(lambda: loader.stats().loads == 2)
     assert got.key == (1, 0)
-    assert sorted(fake.loaded) == [(0, 0), (1, 0), (2, 0)]
-    assert fake.loaded[0] == (2, 0)
+    assert sorted(fake.loaded) == [(0, 0), (1, 0)]  # one load of (1, 0), not two
+    assert loader.deferred == 0
 
 
 async def test_cancel_forgets_a_deferred_prefetch() -> None:
@@ -455,3 +465,26 @@ async def test_every_standing_prefetch_loads_through_a_small_queue_and_failures(
     # Every prefetch still standing loaded after it was last asked for, failures or not.
     assert [k for k in standing if k not in fake.succeeded[loaded_since[k] :]] == []
     assert not loader._flights and loader.deferred == 0
+
+
+async def test_a_get_waiting_for_room_does_not_wait_behind_deferred_prefetches() -> None:
+    fake = FakeLoad()
+    loader = ChunkLoader(fake, workers=1, max_batch=1, max_queued=2)
+    assert loader.prefetch((0, 9), 50)
+    assert loader.prefetch((1, 9), 51)
+    for i in range(8):  # better ranked than the queue, but deferred: it is full
+        assert not loader.prefetch((i, 0), i)
+    got: list[Chunk] = []
+
+    async def reader() -> None:
+        got.append(await loader.get((7, 7), -1))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(reader)
+        await settle(lambda: loader._room_waiters == 1)
+        async with running(loader):
+            await settle(lambda: loader.stats().loads == 11)
+    assert got[0].key == (7, 7)
+    # One load from the queue makes room; the get's load is next.
+    assert fake.loaded[:2] == [(0, 9), (7, 7)]
+    assert fake.loaded[2:] == [*((i, 0) for i in range(8)), (1, 9)]

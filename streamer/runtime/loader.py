@@ -221,6 +221,8 @@ class ChunkLoader:
         self._started = False
         self._running = 0
         self._closed = False
+        #: ``get`` calls waiting for room in the queue (see _take_batch).
+        self._room_waiters = 0
 
         self._latencies: deque[float] = deque(maxlen=latency_window)
         self._requests = 0
@@ -431,7 +433,11 @@ class ChunkLoader:
         while self._queued >= self._max_queued:
             if self._room.is_set():
                 self._room = anyio.Event()
-            await self._room.wait()
+            self._room_waiters += 1
+            try:
+                await self._room.wait()
+            finally:
+                self._room_waiters -= 1
             self._check_open()
 
     def _push(self, flight: _Flight) -> None:
@@ -548,6 +554,9 @@ class ChunkLoader:
         batch: list[_Flight] = []
         band_limit: int | None = None
         from_queue = 0
+        # Only loads taken from the queue make room in it: while a get waits for room, they go
+        # first, or the get would wait behind every deferred prefetch ranked above them.
+        queue_first = self._room_waiters > 0
         while len(batch) < self._max_batch:
             while heap and not self._is_live(heap[0][1], heap[0][2]):
                 heapq.heappop(heap)
@@ -555,7 +564,7 @@ class ChunkLoader:
             while deferred and not self._is_deferred(deferred[0][1], deferred[0][2]):
                 heapq.heappop(deferred)
             # One priority order over the queue and the deferred prefetches (seqs are unique).
-            if heap and (not deferred or heap[0] < deferred[0]):
+            if heap and (queue_first or not deferred or heap[0] < deferred[0]):
                 source = heap
             elif deferred:
                 source = deferred
