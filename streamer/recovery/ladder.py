@@ -12,12 +12,17 @@ The steps are the spec's "Checksum Validation Failure" procedure:
    the good copy put in its place (atomic replace). A ``restored_from_snapshot`` incident
    names both checksums, the snapshot, the quarantine key, and what is lost: the snapshot's
    lastProcessedTick against the damaged file's (when its header still verifies) plus what
-   ``streamer salvage`` can still pull out of the quarantined file.
+   ``streamer salvage`` can still pull out of the quarantined file. Whether the journal
+   gives back every delta above the snapshot's tick is judged by the caller once it has read
+   the journal (``journal_loss.judge_restore``: the runtime's re-read, or ``check
+   --repair``), which records a ``data_loss`` incident when it does not.
 4. **No valid copy**: the file is moved to quarantine, the region is marked inactive
    (``state/inactive.json``), and two incidents say so: ``data_loss`` (region, file, which
-   record kinds and ids salvage can recover from the damaged file, which snapshots exist for
-   a manual rollback) and ``region_inactive``. Terrain keeps regenerating from the seed; the
-   runtime refuses dynamic access with ``RegionInactive`` until ``streamer region rebuild``.
+   record kinds and ids salvage can recover from the damaged file, how many journaled
+   deltas above the file's tick replay will drop and their tick range, which snapshots
+   exist for a manual rollback) and ``region_inactive``. Terrain keeps regenerating from the
+   seed; the runtime refuses dynamic access with ``RegionInactive`` until ``streamer region
+   rebuild``.
 
 Nothing is silent: every outcome has a log line and at least one incident.
 
@@ -46,6 +51,7 @@ from streamer.format.manifest import WorldManifest
 from streamer.format.region import decode_index, decode_region, encode_region, region_key
 from streamer.recovery.inactive import load_inactive, mark_inactive
 from streamer.recovery.incidents import Incident, IncidentLog
+from streamer.recovery.journal_loss import journal_deltas_above
 from streamer.recovery.quarantine import quarantine_copy
 from streamer.recovery.salvage import salvage_bytes, summarize_records
 from streamer.recovery.snapshots import SnapshotInfo, find_valid_copy, list_snapshots
@@ -74,6 +80,10 @@ class RecoveryOutcome(msgspec.Struct, frozen=True, kw_only=True):
     #: Ids of the incidents this run recorded (empty for ``already_recovered``).
     incidents: list[str] = msgspec.field(default_factory=list)
     message: str = ""
+    #: ``restored``: the lastProcessedTick of the copy put in place; ``restored`` and
+    #: ``inactive``: the damaged file's (None when its header does not verify).
+    snapshot_last_processed_tick: int | None = None
+    damaged_last_processed_tick: int | None = None
 
 
 # Per store: one lock per region, and the last outcome (handed to a waiter that finds the
@@ -291,7 +301,9 @@ async def _climb(
     if found is not None:
         outcome = await _restore(store, region, key, found, damaged, base, incidents, first)
     else:
-        outcome = await _isolate(store, region, key, damaged, base, incidents, first)
+        outcome = await _isolate(
+            store, region, key, damaged, base, incidents, first, manifest.region_size
+        )
     _LAST.setdefault(store, {})[region] = outcome
     return outcome
 
@@ -361,6 +373,8 @@ async def _restore(
         quarantine=qkey,
         incidents=[first.id, inc.id],
         message=msg,
+        snapshot_last_processed_tick=snap_tick,
+        damaged_last_processed_tick=damaged_tick,
     )
 
 
@@ -372,6 +386,7 @@ async def _isolate(
     base: dict[str, Any],
     incidents: IncidentLog,
     first: Incident,
+    region_size: int,
 ) -> RecoveryOutcome:
     rx, ry = region
     snapshots = await list_snapshots(store)
@@ -379,14 +394,19 @@ async def _isolate(
     qkey = await quarantine_copy(store, key)
     salv = damaged["salvageable"]
     header = damaged.get("header")
+    tick = header["last_processed_tick"] if isinstance(header, dict) else None
+    # Journaled deltas above the file's tick were never folded into it; replay drops them
+    # once the region is inactive, so they are part of the loss.
+    journal = await journal_deltas_above(store, region, region_size, tick)
     lost = (
         f"all dynamic state of region {region} (player tile edits, characters, structures, "
         "features, societies)"
         + (
-            f" up to tick {header['last_processed_tick']}"
-            if isinstance(header, dict)
+            f" up to tick {tick}"
+            if tick is not None
             else " (the file's header does not verify: its tick is unknown)"
         )
+        + f", and {_journal_text(journal, tick)}"
         + f"; salvage can recover {sum(salv['counts'].values())} record(s) from "
         f"{salv['intact_chunks']} intact chunk(s)"
     )
@@ -403,6 +423,7 @@ async def _isolate(
             "salvageable": salv,
             "snapshots": rollback,
             "snapshot_ids": [s["id"] for s in rollback],
+            "journal_deltas_dropped": journal,
             "terrain": "regenerated from the seed (deterministic); nothing lost",
         },
         action=(
@@ -436,6 +457,25 @@ async def _isolate(
         quarantine=qkey,
         incidents=[first.id, loss.id, inactive.id],
         message=msg,
+        damaged_last_processed_tick=tick,
+    )
+
+
+def _journal_text(journal: dict[str, Any], above: int | None) -> str:
+    """``journal_deltas_above``'s finding, in words."""
+    where = "" if above is None else f" above tick {above}"
+    count = journal.get("count")
+    if count is None:
+        return (
+            f"the region's journaled deltas{where} (the journal could not be read: "
+            + str(journal.get("error"))
+            + ")"
+        )
+    if not count:
+        return f"no journaled deltas{where}"
+    return (
+        f"{count} journaled delta(s){where} (ticks {journal['first_tick']} to "
+        f"{journal['last_tick']}), dropped at replay"
     )
 
 

@@ -3,7 +3,10 @@
 What can be repaired, and how:
 
 - a damaged **region file**: the ladder (``ladder.recover_region``): restored from the newest
-  valid snapshot copy, or quarantined and the region marked inactive, with incidents;
+  valid snapshot copy, or quarantined and the region marked inactive, with incidents. A
+  restore is then judged as the running world judges it (``journal_loss.judge_restore``):
+  deltas above the snapshot's tick that left with deleted journal segments get a
+  ``data_loss`` incident (the next open replays the rest);
 - a damaged **world.json**: the newest snapshot copy that verifies is put back (the damaged
   file goes to quarantine), and the check runs again, since a broken manifest hides
   everything behind it;
@@ -37,7 +40,8 @@ from streamer.format.region import parse_region_key, region_key
 from streamer.recovery.check import CheckReport, ExtraCheck, Problem, check_world
 from streamer.recovery.inactive import INACTIVE_KEY, inactive_from_incidents, write_inactive
 from streamer.recovery.incidents import IncidentLog
-from streamer.recovery.ladder import recover_region
+from streamer.recovery.journal_loss import judge_restore, read_region_ticks, record_loss
+from streamer.recovery.ladder import RecoveryOutcome, recover_region
 from streamer.recovery.quarantine import quarantine_copy
 from streamer.recovery.snapshots import find_valid_copy
 from streamer.storage.base import BlobStore
@@ -136,14 +140,19 @@ async def repair_world(
             except StreamerError as exc:
                 actions.append(_not(p, f"the ladder failed: {type(exc).__name__}: {exc}"))
                 continue
+            detail, ids = out.message, list(out.incidents)
+            if out.action == "restored":
+                detail, ids = await _journal_loss(
+                    store, coords, out, manifest.region_size, incidents, detail, ids
+                )
             actions.append(
                 RepairAction(
                     file=p.file,
                     kind=p.kind,
                     fault=p.fault,
                     outcome=out.action,
-                    detail=out.message,
-                    incidents=out.incidents,
+                    detail=detail,
+                    incidents=ids,
                 )
             )
         elif p.file == INACTIVE_KEY:
@@ -152,6 +161,60 @@ async def repair_world(
             actions.append(_not(p, _why_not(p)))
     after = await check_world(store, where=where, extra=extra)
     return RepairReport(world=where, before=before, after=after, actions=actions)
+
+
+async def _journal_loss(
+    store: BlobStore,
+    region: tuple[int, int],
+    out: RecoveryOutcome,
+    region_size: int,
+    incidents: IncidentLog,
+    detail: str,
+    ids: list[str],
+) -> tuple[str, list[str]]:
+    """The running world's judgement of a restore (``journal_loss.judge_restore``), for a
+    closed world: the next open replays what the journal holds above the snapshot's tick;
+    whatever left with a deleted segment is recorded as a ``data_loss`` incident."""
+    snap = out.snapshot_last_processed_tick
+    assert snap is not None
+    try:
+        found = await read_region_ticks(store, region, region_size)
+    except StreamerError as exc:
+        text = f"unknown: the journal could not be read ({exc})"
+        log.error("%s: restored; lost: %s", out.file, text)
+        return f"{detail}; journal: {text}", ids
+    verdict = await judge_restore(
+        store,
+        region=region,
+        snapshot=out.snapshot,
+        snapshot_lpt=snap,
+        damaged_lpt=out.damaged_last_processed_tick,
+        reapplied=[t for t in found.ticks if t > snap],
+        segments_read=found.segments,
+    )
+    if verdict.status == "none":
+        return f"{detail}; journal: holds every later delta (re-applied at the next open)", ids
+    if verdict.status == "lost":
+        try:
+            inc = await record_loss(
+                incidents,
+                region=region,
+                verdict=verdict,
+                quarantine=out.quarantine,
+                restore_incidents=out.incidents,
+            )
+        except StreamerError as exc:
+            log.error(
+                "%s: DATA LOST: %s; the data_loss incident could NOT be recorded (%s)",
+                out.file,
+                verdict.text,
+                exc,
+            )
+            return f"{detail}; DATA LOST (incident not recorded: {exc}): {verdict.text}", ids
+        log.error("%s: data lost (incident %s): %s", out.file, inc.id, verdict.text)
+        return f"{detail}; data lost (incident {inc.id}): {verdict.text}", [*ids, inc.id]
+    log.warning("%s: restored; lost: %s", out.file, verdict.text)
+    return f"{detail}; journal: {verdict.text}", ids
 
 
 def _not(p: Problem, why: str) -> RepairAction:

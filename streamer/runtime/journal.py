@@ -18,7 +18,8 @@ Durability modes:
 A new segment is created and its directory entry fsynced before any frame in it is
 acknowledged. Segments rotate at ``segment_bytes``. Each segment remembers the highest tick
 it holds per region; once every such region's ``lastProcessedTick`` has reached it, the
-segment is deleted (:meth:`Journal.collect`).
+segment is deleted (:meth:`Journal.collect`), in any order; what left with it is recorded
+first in ``state/journal_drops.json`` (``runtime/journal_drops.py``).
 
 Preallocation (``preallocate=True``; off by default, see docs/deviations.md): a background task
 (:meth:`Journal.keep_spare`) keeps one spare file, ``journal/spare.zero``, zero-filled to
@@ -70,8 +71,11 @@ from streamer.format.journal import (
     segment_file_name,
 )
 from streamer.runtime.fastsync import event_factory
+from streamer.runtime.journal_drops import DropLog
 from streamer.schema.deltas import AnyDelta
+from streamer.storage.base import BlobStore
 from streamer.storage.fs import FileSystem
+from streamer.storage.local import LocalStore
 
 __all__ = [
     "JOURNAL_DIR",
@@ -259,8 +263,12 @@ class Journal:
         on_failed: Callable[[Sequence[JournalBatch]], None] | None = None,
         collect_run_sync: RunSync | None = None,
         spare_pause_s: float = _ZERO_PAUSE_S,
+        drops_store: BlobStore | None = None,
     ) -> None:
         self._fs = fs
+        # Which ticks left with deleted segments (runtime/journal_drops.py), written through
+        # a store on the same file system unless the caller gives one.
+        self._drops = DropLog(drops_store or LocalStore(".", fs=fs, fsync=fsync))
         self._run_sync = run_sync
         # Deleting passed segments can take tens of ms (ext4 freeing a 64 MiB file); with a
         # writer that has one thread of its own, it must not queue the writer's hops behind.
@@ -360,6 +368,8 @@ class Journal:
                 log.warning("journal %s: discarded a torn tail of %d bytes", name, torn)
             self._segments.append(seg)
             self._next_seg = seq + 1
+        # Before any new segment can reuse a number a crash left pending in the record.
+        await self._drops.open(s.seq for s in self._segments)
         return Replay(batches=batches, torn_bytes=self._torn, segments=len(scanned))
 
     def _scan_blocking(self) -> list[tuple[int, list[bytes], int, int]]:
@@ -811,7 +821,12 @@ class Journal:
         The active segment counts too: if it is fully passed it is closed first, so a world
         flushed completely keeps no journal at all.
 
-        :raises StorageUnavailable: unlinking failed (the segments stay, which is safe).
+        Before unlinking, the segments' highest tick per region is recorded durably in
+        ``state/journal_drops.json`` (``journal_drops.DropLog``), so recovery can tell when
+        a region restored from an older snapshot copy lost deltas with them.
+
+        :raises StorageUnavailable: unlinking failed, or what is deleted could be neither
+            recorded nor the stale record removed (the segments stay, which is safe).
         """
         async with self._collect_lock:
             async with self._io_lock:
@@ -827,8 +842,12 @@ class Journal:
                     # a newer segment, where a zero tail reads as damage.
                     await self._rotate()
                 dead = [s for s in self._segments if s is not self._active and passed(s)]
+                live = [s.seq for s in self._segments]
             if not dead:
                 return 0
+            # Recorded durably before any unlink: a region restored from an older snapshot
+            # copy must learn that these ticks are gone (runtime/journal_drops.py).
+            await self._drops.before_delete([(s.seq, s.ticks) for s in dead], live)
             # Closed segments nobody writes to: the writer goes on appending meanwhile.
             names = [segment_name(s.seq) for s in dead]
             recycle = (

@@ -12,13 +12,18 @@ segments are read back and the region's records in ``(S, old lpt]`` are queued i
 whatever is queued, before the region becomes visible to other tasks (so no new delta can
 slip in between and break the tick order). The queue's lpt is lowered to ``S`` first, so
 journal collection keeps those segments until the region is folded past them again.
-Deltas whose segments were already deleted are gone: when the damaged file's header still
-names a higher tick than the journal covers, a ``data_loss`` incident says which ticks.
+Deltas whose segments were already deleted are gone: ``journal_loss.judge_restore`` tells,
+from ``state/journal_drops.json`` (written before any segment is deleted) and the damaged
+file's header, whether any of the region's deltas above ``S`` left that way; a ``data_loss``
+incident says which ticks, and ``RegionRestored.lost`` says it too ("unknown: ..." when the
+world keeps no usable record). The loss is logged and announced even when the incident
+cannot be appended, and the region stays installed: the load succeeds.
 Cached chunks of the region are dropped, so nothing is served that storage no longer holds.
 
 **Inactive.** The region joins ``World._inactive``; ``chunk``/``submit`` refuse it with
-``RegionInactive``; its journal records are dropped at replay. Player characters indexed in
-it are moved out by ``relocation.PlayerRelocator``.
+``RegionInactive``; its journal records are dropped at replay (the ladder's ``data_loss``
+incident counts those above the damaged file's tick; the event's reason counts them all).
+Player characters indexed in it are moved out by ``relocation.PlayerRelocator``.
 
 **Scrub found a damaged file of a region held in memory.** The runtime holds that region's
 verified content (what it last read or wrote), so the damaged bytes are quarantined and the
@@ -48,10 +53,11 @@ from streamer.errors import (
     RegionInactive,
     StreamerError,
 )
-from streamer.format.journal import scan_frames, segment_keys
+from streamer.format.journal import parse_segment_name, scan_frames, segment_keys
 from streamer.format.region import decode_region, region_key
 from streamer.recovery.inactive import load_inactive
 from streamer.recovery.incidents import IncidentLog
+from streamer.recovery.journal_loss import judge_restore, record_loss
 from streamer.recovery.ladder import RecoveryOutcome, recover_region
 from streamer.recovery.quarantine import quarantine_bytes
 from streamer.recovery.snapshots import finish_interrupted_restore
@@ -222,41 +228,65 @@ class RecoveryHooks:
             err = failed.get(key)
             if not isinstance(err, IntegrityError):
                 continue
-            outcome = await recover_region(
-                store, key[0], key[1], err, manifest=manifest, incidents=self.incidents
-            )
-            self.outcomes[key] = outcome
-            if outcome.action == "inactive":
-                failed[key] = await self._inactivated(key, outcome)
-                continue
             try:
-                blob = await store.get(region_key(*key))
-                data: bytes | None = blob.data
-            except NotFound:
-                data = None
-            try:
-                state = await anyio.to_thread.run_sync(
-                    region_state_from_bytes, data, key, limiter=world._cpu_limiter
-                )
-            except StreamerError as still_bad:
-                failed[key] = still_bad
-                continue
-            await self._install_restored(state, outcome)
-            del failed[key]
+                await self._recover_one(key, err, failed)
+            except StreamerError as exc:
+                # One region's failure (a full disk, say) must not keep the others of the
+                # batch from their ladder; this one stays failed with the error that stopped it.
+                log.error("region %s: recovery failed: %s", key, exc)
+                failed[key] = exc
 
-    async def _read_journal(self, region: RegionKey, after: int, upto: float) -> list[Queued]:
+    async def _recover_one(
+        self, key: RegionKey, err: IntegrityError, failed: dict[RegionKey, Exception]
+    ) -> None:
+        world = self._world
+        store = world._store
+        manifest = world._manifest
+        assert store is not None and manifest is not None
+        outcome = await recover_region(
+            store, key[0], key[1], err, manifest=manifest, incidents=self.incidents
+        )
+        self.outcomes[key] = outcome
+        if outcome.action == "inactive":
+            failed[key] = await self._inactivated(key, outcome)
+            return
+        try:
+            blob = await store.get(region_key(*key))
+            data: bytes | None = blob.data
+        except NotFound:
+            data = None
+        try:
+            state = await anyio.to_thread.run_sync(
+                region_state_from_bytes, data, key, limiter=world._cpu_limiter
+            )
+        except StreamerError as still_bad:
+            failed[key] = still_bad
+            return
+        await self._install_restored(state, outcome)
+        # Installed: the load succeeded, whatever reporting the loss did below.
+        del failed[key]
+
+    async def _read_journal(
+        self, region: RegionKey, after: int, upto: float
+    ) -> tuple[list[Queued], list[int]]:
+        """The region's journaled deltas in ``(after, upto]``, and the segments read."""
         store = self._world._store
         assert store is not None
         names = segment_keys(await store.list("journal/"))
         segments: list[tuple[str, bytes]] = []
+        seqs: list[int] = []
         for i in range(0, len(names), _JOURNAL_BATCH):
             batch = names[i : i + _JOURNAL_BATCH]
             for name, blob in zip(batch, await store.get_many(batch), strict=True):
-                if blob is not None:  # collected meanwhile: it held nothing above any lpt
+                seq = parse_segment_name(name.rpartition("/")[2])
+                # None: collected meanwhile; journal_drops recorded what it held first.
+                if blob is not None and seq is not None:
                     segments.append((name, blob.data))
-        return await anyio.to_thread.run_sync(
+                    seqs.append(seq)
+        items = await anyio.to_thread.run_sync(
             _journal_items, segments, self._world._route, region, after, upto
         )
+        return items, seqs
 
     async def _install_restored(self, state: RegionState, outcome: RecoveryOutcome) -> None:
         # Shielded: once the queue's lpt is lowered, stopping before the region is installed
@@ -275,7 +305,7 @@ class RecoveryHooks:
         # Lowered before reading the journal: collection must now keep every segment holding
         # this region's records above the restored tick.
         q.lpt = state.lpt
-        items = await self._read_journal(key, state.lpt, upto)
+        items, seqs = await self._read_journal(key, state.lpt, upto)
         opening = world._tg is None
         # No await from here on: the region becomes visible with its queue complete.
         world._install_region(state)
@@ -293,15 +323,64 @@ class RecoveryHooks:
         self._drop_cached(key)
         self.counters.regions_restored += 1
         self.counters.journal_reapplied += len(items)
-        lost = await self._journal_gap(key, outcome, state.lpt, items)
-        log.warning(
-            "region %s restored from snapshot %s (lpt %d); %d journaled delta(s) re-applied%s",
-            key,
-            outcome.snapshot,
-            state.lpt,
-            len(items),
-            f"; lost: {lost}" if lost else "",
+        await self._report_restore(key, outcome, state.lpt, items, seqs)
+
+    async def _report_restore(
+        self,
+        key: RegionKey,
+        outcome: RecoveryOutcome,
+        restored: int,
+        items: list[Queued],
+        seqs: list[int],
+    ) -> None:
+        """Log, record and announce what the journal could not give back.
+
+        Called once the region is installed, and never raises a ``StreamerError``: a loss
+        whose ``data_loss`` incident cannot be appended is still logged and sent as an event,
+        and the log says the incident is missing.
+        """
+        store = self._world._store
+        assert store is not None
+        verdict = await judge_restore(
+            store,
+            region=key,
+            snapshot=outcome.snapshot,
+            snapshot_lpt=restored,
+            damaged_lpt=outcome.damaged_last_processed_tick,
+            reapplied=[i.tick for i in items],
+            segments_read=seqs,
         )
+        incidents = list(outcome.incidents)
+        unrecorded: StreamerError | None = None
+        if verdict.status == "lost":
+            try:
+                inc = await record_loss(
+                    self.incidents,
+                    region=key,
+                    verdict=verdict,
+                    quarantine=outcome.quarantine,
+                    restore_incidents=outcome.incidents,
+                )
+            except StreamerError as exc:
+                unrecorded = exc
+            else:
+                incidents.append(inc.id)
+        line = (
+            f"region {key} restored from snapshot {outcome.snapshot} (lpt {restored}); "
+            f"{len(items)} journaled delta(s) re-applied"
+        )
+        if unrecorded is not None:
+            log.error(
+                "%s; DATA LOST: %s; the data_loss incident could NOT be recorded (%s): this "
+                "log line and the region_restored event are the only report",
+                line,
+                verdict.text,
+                unrecorded,
+            )
+        elif verdict.text:
+            log.warning("%s; lost: %s", line, verdict.text)
+        else:
+            log.warning("%s; nothing lost: the journal holds every later delta", line)
         self.hub.emit(
             RegionRestored(
                 region=key,
@@ -309,51 +388,10 @@ class RecoveryHooks:
                 snapshot=outcome.snapshot,
                 quarantine=outcome.quarantine,
                 reapplied=len(items),
-                lost=lost,
-                incidents=list(outcome.incidents),
+                lost=verdict.text,
+                incidents=incidents,
             )
         )
-
-    async def _journal_gap(
-        self, key: RegionKey, outcome: RecoveryOutcome, restored: int, items: list[Queued]
-    ) -> str:
-        """Record what the journal could not give back; "" when nothing is known lost."""
-        if outcome.action != "restored":
-            return ""
-        damaged_tick: int | None = None
-        for inc in (await self.incidents.read()).incidents:
-            if inc.id in outcome.incidents:
-                v = inc.details.get("damaged_last_processed_tick")
-                if isinstance(v, int):
-                    damaged_tick = v
-        covered = max([restored, *(i.tick for i in items)])
-        if damaged_tick is None or damaged_tick <= covered:
-            return ""
-        lost = (
-            f"deltas of region {key} with ticks {covered} < t <= {damaged_tick}: folded into "
-            f"the damaged file after snapshot {outcome.snapshot}, and the journal segments "
-            "holding them were already deleted"
-        )
-        await self.incidents.record(
-            "data_loss",
-            region=key,
-            file=region_key(*key),
-            details={
-                "lost": lost,
-                "snapshot": outcome.snapshot,
-                "snapshot_last_processed_tick": restored,
-                "damaged_last_processed_tick": damaged_tick,
-                "journal_reapplied": len(items),
-                "journal_high_tick": covered,
-                "quarantine": outcome.quarantine,
-                "restore_incidents": list(outcome.incidents),
-            },
-            action=(
-                f"`streamer salvage {outcome.quarantine} --out DIR` extracts the damaged "
-                "file's intact records; tell the players of this region"
-            ),
-        )
-        return lost
 
     async def _inactivated(self, key: RegionKey, outcome: RecoveryOutcome) -> RegionInactive:
         world = self._world
@@ -364,17 +402,32 @@ class RecoveryHooks:
         self._drop_cached(key)
         if outcome.quarantine is not None:
             self.relocator.quarantined[key] = outcome.quarantine
+        reason = outcome.message
         try:
             # Read now: once the region has no queue, journal collection may delete these.
-            for item in await self._read_journal(key, -1, math.inf):
-                self.note_dropped(key, item.delta)
+            items, _ = await self._read_journal(key, -1, math.inf)
         except StreamerError as exc:
             log.warning("region %s: cannot read the journal for its players: %s", key, exc)
+            reason += f"; its journaled deltas could not be counted ({exc})"
+        else:
+            for item in items:
+                self.note_dropped(key, item.delta)
+            # Never folded into the damaged file: lost with the region on top of it (counted
+            # in the ladder's data_loss incident too; deltas acknowledged since are not).
+            above = outcome.damaged_last_processed_tick
+            ticks = [i.tick for i in items if above is None or i.tick > above]
+            if ticks:
+                where = "" if above is None else f" above tick {above}"
+                reason += (
+                    f"; {len(ticks)} journaled delta(s){where} (ticks {min(ticks)} to "
+                    f"{max(ticks)}) are dropped"
+                )
+                log.error("region %s inactive: %s", key, reason)
         self.counters.regions_inactivated += 1
         self.hub.emit(
             RegionInactiveEvent(
                 region=key,
-                reason=outcome.message,
+                reason=reason,
                 quarantine=outcome.quarantine,
                 incidents=list(outcome.incidents),
             )
