@@ -535,6 +535,12 @@ async def test_damage_before_intact_records_refuses_to_open_and_cuts_nothing() -
         assert seg in str(info.value)
         assert "intact records after the damage" in str(info.value)
         assert image.read(seg) == bytes(bad)  # nothing truncated
+        # Its advice, followed, keeps every batch before the damage.
+        keep = offset - offset % frame
+        assert f"truncate it to {keep} bytes" in str(info.value)
+        image.truncate(seg, keep)
+        replay = await Journal(image, run_sync).open(ticks_of)
+        assert [b.deltas[0].tick for b in replay.batches] == [1, 2, 3, 4][: keep // frame]
 
 
 async def test_damage_in_an_older_segment_refuses_to_open() -> None:

@@ -399,8 +399,9 @@ class Journal:
                     f"journal damaged at byte {scan.valid_length} of {len(data)} "
                     f"({scan.frames_after_tear} intact records after the damage): acknowledged "
                     "deltas are lost; the world refuses to open. See docs/runbook.md "
-                    "(journal damage): restore a snapshot, or move the segment to quarantine/ "
-                    "to accept the loss",
+                    "(journal damage): restore a snapshot, or keep a copy of the segment in "
+                    f"quarantine/ and truncate it to {scan.valid_length} bytes to accept the "
+                    "loss of what follows (the batches before the damage are kept)",
                     path=path,
                 )
             if verdict.last_commit_frames:
