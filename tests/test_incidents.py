@@ -102,7 +102,7 @@ async def test_torn_last_line_at_every_offset():
             assert scan.damaged_lines == [3] and scan.torn_lines == [3]
             assert scan.lost_lines == []
             assert len(scan.incidents) == 2
-        new = await log2.record("journal_torn_tail", details={"cut": cut})
+        new = await log2.record("scrub_alert", details={"cut": cut})
         after = await log2.read()
         assert not after.torn_tail
         assert after.lost_lines == []

@@ -69,7 +69,6 @@ KINDS: Final = frozenset(
         "migration_failed",
         "snapshot_failed",
         "scrub_alert",
-        "journal_torn_tail",
     }
 )
 
