@@ -17,6 +17,7 @@ naming ``where``, which is the caller's description of the bytes (region path + 
 
 from __future__ import annotations
 
+import reprlib
 from operator import attrgetter
 from typing import Any, Final, Literal, NamedTuple
 
@@ -56,6 +57,8 @@ _CURRENT_NESTED: Final = {t: CURRENT_VERSIONS[t] for t in CHUNK_NESTED_FIELDS.va
 # type is known and current" without a Python-level loop.
 _CURRENT_NESTED_ITEMS: Final = _CURRENT_NESTED.items()
 _SCHEMA_VERSION: Final = attrgetter("schemaVersion")
+#: Versions above this are corruption, not a future release: not put in an error's fields.
+_MAX_SCREENED_VERSION: Final = 2**31
 _NESTED_ATTRS: Final = tuple(
     (field, rtype, CURRENT_VERSIONS[rtype]) for field, rtype in CHUNK_NESTED_FIELDS.items()
 )
@@ -86,7 +89,8 @@ class _VersionOnly(msgspec.Struct):
 
 
 class _VersionPeek(msgspec.Struct):
-    """Every record's ``type``/``schemaVersion`` of a chunk; all other fields skipped unbuilt."""
+    """Every record's ``type``/``schemaVersion`` of a chunk and its ``record_versions``; all
+    other fields skipped unbuilt."""
 
     type: str = ""
     schemaVersion: int = 0
@@ -94,6 +98,9 @@ class _VersionPeek(msgspec.Struct):
     structures: list[_VersionOnly] = []
     features: list[_VersionOnly] = []
     societies: list[_VersionOnly] = []
+    # Untyped: a malformed map must not fail the peek and hide a newer record (decode
+    # reports it); a few entries at most.
+    record_versions: Any = None
 
 
 class DecodedChunk(NamedTuple):
@@ -142,8 +149,10 @@ class ChunkCodec:
         return f"ChunkCodec({self.encoding!r})"
 
     def refuse_unknown_versions(self, payload: bytes, *, where: str) -> bool:
-        """Raise if the chunk or any record in it is newer than this code knows; return
-        whether the payload is current throughout (what :meth:`decode` would not upgrade).
+        """Raise if the chunk or any record in it is newer than this code knows, or its
+        ``record_versions`` names a nested type this code does not know or a newer version;
+        return whether the payload is current throughout (what :meth:`decode` would not
+        upgrade).
 
         Cheap (~1-2 µs: only ``type``/``schemaVersion`` of each record are built), so a whole
         region can be screened when it loads: a region holding a record from the future is
@@ -182,6 +191,7 @@ class ChunkCodec:
                         schema_version=rec.schemaVersion,
                         where=where,
                     )
+        _refuse_unknown_nested(peek.record_versions, where)
         if not current:
             return False
         # The rest of ``decode_current``'s criteria. Peeked separately: a malformed
@@ -309,6 +319,42 @@ class ChunkCodec:
             raise MalformedFile(f"invalid chunk record: {exc}", path=where) from exc
         _check_decoded_tiles(rec, where)
         return rec, changed
+
+
+def _refuse_unknown_nested(rv: Any, where: str) -> None:
+    """Refuse what ``decode`` refuses in ``record_versions``: a nested type this code does not
+    know (a list added by a newer release, whose records a rewrite would drop) or a newer
+    version of a known one. Refused here, at region load, the region never loads; passed,
+    it loaded while its chunk could never be decoded, so deltas queued against it could
+    never be flushed. Malformed maps and values are left to ``decode``.
+    """
+    if not isinstance(rv, dict):
+        return
+    for rtype, v in rv.items():
+        current = _CURRENT_NESTED.get(rtype) if isinstance(rtype, str) else None
+        if current is None:
+            raise UnknownSchemaVersion(
+                f"record_versions names a nested record type this code does not know: "
+                f"{_short_repr(rtype)} (written by a newer release?); refusing the chunk "
+                "rather than dropping those records",
+                record_type="chunk",
+                where=where,
+            )
+        if type(v) is int and v > current:
+            raise UnknownSchemaVersion(
+                f"record_versions says {rtype} records are newer (v{_short_repr(v)}) than this "
+                f"code knows (v{current}); refusing rather than downgrading",
+                record_type=rtype,
+                schema_version=v if v <= _MAX_SCREENED_VERSION else None,
+                where=where,
+            )
+
+
+def _short_repr(value: Any) -> str:
+    try:
+        return reprlib.repr(value)
+    except ValueError:  # an int too long to format
+        return f"<{type(value).__name__}>"
 
 
 def _nested_all_current(rec: ChunkRecord) -> bool:
