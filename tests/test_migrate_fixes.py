@@ -206,18 +206,22 @@ def dying_registry(record_id: str) -> MigrationRegistry:
 async def _migrate_concurrently(
     pool: batch._ProcessWorkers, world: Path, keys: list[str]
 ) -> dict[str, batch._RegionResult | batch._RegionFailed]:
-    """Submit ``keys`` to ``pool`` at once, in order; what each one came back with."""
+    """Submit ``keys[0]`` to ``pool``, and once it holds the only idle worker the others:
+    they wait for a worker. What each one came back with."""
     out: dict[str, batch._RegionResult | batch._RegionFailed] = {}
+    data = {key: (world / key).read_bytes() for key in keys}
 
     async def one(i: int, key: str) -> None:
-        data = await anyio.Path(world / key).read_bytes()
         try:
-            out[key] = await pool.migrate(data, key, i, 0, True)
+            out[key] = await pool.migrate(data[key], key, i, 0, True)
         except batch._RegionFailed as exc:
             out[key] = exc
 
     async with anyio.create_task_group() as tg:
-        for i, key in enumerate(keys):
+        tg.start_soon(one, 0, keys[0])
+        while pool._idle.statistics().current_buffer_used:
+            await anyio.sleep(0)
+        for i, key in enumerate(keys[1:], 1):
             tg.start_soon(one, i, key)
     return out
 
