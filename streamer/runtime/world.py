@@ -37,7 +37,7 @@ import math
 import os
 import uuid
 import warnings
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -210,6 +210,8 @@ class World(_SubmitPath, _FlushPath):
         self._queues = DeltaQueues(rt.queue_max_deltas)
         self._regions: OrderedDict[RegionKey, RegionState] = OrderedDict()
         self._region_loading: dict[RegionKey, anyio.Event] = {}
+        #: Regions an ``_ensure_regions`` call is making present: never evicted meanwhile.
+        self._regions_wanted: Counter[RegionKey] = Counter()
         self._flush_locks: dict[RegionKey, anyio.Lock] = {}
         self._flush_wake = anyio.Event()
         self._flush_limiter = anyio.CapacityLimiter(rt.flush_concurrency)
@@ -647,8 +649,21 @@ class World(_SubmitPath, _FlushPath):
 
     async def _ensure_regions(self, keys: Iterable[RegionKey]) -> dict[RegionKey, Exception]:
         """Load region states not in memory (one ``get_many``); return per-region failures."""
-        failed: dict[RegionKey, Exception] = {}
         wanted = set(keys)
+        # Installing regions evicts clean ones beyond _CLEAN_REGIONS_KEPT. Without this, a
+        # call wanting more than that (a replay after a crash, one batch across many
+        # regions, or many dirty regions) evicted its own, loaded them again, forever.
+        self._regions_wanted.update(wanted)
+        try:
+            return await self._ensure_wanted(wanted)
+        finally:
+            self._regions_wanted.subtract(wanted)
+            for k in wanted:
+                if self._regions_wanted[k] <= 0:
+                    del self._regions_wanted[k]
+
+    async def _ensure_wanted(self, wanted: set[RegionKey]) -> dict[RegionKey, Exception]:
+        failed: dict[RegionKey, Exception] = {}
         regions = self._regions
         for k in wanted:
             if k in regions:
@@ -749,7 +764,7 @@ class World(_SubmitPath, _FlushPath):
                 break
             state = self._regions[key]
             q = self._queues.get(key)
-            if state.upgraded or (q is not None and not q.clean):
+            if state.upgraded or (q is not None and not q.clean) or key in self._regions_wanted:
                 continue
             del self._regions[key]
             self._queues.regions.pop(key, None)
