@@ -27,6 +27,7 @@ from streamer.recovery.snapshots import (
     scan_snapshots,
     snapshot_check,
     snapshot_file_key,
+    stage_copies,
     verify_snapshot,
     world_keys,
 )
@@ -441,3 +442,33 @@ async def test_an_older_segments_zero_tail_is_copied_as_it_is(store):
     assert (await snapshot_state(store, info.id))[older] == damaged
     await restore_snapshot(store, info.id, keep=5)
     assert (await store.get(older)).data == damaged
+
+
+async def test_staged_copies_are_linked_by_the_snapshot_then_removed(store, tmp_path):
+    """A running world copies ahead (``stage_copies``) so its pause only links."""
+    state = await make_world(store)
+    first = await create_snapshot(store, keep=5)
+    assert await stage_copies(store) == 0  # every region already has an own copy
+    changed, rotted = region_key(1, 0), region_key(-1, 2)
+    await store.put_atomic(changed, region_bytes(1, 0, 21))
+    await store.put_atomic(rotted, region_bytes(-1, 2, 6))
+    assert await stage_copies(store) == 2
+    staged = {
+        k.rsplit(".", 1)[0].removeprefix("snapshots/.staging/"): k
+        for k in await store.list("snapshots/.staging/")
+    }
+    assert sorted(staged) == sorted([changed, rotted])
+    ahead = inode(tmp_path, staged[changed])
+    rot_in_place(tmp_path, staged[rotted])  # a bad staged copy is not used
+    late = region_key(0, 0)
+    await store.put_atomic(late, region_bytes(0, 0, 12))  # changed after staging
+    # Leftovers are not snapshots: nothing lists, trims or checks them as one.
+    assert [s.id for s in await list_snapshots(store)] == [first.id]
+    second = await create_snapshot(store, keep=5)
+    assert inode(tmp_path, snapshot_file_key(second.id, changed)) == ahead
+    assert await verify_snapshot(store, second.id) == []
+    held = await snapshot_state(store, second.id)
+    assert held[late] == region_bytes(0, 0, 12) and held[rotted] == region_bytes(-1, 2, 6)
+    assert await store.list("snapshots/.staging/") == []
+    for key in state:
+        assert inode(tmp_path, key) != inode(tmp_path, snapshot_file_key(second.id, key)), key

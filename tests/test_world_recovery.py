@@ -395,6 +395,25 @@ async def test_manual_snapshot_emits_event(tmp_path: Path) -> None:
         assert info.last_processed_tick[region_key(*A)] == 1
 
 
+async def test_a_running_worlds_snapshot_copies_regions_ahead_of_its_pause(
+    tmp_path: Path,
+) -> None:
+    path = await new_world(tmp_path)
+    async with open_world(path, cfg()) as world:
+        await world.submit([TileSet(tick=1, x=1, y=1, tile=3)])
+        first = await world.snapshot()
+        await world.submit([TileSet(tick=2, x=1, y=1, tile=4)])
+        second = await world.snapshot()
+    region = region_key(*A)
+    live = (path / region).stat().st_ino
+    copies = [(path / snapshot_file_key(s.id, region)).stat().st_ino for s in (first, second)]
+    assert live not in copies and copies[0] != copies[1]
+    assert not (path / "snapshots" / ".staging").exists()
+    store = await LocalStore.open(path, fsync=False)
+    assert [await is_valid_snapshot(store, s) for s in (first, second)] == [True, True]
+    await store.aclose()
+
+
 async def test_preallocated_segments_leave_no_padding_or_spare_after_close(
     tmp_path: Path,
 ) -> None:

@@ -94,6 +94,7 @@ __all__ = [
     "scan_snapshots",
     "snapshot_check",
     "snapshot_file_key",
+    "stage_copies",
     "verify_snapshot",
     "world_keys",
 ]
@@ -270,8 +271,8 @@ async def scan_snapshots(store: BlobStore) -> SnapshotScan:
     groups: dict[str, bool] = {}
     for key in await store.list(SNAPSHOTS_PREFIX):
         sid, slash, rest = key[len(SNAPSHOTS_PREFIX) :].partition("/")
-        if not slash:
-            continue  # a file of the snapshot set itself (the lineage), not a snapshot
+        if not slash or sid.startswith("."):
+            continue  # the snapshot set's own files (lineage, staged copies): not snapshots
         groups[sid] = groups.get(sid, False) or rest == SNAPSHOT_MANIFEST
     complete = sorted((sid for sid, has in groups.items() if has), reverse=True)
     incomplete = sorted(sid for sid, has in groups.items() if not has)
@@ -540,6 +541,7 @@ async def _create(
         await _delete_quietly(store, sid)
         raise
     await write_lineage(store, [sid, *ancestors])
+    await _delete_quietly(store, _STAGING)  # the snapshot links what it used
     await _rotate(store, keep=keep, protect=protect | {sid})
     return stored
 
@@ -587,11 +589,14 @@ async def _copy_into(
     copy; the rest are written. Every entry is then ``own`` (see the module docstring).
     """
     twins = _own_copies(await list_snapshots(store))
+    staged = {k: k for k in await store.list(_STAGING_PREFIX)}
     linked: dict[str, str] = {}
     written: list[SnapshotFile] = []
     for s in sources:
         e = s.entry
-        twin = twins.get((e.key, e.size, e.xxh3)) if _region_coords(e.key) is not None else None
+        twin = None
+        if _region_coords(e.key) is not None:
+            twin = twins.get((e.key, e.size, e.xxh3)) or staged.get(_staged_key(e.key, e.xxh3))
         if twin is not None:
             linked[e.key] = twin
         else:
@@ -625,6 +630,43 @@ async def _copy_into(
                 )
     for s in sources:
         s.entry = msgspec.structs.replace(s.entry, own=True)
+
+
+#: Copies made ahead of a running world's snapshot (``stage_copies``), linked into the
+#: snapshot and removed once it is complete. A dot name: never taken for a snapshot.
+_STAGING: Final = ".staging"
+_STAGING_PREFIX: Final = f"{SNAPSHOTS_PREFIX}{_STAGING}/"
+
+
+def _staged_key(key: str, xxh3_hex: str) -> str:
+    return f"{_STAGING_PREFIX}{key}.{xxh3_hex}"
+
+
+async def stage_copies(store: BlobStore) -> int:
+    """Copy ahead the region files that no snapshot holds yet; return how many.
+
+    For a running world, before it pauses for ``create_snapshot``: the pause then only
+    links these copies (those whose region did not change since) instead of writing them
+    while acknowledgements wait. Safe at any time (files are read whole, and a copy is used
+    only if its checksum matches the region as the snapshot finds it); a crash leaves
+    copies that the next staging or snapshot removes.
+    """
+    await _delete_quietly(store, _STAGING)
+    twins = _own_copies(await list_snapshots(store))
+    keys = [k for k in await store.list("regions/") if _region_coords(k) is not None]
+    staged = 0
+    for i in range(0, len(keys), _BATCH):
+        batch = keys[i : i + _BATCH]
+        items: list[tuple[str, bytes]] = []
+        for key, blob in zip(batch, await store.get_many(batch), strict=True):
+            if blob is None:
+                continue  # removed meanwhile (recovery, rebuild): nothing to stage
+            digest = hex64(xxh3(blob.data))
+            if (key, len(blob.data), digest) not in twins:
+                items.append((_staged_key(key, digest), blob.data))
+        await _put_many(store, items)
+        staged += len(items)
+    return staged
 
 
 def _own_copies(infos: Sequence[SnapshotInfo]) -> dict[tuple[str, int, str], str]:

@@ -13,10 +13,11 @@ flushed completely (every acknowledged delta folded, passed journal segments del
 Submits keep being accepted meanwhile but are acknowledged only after the pause (their
 journal write waits), so what the snapshot holds is exactly: region files + journal =
 every delta acknowledged before the pause. The pause lasts as long as the copy, which is
-why the flush comes first: it leaves little journal to copy. Regions unchanged since the
-last snapshot are hard links to its copies; the others are written (batched atomic writes,
-one directory fsync per batch), so the pause grows with the regions rewritten since the
-last snapshot: a copy is never a link to the world's own file (``recovery/snapshots.py``).
+why the flush comes first: it leaves little journal to copy. A snapshot's region copy is
+never a link to the world's own file (``recovery/snapshots.py``): regions unchanged since
+the last snapshot are links to its copies, and the others are copied ahead, between the
+flush and the pause (``stage_copies``), so the pause links those too and writes only the
+regions rewritten in between.
 
 Something outside the pause can still change a file (the recovery ladder restoring a
 region, a ``players.idx`` write already in progress): the snapshot then fails with
@@ -37,7 +38,7 @@ import anyio
 
 from streamer.config import SnapshotSettings
 from streamer.errors import SnapshotError, StreamerError, WorldClosed
-from streamer.recovery.snapshots import SnapshotInfo, create_snapshot
+from streamer.recovery.snapshots import SnapshotInfo, create_snapshot, stage_copies
 from streamer.runtime.events import SnapshotTaken
 
 if TYPE_CHECKING:
@@ -89,6 +90,9 @@ class Snapshotter:
                     await world.flush()
                     store = world._store
                     assert store is not None
+                    # Written now, linked during the pause: acknowledgements wait for links
+                    # only (and copies of regions rewritten between the two).
+                    await stage_copies(store)
                     try:
                         async with self._paused():
                             info = await create_snapshot(
