@@ -196,10 +196,12 @@ async def test_prefetches_beyond_a_full_queue_all_load_in_priority_order() -> No
     assert not loader.prefetch((50, 54), 90)
     assert loader.is_pending((50, 50)) and loader.is_pending((50, 54))
     assert loader.queue_depth == 4 and loader.deferred == 2
+    # What the scrubber's idle check and the terrain process's start look at.
+    assert loader.backlog == 6
     async with running(loader):
         await settle(lambda: loader.stats().loads == 6)
     assert fake.loaded == [(50, 50), *(k for k, _ in ring4), (50, 54)]
-    assert loader.deferred == 0 and loader.queue_depth == 0
+    assert loader.deferred == 0 and loader.queue_depth == 0 and loader.backlog == 0
 
 
 async def test_deferred_prefetch_priority_can_be_raised() -> None:

@@ -384,6 +384,12 @@ class ChunkLoader:
         return self._queued
 
     @property
+    def backlog(self) -> int:
+        """Loads waiting to start: queued, or deferred past the full queue (not those
+        waiting for a retry, which may wait for good on an inactive region)."""
+        return self._queued + len(self._deferred)
+
+    @property
     def inflight(self) -> int:
         return self._inflight
 

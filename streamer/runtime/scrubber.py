@@ -150,7 +150,7 @@ class Scrubber:
             now = self._clock()
             if sig != self._seen:
                 self._seen, self._seen_at = sig, now
-            elif not s.queue_depth and not s.inflight and now - self._seen_at >= self._idle_s:
+            elif not loader.backlog and not s.inflight and now - self._seen_at >= self._idle_s:
                 return
             await self._sleep(_IDLE_POLL_S)
 

@@ -581,7 +581,7 @@ class World(_SubmitPath, _FlushPath):
     async def _process_tiles(self, keys: list[ChunkKey]) -> bytes | None:
         """``keys``' terrain from a worker process, or ``None`` (generated in the thread)."""
         tg = self._tg
-        if self._loader.inflight > len(keys) or self._loader.queue_depth:
+        if self._loader.inflight > len(keys) or self._loader.backlog:
             self._terrain_wanted += 1  # another batch waits or runs: stages could overlap
         if tg is not None and self._terrain_wanted >= TERRAIN_PROCESS_AFTER:
             for proc in self._terrain:
