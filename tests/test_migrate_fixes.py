@@ -9,6 +9,8 @@ import errno
 import json
 import logging
 import os
+import random
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +19,19 @@ import msgspec
 import pytest
 
 from streamer.cli import migrate_cmd
-from streamer.errors import StorageUnavailable
+from streamer.errors import StorageUnavailable, UnsupportedFormat
+from streamer.format.checksum import hex64, xxh3
 from streamer.format.manifest import MANIFEST_KEY, encode_manifest
-from streamer.format.region import encode_region
-from streamer.migrate import RecoverySnapshots, batch, migrate_world
+from streamer.format.region import encode_region, parse_region_key
+from streamer.migrate import (
+    CHECKPOINT_KEY,
+    Checkpoint,
+    RecoverySnapshots,
+    batch,
+    migrate_world,
+    read_checkpoint,
+)
+from streamer.migrate.batch import DONE_LOG_PREFIX
 from streamer.migrate.synth import character_raw, chunk_raw, society_raw, write_world
 from streamer.migrate.verify import record_census, tree_digests
 from streamer.recovery.incidents import IncidentLog
@@ -28,6 +39,7 @@ from streamer.schema.migrations import MigrationRegistry, RawRecord, StepFn
 from streamer.schema.records import CURRENT_VERSIONS
 from streamer.schema.upgrades import character_v1_to_v2, character_v2_to_v3, society_v1_to_v2
 from streamer.storage.base import Blob, BlobStore
+from streamer.storage.faultfs import SimulatedCrash, SimulatedFileSystem
 from streamer.storage.local import LocalStore
 from streamer.worlddir import read_manifest
 
@@ -375,3 +387,225 @@ async def test_real_run_failure_and_incident_name_the_record(tmp_path: Path) -> 
             i for i in (await IncidentLog(store).read()).incidents if i.kind == "migration_failed"
         ]
     assert (inc.details["record_id"], inc.details["record_type"]) == ("npc-bad", "character")
+
+
+# -- 2. every checkpoint write rewrote the whole list of finished regions -------------------
+
+
+class CheckpointWrites(LocalStore):
+    """Records every checkpoint write (header and done-log entries) that returned, i.e. is
+    durable: ``(key, regions listed)``; and whether the header's deletion began."""
+
+    writes: list[tuple[str, list[str]]]
+    header_deleted = False
+
+    async def put_atomic(self, key: str, data: bytes) -> str:
+        version = await super().put_atomic(key, data)
+        if key == CHECKPOINT_KEY or key.startswith(DONE_LOG_PREFIX):
+            self.writes.append((key, msgspec.json.decode(data)["done"]))
+        return version
+
+    async def delete(self, key: str) -> None:
+        if key == CHECKPOINT_KEY:
+            self.header_deleted = True
+        await super().delete(key)
+
+
+async def open_recording(root: str | Path, **kw: Any) -> CheckpointWrites:
+    store = await CheckpointWrites.open(root, **kw)
+    assert isinstance(store, CheckpointWrites)
+    store.writes = []
+    return store
+
+
+async def test_a_checkpoint_write_holds_only_the_regions_finished_since_the_last(
+    tmp_path: Path,
+) -> None:
+    world = tmp_path / "w"
+    n = 150
+    await anyio.to_thread.run_sync(
+        lambda: write_world(world, regions=n, chunks_per_region=1, characters_per_chunk=1)
+    )
+    store = await open_recording(world)
+    async with store:
+        report = await migrate_world(store, jobs=1, checkpoint_interval=0)
+        assert report.ok and report.regions_rewritten == n
+        writes = store.writes
+    # What all checkpoint writes together list grows with the world, not with its square.
+    assert sum(len(done) for _, done in writes) < 4 * n
+    headers = [done for key, done in writes if key == CHECKPOINT_KEY]
+    entries = [done for key, done in writes if key != CHECKPOINT_KEY]
+    # One region per write (jobs=1, no coalescing): each entry lists exactly that region.
+    assert all(len(done) == 1 for done in entries)
+    assert sorted(d for done in entries for d in done) == sorted(
+        {d for done in entries for d in done}
+    )
+    # The whole list is written only at the start and at a compaction every 64 entries.
+    slots = batch._Checkpointer.MIN_SLOTS
+    assert len(headers) == 1 + (n - 1) // (slots + 1)
+    assert sum(len(done) for done in headers) < n * len(headers)
+    # Slots are reused after a compaction: the log never holds more than MIN_SLOTS entries.
+    assert len({key for key, _ in writes if key != CHECKPOINT_KEY}) == slots
+
+
+def _v1_checkpoint(cp: Checkpoint, done: list[str]) -> bytes:
+    """A checkpoint as the release before the done log wrote it (schemaVersion 1: no
+    ``log_generation``, every finished region in ``done``)."""
+    body = msgspec.to_builtins(cp)
+    for name in ("checksum", "log_generation"):
+        body.pop(name)
+    body.update(schemaVersion=1, done=sorted(done))
+    enc = msgspec.json.Encoder(order="sorted")
+    body["checksum"] = hex64(xxh3(enc.encode(body)))
+    return msgspec.json.format(enc.encode(body), indent=2) + b"\n"
+
+
+class Interrupted(BaseException):
+    """Stands in for a kill inside the process: escapes every ``except Exception``."""
+
+
+class StopAfter:
+    """Progress sink that "kills" the run after ``n`` regions."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.seen = n, 0
+
+    def start(self, *, total_regions: int, skipped_regions: int) -> None:
+        self.skipped = skipped_regions
+
+    def advance(self, *, regions: int, chunks: int) -> None:
+        self.seen += regions
+        if self.seen >= self.n:
+            raise Interrupted
+
+
+async def interrupt(coro: Awaitable[object]) -> None:
+    try:
+        await coro
+    except BaseException as exc:
+        if not isinstance(exc, Interrupted) and not (
+            isinstance(exc, BaseExceptionGroup) and exc.subgroup(Interrupted) is not None
+        ):
+            raise
+    else:
+        raise AssertionError("the run was not interrupted")
+
+
+async def test_a_checkpoint_written_before_the_done_log_still_resumes(tmp_path: Path) -> None:
+    world = await small_world(tmp_path, regions=6)
+    before = record_census(world)
+    async with await LocalStore.open(world) as store:
+        await interrupt(migrate_world(store, jobs=1, progress=StopAfter(2), checkpoint_interval=0))
+        cp = await read_checkpoint(store)
+        assert cp is not None and len(cp.done) == 2
+        # As if an older release had been interrupted: its checkpoint, no done log.
+        for key in await store.list(DONE_LOG_PREFIX):
+            await store.delete(key)
+        await store.put_atomic(CHECKPOINT_KEY, _v1_checkpoint(cp, cp.done))
+        old = await read_checkpoint(store)
+        assert old is not None and old.schemaVersion == 1 and old.done == cp.done
+
+        sink = StopAfter(10**6)
+        report = await migrate_world(store, resume=True, progress=sink)
+        assert report.ok and report.regions_skipped == 2 and sink.skipped == 2
+        assert report.regions_rewritten == 4
+        assert await read_checkpoint(store) is None and not await store.list(DONE_LOG_PREFIX)
+    after = record_census(world)
+    assert after.ids == before.ids and not after.stale
+
+
+async def test_a_checkpoint_from_a_newer_release_is_refused(tmp_path: Path) -> None:
+    world = await small_world(tmp_path, regions=2)
+    async with await LocalStore.open(world) as store:
+        cp = Checkpoint(
+            world_id="w", snapshot_id="s", target_versions={}, started_at=0.0, schemaVersion=3
+        )
+        await store.put_atomic(CHECKPOINT_KEY, batch._encode_checkpoint(cp))
+        with pytest.raises(UnsupportedFormat, match="newer release"):
+            await read_checkpoint(store)
+
+
+async def test_a_damaged_done_log_entry_only_costs_rereading_its_regions(tmp_path: Path) -> None:
+    world = await small_world(tmp_path, regions=4)
+    async with await LocalStore.open(world) as store:
+        await interrupt(migrate_world(store, jobs=1, progress=StopAfter(3), checkpoint_interval=0))
+        cp = await read_checkpoint(store)
+        assert cp is not None and len(cp.done) == 3
+        first = batch._entry_key(0)
+        blob = await store.get(first)
+        await store.put_atomic(first, blob.data.replace(b"regions/", b"regionz/"))
+        cp = await read_checkpoint(store)
+        assert cp is not None and cp.done == REGION_KEYS[1:3]
+        report = await migrate_world(store, resume=True)
+        assert report.ok and report.regions_current == 1 and report.regions_rewritten == 1
+
+
+# The fault layer: a crash at every mutating file operation of a whole run.
+
+
+def _is_current(data: bytes, key: str) -> bool:
+    coords = parse_region_key(key)
+    assert coords is not None
+    res = batch.migrate_region_bytes(data, key=key, rx=coords[0], ry=coords[1])
+    return res.new_data is None and res.chunks_upgraded == 0
+
+
+def _crashed(exc: BaseException) -> bool:
+    if isinstance(exc, SimulatedCrash):
+        return True
+    if isinstance(exc, BaseExceptionGroup):
+        return exc.subgroup(SimulatedCrash) is not None
+    return False
+
+
+@pytest.mark.parametrize("torn", [False, True], ids=["clean", "torn"])
+async def test_a_crash_at_any_step_loses_only_regions_since_the_last_durable_write(
+    tmp_path: Path, torn: bool
+) -> None:
+    src = tmp_path / "src"
+    await anyio.to_thread.run_sync(
+        lambda: write_world(src, regions=4, chunks_per_region=1, characters_per_chunk=1)
+    )
+    files = {p.relative_to(src).as_posix(): p.read_bytes() for p in src.rglob("*") if p.is_file()}
+    keys = sorted(k for k in files if k.startswith("regions/"))
+    k = 0
+    checked_mid_run = 0
+    while True:
+        fs = SimulatedFileSystem()
+        async with await LocalStore.open("/w", fs=fs) as seed:
+            for key, data in files.items():
+                await seed.put_atomic(key, data)
+        store = await open_recording("/w", fs=fs)
+        fs.crash_after(k)
+        try:
+            report = await migrate_world(store, jobs=1, checkpoint_interval=0)
+        except BaseException as exc:
+            if not _crashed(exc):
+                raise
+        else:
+            assert report.ok
+            break  # k is past the last operation: the run completed
+        durable = {region for _, done in store.writes for region in done}
+
+        image = fs.durable_image(torn=torn, rng=random.Random(k))
+        async with await LocalStore.open("/w", fs=image) as after:
+            cp = await read_checkpoint(after)
+            if cp is None:
+                # No header yet, or the run was deleting it (every region done by then).
+                assert not durable or store.header_deleted
+            else:
+                checked_mid_run += 1
+                done = set(cp.done)
+                assert durable <= done, f"crash after op {k}: lost {durable - done}"
+                for key in done:
+                    assert _is_current((await after.get(key)).data, key), (
+                        f"crash after op {k}: {key} marked done but not migrated"
+                    )
+            # And the world always finishes: resume (or rerun) to every region current.
+            report = await migrate_world(after, jobs=1, resume=cp is not None)
+            assert report.ok, report.failures
+            for key in keys:
+                assert _is_current((await after.get(key)).data, key)
+            assert await read_checkpoint(after) is None
+        k += 1
+    assert checked_mid_run > 10, "no crash landed while the checkpoint was in use"

@@ -12,10 +12,13 @@ Why it is safe to interrupt and to rerun:
 - **Idempotent.** A region whose records are all current is read, found unchanged and not
   written. Rerunning over finished regions costs reads, never writes, which is also what
   keeps a lazily migrating live runtime and this job from doing the same work twice.
-- **Checkpointed.** ``state/migrate.json`` (atomic put) lists the finished regions, the
-  pre-migration snapshot id and the target versions. ``resume=True`` skips the listed
+- **Checkpointed.** ``state/migrate.json`` (atomic put) holds the pre-migration snapshot
+  id, the target versions and the finished regions as of its last compaction; each
+  checkpoint write in between adds one small object to the done log ``state/migrate.d/``
+  with the regions finished since the previous write, so a write costs what was finished
+  since, not the world's size (``_Checkpointer``). ``resume=True`` skips the listed
   regions; regions finished after the last checkpoint write are found current and skipped
-  by idempotence. A completed run deletes the checkpoint.
+  by idempotence. A completed run deletes the checkpoint and its log.
 - **Rolled back on failure.** The first failing record halts the pool (in-flight regions
   finish their atomic write, no new region starts), the failure is logged with the record's
   id, type and schemaVersion, the pre-migration snapshot is restored and a
@@ -79,7 +82,7 @@ from streamer.format.region import decode_region, encode_region, parse_region_ke
 from streamer.schema.codec import ChunkCodec, Encoding
 from streamer.schema.migrations import CHUNK_NESTED_FIELDS, REGISTRY, MigrationRegistry, RawRecord
 from streamer.schema.records import ChunkRecord
-from streamer.storage.base import BlobStore
+from streamer.storage.base import Blob, BlobStore
 from streamer.subproc import (
     FRAME_LEN,
     read_exact,
@@ -93,6 +96,8 @@ __all__ = [
     "BOOKKEEPING_DIRS",
     "BOOKKEEPING_FILES",
     "CHECKPOINT_KEY",
+    "CHECKPOINT_VERSION",
+    "DONE_LOG_PREFIX",
     "Checkpoint",
     "CheckpointError",
     "LiveHooks",
@@ -114,6 +119,9 @@ __all__ = [
 log = logging.getLogger("streamer.migrate")
 
 CHECKPOINT_KEY: Final = "state/migrate.json"
+#: The done log: one small object per checkpoint write (``_Checkpointer``).
+DONE_LOG_PREFIX: Final = "state/migrate.d/"
+CHECKPOINT_VERSION: Final = 2
 #: Paths a migration (or its rollback) may add or change besides the world's own files: the
 #: snapshots (pre-migration, and the pre-restore one a rollback takes), the incident log, the
 #: checkpoint and the restore marker, the world lock file and the store's lock stripes. The
@@ -121,7 +129,7 @@ CHECKPOINT_KEY: Final = "state/migrate.json"
 BOOKKEEPING_FILES: Final = frozenset(
     {"incidents.log", "state/migrate.json", "state/restore.json", ".lock"}
 )
-BOOKKEEPING_DIRS: Final = ("snapshots/", ".locks/")
+BOOKKEEPING_DIRS: Final = ("snapshots/", ".locks/", DONE_LOG_PREFIX)
 
 
 def is_bookkeeping(path: str) -> bool:
@@ -222,16 +230,27 @@ class MigrationReport(msgspec.Struct, kw_only=True):
 
 
 class Checkpoint(msgspec.Struct, kw_only=True):
-    """``state/migrate.json``: what an interrupted run finished and where it can roll back to."""
+    """``state/migrate.json``: what an interrupted run finished and where it can roll back to.
+
+    As written, ``done`` is the finished regions as of the last compaction; regions
+    finished since are in the done log (``state/migrate.d/``, see ``_Checkpointer``).
+    ``read_checkpoint`` returns ``done`` with the log merged in.
+    """
 
     type: Literal["migrate-checkpoint"] = "migrate-checkpoint"
-    schemaVersion: int = 1
+    #: 1: ``done`` lists every finished region, no done log (before the log existed; still
+    #: read, so a run interrupted under an older release resumes). 2: ``done`` + the log.
+    schemaVersion: int = CHECKPOINT_VERSION
     status: Literal["running", "rolling_back"] = "running"
     world_id: str
     snapshot_id: str
     target_versions: dict[str, int]
     started_at: float
     done: list[str] = msgspec.field(default_factory=list)
+    #: Which done-log entries belong to this header: those of this snapshot id and
+    #: generation. Every header write (start, compaction, rollback) takes a new one, so
+    #: entries from before it, or from another run, are never read as done.
+    log_generation: int = 0
     #: xxh3 of the canonical encoding without this field: a damaged checkpoint is refused,
     #: never half-trusted (a wrong ``done`` list would skip unmigrated regions).
     checksum: str = ""
@@ -305,11 +324,26 @@ class RecoverySnapshots:
 # -- checkpoint ----------------------------------------------------------------------------
 
 _CP_ENCODER: Final = msgspec.json.Encoder(order="sorted")
+#: Fields added in checkpoint version 2; a version 1 checksum covers the others only.
+_CP_V2_FIELDS: Final = ("log_generation",)
+
+
+class _DoneEntry(msgspec.Struct, kw_only=True):
+    """``state/migrate.d/{slot}``: regions finished since the previous checkpoint write."""
+
+    type: Literal["migrate-done"] = "migrate-done"
+    snapshot_id: str
+    generation: int
+    done: list[str]
+    checksum: str = ""
 
 
 def _cp_checksum(cp: Checkpoint) -> str:
     body = msgspec.to_builtins(cp)
     body.pop("checksum", None)
+    if cp.schemaVersion < 2:
+        for name in _CP_V2_FIELDS:
+            body.pop(name, None)
     return hex64(xxh3(_CP_ENCODER.encode(body)))
 
 
@@ -318,19 +352,32 @@ def _encode_checkpoint(cp: Checkpoint) -> bytes:
     return msgspec.json.format(_CP_ENCODER.encode(sealed), indent=2) + b"\n"
 
 
-async def read_checkpoint(store: BlobStore) -> Checkpoint | None:
-    """The interrupted run's checkpoint, or ``None``.
+def _entry_checksum(entry: _DoneEntry) -> str:
+    body = msgspec.to_builtins(entry)
+    body.pop("checksum", None)
+    return hex64(xxh3(_CP_ENCODER.encode(body)))
 
-    :raises MalformedFile: the checkpoint exists but is damaged.
-    """
+
+def _encode_entry(entry: _DoneEntry) -> bytes:
+    return _CP_ENCODER.encode(msgspec.structs.replace(entry, checksum=_entry_checksum(entry)))
+
+
+def _entry_key(slot: int) -> str:
+    return f"{DONE_LOG_PREFIX}{slot:06d}"
+
+
+def _decode_checkpoint(data: bytes) -> Checkpoint:
     try:
-        blob = await store.get(CHECKPOINT_KEY)
-    except NotFound:
-        return None
-    try:
-        cp = msgspec.json.decode(blob.data, type=Checkpoint)
+        cp = msgspec.json.decode(data, type=Checkpoint)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise MalformedFile(f"migration checkpoint unreadable: {exc}", path=CHECKPOINT_KEY) from exc
+    if cp.schemaVersion > CHECKPOINT_VERSION:
+        raise UnsupportedFormat(
+            f"migration checkpoint version {cp.schemaVersion} was written by a newer release "
+            f"(this one reads up to {CHECKPOINT_VERSION}); finish or roll back the migration "
+            "with that release",
+            path=CHECKPOINT_KEY,
+        )
     actual = _cp_checksum(cp)
     if cp.checksum != actual:
         raise MalformedFile(
@@ -342,31 +389,175 @@ async def read_checkpoint(store: BlobStore) -> Checkpoint | None:
     return cp
 
 
-class _Checkpointer:
-    """Writes the checkpoint at most every ``interval`` seconds (plus on demand).
+def _log_entries(cp: Checkpoint, blobs: list[Blob | None], keys: list[str]) -> set[str]:
+    """The regions the done log adds to ``cp`` (blocking-free, pure CPU).
 
-    Losing the last few entries to a kill only costs re-reading those regions: they are found
-    current and skipped, so writes are coalesced rather than paid once per region.
+    Only intact entries of this header's snapshot id and generation count. A damaged one
+    (put_atomic makes it all-or-nothing, so only outside damage does that) is skipped: that
+    can only make regions count as not done, which costs re-reading them, never skipping one.
     """
+    out: set[str] = set()
+    if cp.schemaVersion < 2:
+        return out  # a version 1 header had no log: anything there is not its own
+    for key, blob in zip(keys, blobs, strict=True):
+        if blob is None:
+            continue
+        try:
+            entry = msgspec.json.decode(blob.data, type=_DoneEntry)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            log.warning("ignoring damaged migration done-log entry %s: %s", key, exc)
+            continue
+        if entry.checksum != _entry_checksum(entry):
+            log.warning("ignoring migration done-log entry %s: checksum mismatch", key)
+            continue
+        if entry.snapshot_id == cp.snapshot_id and entry.generation == cp.log_generation:
+            out.update(entry.done)
+    return out
+
+
+async def read_checkpoint(store: BlobStore) -> Checkpoint | None:
+    """The interrupted run's checkpoint, or ``None``; ``done`` includes the done log.
+
+    Reads both checkpoint versions: a version 1 checkpoint (every finished region in
+    ``done``, written before the done log existed) resumes as before.
+
+    :raises MalformedFile: the checkpoint exists but is damaged.
+    :raises UnsupportedFormat: the checkpoint was written by a newer release.
+    """
+    try:
+        blob = await store.get(CHECKPOINT_KEY)
+    except NotFound:
+        return None
+    cp = _decode_checkpoint(blob.data)
+    keys = await store.list(DONE_LOG_PREFIX)
+    if keys and cp.schemaVersion >= 2:
+        blobs = await store.get_many(keys)
+        extra = _log_entries(cp, blobs, keys)
+        if extra:
+            cp.done = sorted(extra.union(cp.done))
+    return cp
+
+
+async def _delete_checkpoint(store: BlobStore) -> None:
+    """Delete the header, then the done log.
+
+    The header first: while it exists its log is whole, and a log without its header is
+    read by nothing (the next run's header has another snapshot id; its end deletes them).
+    """
+    await store.delete(CHECKPOINT_KEY)
+    for key in await store.list(DONE_LOG_PREFIX):
+        await store.delete(key)
+
+
+class _Checkpointer:
+    """Records finished regions durably, at most every ``interval`` seconds (plus on demand).
+
+    Each write stores only the regions finished since the previous one, as one small
+    checksummed object ``state/migrate.d/{slot}`` (``put_atomic``: all or nothing, durable
+    when it returns; one worker-thread hop for a local store), so its cost follows the
+    regions since the last write, not the size of the world. The header
+    ``state/migrate.json`` holds everything finished as of the last *compaction*: at the
+    start of a run and whenever the log has ``max(64, done // 1024)`` entries, the header is
+    rewritten with all of it (sorted and encoded in a worker thread) under a new
+    ``log_generation``, which retires the old entries at once; their slots are reused. That
+    bounds the log to a few hundred entries and the compaction work to a constant per write
+    on average.
+
+    Crash safety: a region is added only after its file is durably written, and the header
+    and each entry are replaced atomically, so whatever a crash leaves lists only finished
+    regions, and at most the regions since the last completed write are missing (they are
+    re-read and found current). Losing a few entries to a kill only costs re-reading those
+    regions, so writes are coalesced rather than paid once per region.
+    """
+
+    #: Log entries before a compaction, at least; more for a big world (``done // 1024``).
+    MIN_SLOTS: Final = 64
 
     def __init__(self, store: BlobStore, cp: Checkpoint, interval: float) -> None:
         self._store = store
         self.cp = cp
-        self._done = set(cp.done)
+        #: Done as of the last compaction; replaced (never changed) by the next one, so a
+        #: compaction's thread can read it while the loop goes on.
+        self._base: list[str] = list(cp.done)
+        #: Done since the last compaction; ``_fresh``: since the last write.
+        self._since: list[str] = []
+        self._fresh: list[str] = []
+        self._slot = 0
         self._interval = interval
         self._last = -math.inf
         self._lock = anyio.Lock()
 
+    @property
+    def done(self) -> frozenset[str]:
+        return frozenset(self._base).union(self._since)
+
     async def mark_done(self, key: str) -> None:
-        self._done.add(key)
+        self._since.append(key)
+        self._fresh.append(key)
         if time.monotonic() - self._last >= self._interval and not self._lock.locked():
             await self.write()
 
     async def write(self) -> None:
+        """Make every region marked done so far durable.
+
+        :raises StorageError: the write failed (nothing marked since the last write is lost
+            from memory: the next write retries it).
+        """
         async with self._lock:
-            self.cp.done = sorted(self._done)
             self._last = time.monotonic()
-            await self._store.put_atomic(CHECKPOINT_KEY, _encode_checkpoint(self.cp))
+            if self._slot >= max(self.MIN_SLOTS, len(self._base) // 1024):
+                await self.compact()
+                return
+            fresh, self._fresh = self._fresh, []
+            if not fresh:
+                return
+            entry = _DoneEntry(
+                snapshot_id=self.cp.snapshot_id, generation=self.cp.log_generation, done=fresh
+            )
+            try:
+                await self._store.put_atomic(_entry_key(self._slot), _encode_entry(entry))
+            except BaseException:
+                self._fresh[:0] = fresh
+                raise
+            self._slot += 1
+
+    async def compact(self) -> None:
+        """Rewrite the header with every finished region under a new log generation.
+
+        Merging, sorting and encoding run in a worker thread; on the loop this only swaps
+        lists. The caller holds ``_lock`` (or nothing else writes yet: the start of a run).
+        """
+        self._last = time.monotonic()
+        since, self._since = self._since, []
+        fresh, self._fresh = self._fresh, []
+        header = msgspec.structs.replace(
+            self.cp,
+            schemaVersion=CHECKPOINT_VERSION,
+            log_generation=self.cp.log_generation + 1,
+            done=[],
+        )
+        try:
+            merged, data = await anyio.to_thread.run_sync(_seal_merged, header, self._base, since)
+            await self._store.put_atomic(CHECKPOINT_KEY, data)
+        except BaseException:
+            self._since[:0] = since
+            self._fresh[:0] = fresh
+            raise
+        self._base = merged
+        self.cp = header
+        self._slot = 0
+
+
+def _seal_merged(header: Checkpoint, base: list[str], since: list[str]) -> tuple[list[str], bytes]:
+    """Merge ``since`` into ``base`` (neither is changed) and encode ``header`` listing it.
+
+    Runs in a worker thread: O(regions). ``header.done`` stays empty in memory. ``base`` is
+    sorted and ``since`` nearly so (regions start in key order), so the sort is a merge of
+    runs. A region is marked done once per run, so there is nothing to deduplicate (a
+    duplicate would be harmless: ``done`` is read as a set).
+    """
+    merged = sorted(base + since)
+    return merged, _encode_checkpoint(msgspec.structs.replace(header, done=merged))
 
 
 # -- per-region work (runs in a worker thread) ----------------------------------------------
@@ -1044,7 +1235,8 @@ class _Run:
             try:
                 await self.checkpointer.mark_done(key)
             except StorageError as exc:
-                raise _RegionFailed(_failure(CHECKPOINT_KEY, None, None, exc), exc) from exc
+                cp_key = getattr(exc, "key", None) or CHECKPOINT_KEY
+                raise _RegionFailed(_failure(cp_key, None, None, exc), exc) from exc
         if self.progress is not None:
             self.progress.advance(regions=1, chunks=res.chunks)
 
@@ -1131,7 +1323,7 @@ async def _prepare(
             started_at=time.time(),
         )
     checkpointer = _Checkpointer(store, cp, checkpoint_interval)
-    await checkpointer.write()
+    await checkpointer.compact()  # a fresh header: retires whatever log an earlier run left
     return checkpointer
 
 
@@ -1218,7 +1410,7 @@ async def migrate_world(
             report.elapsed_s = time.perf_counter() - t0
             return report
 
-        done = set(checkpointer.cp.done) if checkpointer is not None else set()
+        done = checkpointer.done if checkpointer is not None else frozenset()
         pending = [k for k in keys if k[0] not in done]
         report.regions_skipped = len(keys) - len(pending)
         if progress is not None:
@@ -1267,7 +1459,7 @@ async def migrate_world(
             _log_failure(fail, exc)
             await _rollback(store, snaps, checkpointer.cp, report, fail, resumed_rollback=False)
         else:
-            await store.delete(CHECKPOINT_KEY)
+            await _delete_checkpoint(store)
             report.status = "completed"
     report.elapsed_s = time.perf_counter() - t0
     return report
@@ -1325,7 +1517,15 @@ async def _rollback(
     """
     report.status = "failed"
     report.snapshot_id = cp.snapshot_id
-    cp.status = "rolling_back"
+    # A rolling-back checkpoint lists nothing done (a resume only finishes the restore) and
+    # retires the done log, so it is small to write whatever the world's size.
+    cp = msgspec.structs.replace(
+        cp,
+        status="rolling_back",
+        schemaVersion=CHECKPOINT_VERSION,
+        log_generation=cp.log_generation + 1,
+        done=[],
+    )
     try:
         await store.put_atomic(CHECKPOINT_KEY, _encode_checkpoint(cp))
     except StorageError as exc:
@@ -1387,6 +1587,6 @@ async def _rollback(
             f"{restore_error}; rerun with --resume to retry the restore"
         ) from restore_error
     try:
-        await store.delete(CHECKPOINT_KEY)
+        await _delete_checkpoint(store)
     except StorageError as exc:
         log.error("cannot remove %s after rollback: %s", CHECKPOINT_KEY, exc)
