@@ -72,7 +72,8 @@ from streamer.format.journal import (
 )
 from streamer.runtime.fastsync import event_factory
 from streamer.runtime.journal_drops import DropLog
-from streamer.schema.deltas import AnyDelta
+from streamer.schema.deltas import AnyDelta, records_current, upgrade_raw_records
+from streamer.schema.migrations import MalformedRecord
 from streamer.storage.base import BlobStore
 from streamer.storage.fs import FileSystem
 from streamer.storage.local import LocalStore
@@ -132,6 +133,7 @@ class _RawJournalBatch(msgspec.Struct, tag="journal_batch", tag_field="type", kw
 
 _ENCODER = msgspec.msgpack.Encoder()
 _DECODER = msgspec.msgpack.Decoder(JournalBatch)
+_RAW_DECODER = msgspec.msgpack.Decoder()
 
 
 def encode_batch(batch: JournalBatch) -> bytes:
@@ -146,18 +148,53 @@ def encode_batch_raw(seq: int, deltas: bytes) -> bytes:
 
 
 def decode_batch(payload: bytes, *, where: str) -> JournalBatch:
-    """:raises MalformedFile: the frame verified but does not hold a JournalBatch v1."""
+    """Decode a journal frame; the records its deltas carry come out at current versions.
+
+    Fast path: the typed decode, when every record in it is current. Otherwise (an older
+    release wrote it, or the typed decode failed on an old record's shape) the frame is
+    decoded as plain data and its records go through the migration registry, as a chunk's
+    do: typed alone, a newer record would lose the fields this code does not know and an
+    old one would replay unmigrated.
+
+    :raises MalformedFile: the frame verified but does not hold a JournalBatch v1.
+    :raises UnknownSchemaVersion: a record is newer than this code: refused, never replayed
+        with fields dropped (names ``where``, the batch seq, delta index, record id, type
+        and version).
+    :raises MigrationFailed: upgrading an old record failed (names the same).
+    """
     try:
         batch = _DECODER.decode(payload)
-    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError):
+        return _decode_batch_slow(payload, where=where)
+    if batch.schemaVersion == 1 and records_current(batch.deltas):
+        return batch
+    return _decode_batch_slow(payload, where=where)
+
+
+def _decode_batch_slow(payload: bytes, *, where: str) -> JournalBatch:
+    try:
+        raw = _RAW_DECODER.decode(payload)
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise MalformedFile(
             f"journal frame is not a valid journal batch: {exc}", path=where
         ) from None
-    if batch.schemaVersion != 1:
+    version = raw.get("schemaVersion") if isinstance(raw, dict) else None
+    if type(version) is int and version != 1:
+        raise MalformedFile(f"journal batch schemaVersion {version} is not supported", path=where)
+    deltas = raw.get("deltas") if isinstance(raw, dict) else None
+    if isinstance(deltas, list):
+        seq = raw.get("seq")
+        at = f"{where} batch seq {seq if type(seq) is int else '?'}"
+        try:
+            upgrade_raw_records(deltas, where=at)
+        except MalformedRecord as exc:
+            raise MalformedFile(str(exc), path=where) from None
+    try:
+        return msgspec.convert(raw, JournalBatch)
+    except (msgspec.ValidationError, RecursionError) as exc:
         raise MalformedFile(
-            f"journal batch schemaVersion {batch.schemaVersion} is not supported", path=where
-        )
-    return batch
+            f"journal frame is not a valid journal batch: {exc}", path=where
+        ) from None
 
 
 def _sync_in_place(fs: FileSystem, path: str) -> None:
