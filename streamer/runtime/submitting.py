@@ -36,6 +36,7 @@ from streamer.runtime.players import PlayerIndex
 from streamer.runtime.queues import ChunkDelta, DeltaQueues, RegionKey
 from streamer.runtime.regionstate import apply_to_chunk
 from streamer.schema.deltas import (
+    RECORD_FIELDS,
     AnyDelta,
     Delta,
     EntityMove,
@@ -48,14 +49,7 @@ from streamer.schema.deltas import (
     StructureUpsert,
     TileSet,
 )
-from streamer.schema.records import (
-    CURRENT_VERSIONS,
-    Character,
-    Feature,
-    Record,
-    Society,
-    Structure,
-)
+from streamer.schema.records import CURRENT_VERSIONS, Character, Record
 
 log = logging.getLogger(__name__)
 
@@ -87,12 +81,7 @@ _TILES_ONLY = frozenset({TileSet})
 #: a newer one makes the whole region refuse to load, taking its valid edits with it.
 _RECORD_FIELDS: dict[type, tuple[str, type[Record], str, int]] = {
     delta: (field, rec, tag, CURRENT_VERSIONS[tag])
-    for delta, field, rec in (
-        (EntityUpsert, "character", Character),
-        (FeatureAdd, "feature", Feature),
-        (StructureUpsert, "structure", Structure),
-        (SocietyUpdate, "society", Society),
-    )
+    for delta, (field, rec) in RECORD_FIELDS.items()
     for tag in (str(rec.__struct_config__.tag),)
 }
 _CHUNK_SHIFT = CHUNK_SIZE.bit_length() - 1
