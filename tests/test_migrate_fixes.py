@@ -149,6 +149,9 @@ def test_cli_dry_run_of_an_unreadable_region_exits_1_and_names_it(
     out = json.loads(capsys.readouterr().out)
     assert out["status"] == "failed" and out["ok"] is False
     assert out["failures"][0]["file"] == REGION_KEYS[0]
+    assert migrate_cmd.main([str(world), "--dry-run"]) == 1
+    text = capsys.readouterr().out
+    assert "1 failed)" in text and REGION_KEYS[0] in text
 
 
 class CorruptAfterSnapshot(RecoverySnapshots):

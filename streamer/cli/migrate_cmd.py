@@ -159,10 +159,11 @@ def print_report(report: MigrationReport, *, as_json: bool) -> None:
     verb = "would rewrite" if report.dry_run else "rewrote"
     head = "dry run (nothing written)" if report.dry_run else report.status
     print(f"{report.world}: {head} in {report.elapsed_s:.2f} s")
+    failed = f", {report.regions_failed} failed" if report.regions_failed else ""
     print(
         f"  regions: {report.regions_total} ({verb} {report.regions_rewritten}, "
         f"{report.regions_current} already current, {report.regions_skipped} done by an "
-        "earlier run)"
+        f"earlier run{failed})"
     )
     print(
         f"  chunks:  {report.chunks_total:,} ({report.chunks_upgraded:,} changed); "
