@@ -223,8 +223,9 @@ class World(_SubmitPath, _FlushPath):
         # the loop, the rest in a thread): more than one at a time only adds contention.
         self._fold_limiter = anyio.CapacityLimiter(1)
         self._players = PlayerIndex()
-        #: Entity state as of batches accepted but not yet durable: id → (batch seq, record or
-        #: None if removed). EntityMove resolves its character here first.
+        #: Entities changed by batches accepted but not yet durable: id → (batch seq, record
+        #: or None if removed). An EntityMove of such an entity waits for that batch to
+        #: settle, then resolves against durable state (``submitting._wait_settled``).
         self._overlay: dict[str, tuple[int, Character | None]] = {}
         #: Routing of batches accepted but not yet durable or failed, by journal seq: computed
         #: once in ``submit``, used by ``_on_durable``. Value: (parts, no entity deltas).
