@@ -49,8 +49,7 @@ def unseal(data: bytes, path: str, kind: str, *, newest: int = 1) -> dict[str, A
     version = raw.get("schemaVersion")
     if not isinstance(version, int) or version > newest:
         raise UnsupportedFormat(
-            f"{kind} record schemaVersion {version!r} is newer than this streamer reads "
-            f"({newest})",
+            f"{kind} record schemaVersion {version!r} is newer than this streamer reads ({newest})",
             path=path,
         )
     raw["checksum"] = stored
