@@ -1,5 +1,5 @@
-"""``EntityMove`` in ``World.submit``: resolved against durable state only, and load errors
-reach the caller as themselves."""
+"""``EntityMove`` in ``World.submit``: resolved against pending batches, never outliving
+the failure of one it was resolved against; load errors reach the caller as themselves."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from streamer import Character, DeltaError, EntityMove, EntityUpsert, open_world
+from streamer import Character, EntityMove, EntityUpsert, TileSet, open_world
 from streamer.config import Config, RuntimeSettings
 from streamer.errors import RegionInactive, StorageUnavailable
 from streamer.runtime.chunk import ChunkKey
@@ -81,7 +81,7 @@ async def test_a_move_resolved_while_its_entity_is_pending_fails_with_that_batch
     tmp_path: Path,
 ) -> None:
     """/tmp/review_submit/overlay_fail.py: batch 1 creating ``ghost`` fails (EIO); batch 2,
-    moving ghost, must not make it exist."""
+    moving ghost, was resolved against it: it is withdrawn before it is written."""
     fs = await new_world(tmp_path)
     async with open_world(tmp_path, CONF, fs=fs) as world:
         await world.chunk(0, 0)  # source and target cached: batch 2 needs no load
@@ -89,9 +89,8 @@ async def test_a_move_resolved_while_its_entity_is_pending_fails_with_that_batch
         res = await _upsert_then_move(world, _HeldWrite(fs, fail=True))
         assert isinstance(res[1], StorageUnavailable)
         err = res[2]
-        assert isinstance(err, DeltaError)
-        assert "'ghost' is not in chunk (0, 0)" in str(err)
-        assert "batch 1" in str(err) and "failed" in str(err)
+        assert isinstance(err, StorageUnavailable)
+        assert "resolved against batch" in str(err) and "which failed" in str(err)
         assert [e.id for e in (await world.chunk(9, 0)).entities if e.id == "ghost"] == []
         assert [e.id for e in (await world.chunk(0, 0)).entities if e.id == "ghost"] == []
     async with open_world(tmp_path, CONF, fs=fs) as world:
@@ -99,7 +98,7 @@ async def test_a_move_resolved_while_its_entity_is_pending_fails_with_that_batch
             assert "ghost" not in [e.id for e in (await world.chunk(*key)).entities]
 
 
-async def test_a_move_waits_for_the_pending_batch_of_its_entity_and_then_applies(
+async def test_a_move_resolved_against_a_pending_batch_applies_once_both_are_durable(
     tmp_path: Path,
 ) -> None:
     fs = await new_world(tmp_path)
@@ -114,6 +113,81 @@ async def test_a_move_waits_for_the_pending_batch_of_its_entity_and_then_applies
     async with open_world(tmp_path, CONF, fs=fs) as world:
         assert "ghost" in [e.id for e in (await world.chunk(9, 0)).entities]
         assert "ghost" not in [e.id for e in (await world.chunk(0, 0)).entities]
+
+
+def step(tick: int, entity: str, x0: int, x1: int) -> EntityMove:
+    """A move along y=5 from x0 to x1."""
+    return EntityMove(tick=tick, entity_id=entity, from_x=x0, from_y=5, to_x=x1, to_y=5)
+
+
+async def test_pipelined_moves_of_one_entity_keep_their_tick_order(tmp_path: Path) -> None:
+    """A shard server starts its submits in tick order without awaiting each: a move of an
+    entity with a pending change must not wait, or later ticks overtake it and it is
+    refused for going backwards (/tmp/review2_rt/pipelined_move.py)."""
+    fs = await new_world(tmp_path)
+    async with open_world(tmp_path, CONF, fs=fs) as world:
+        await world.chunk(0, 0)
+        await world.submit([EntityUpsert(tick=1, character=Character(id="e", x=5, y=5))])
+        res: dict[int, BaseException | None] = {}
+
+        async def run(tick: int, delta: EntityMove | TileSet) -> None:
+            try:
+                await world.submit([delta])
+                res[tick] = None
+            except Exception as exc:
+                res[tick] = exc
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(
+                run, 10, EntityMove(tick=10, entity_id="e", from_x=5, from_y=5, to_x=6, to_y=5)
+            )
+            await anyio.sleep(0)
+            tg.start_soon(
+                run, 11, EntityMove(tick=11, entity_id="e", from_x=6, from_y=5, to_x=7, to_y=5)
+            )
+            await anyio.sleep(0)
+            tg.start_soon(run, 12, TileSet(tick=12, x=10, y=10, tile=3))
+        assert res == {10: None, 11: None, 12: None}
+        (e,) = [c for c in (await world.chunk(0, 0)).entities if c.id == "e"]
+        assert (e.x, e.y) == (7, 5)
+
+
+async def test_a_failure_withdraws_every_batch_resolved_against_it(tmp_path: Path) -> None:
+    """Batch 1 creates ``ghost`` and fails; batch 2 moves it (resolved against 1), batch 3
+    moves it again (resolved against 2): both withdrawn, nothing of ghost anywhere."""
+    fs = await new_world(tmp_path)
+    async with open_world(tmp_path, CONF, fs=fs) as world:
+        await world.chunk(0, 0)
+        held = _HeldWrite(fs, fail=True)
+        res: dict[int, BaseException | None] = {}
+
+        async def run(n: int, delta: EntityUpsert | EntityMove) -> None:
+            try:
+                await world.submit([delta])
+                res[n] = None
+            except Exception as exc:
+                res[n] = exc
+
+        async with anyio.create_task_group() as tg:
+            ghost = Character(id="ghost", x=5, y=5)
+            tg.start_soon(run, 1, EntityUpsert(tick=1, character=ghost))
+            await anyio.to_thread.run_sync(held.started.wait, 30)
+            tg.start_soon(
+                run, 2, EntityMove(tick=2, entity_id="ghost", from_x=5, from_y=5, to_x=6, to_y=5)
+            )
+            await anyio.wait_all_tasks_blocked()
+            tg.start_soon(
+                run, 3, EntityMove(tick=3, entity_id="ghost", from_x=6, from_y=5, to_x=7, to_y=5)
+            )
+            await anyio.wait_all_tasks_blocked()
+            held.release.set()
+        assert all(isinstance(res[n], StorageUnavailable) for n in (1, 2, 3)), res
+        assert "ghost" not in [c.id for c in (await world.chunk(0, 0)).entities]
+        # The journal goes on: a later, independent batch is written.
+        await world.submit([EntityUpsert(tick=4, character=Character(id="other", x=5, y=5))])
+    async with open_world(tmp_path, CONF, fs=fs) as world:
+        ids = [c.id for c in (await world.chunk(0, 0)).entities]
+        assert "ghost" not in ids and "other" in ids
 
 
 @pytest.mark.parametrize(

@@ -540,6 +540,17 @@ class Journal:
         self._wake.set()
         return pending
 
+    def withdraw(self, seq: int, error: BaseException) -> bool:
+        """Fail batch ``seq`` with ``error`` if it is still queued (not taken by a commit):
+        a batch that depends on one that failed must never be written. False if it is not
+        queued (already written, failing, or never appended)."""
+        for i, p in enumerate(self._pending):
+            if p.batch.seq == seq:
+                del self._pending[i]
+                self._fail([p], error)
+                return True
+        return False
+
     def _check_usable(self) -> None:
         if self._broken is not None:
             raise StorageUnavailable(

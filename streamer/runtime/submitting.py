@@ -4,17 +4,20 @@
 remove + upsert carrying the character as it lands, routes every delta to its region and
 chunk, and appends ONE journal frame for the batch (group commit).
 
-A move is resolved against durable state only. The overlay (entities changed by batches
-accepted but not yet durable) tells which moves must first wait for such a batch: resolved
-against it, a move outlived that batch's failure (a later group commit wrote it anyway, and
-the entity existed though its creator was told it was never created).
+A move is resolved against the overlay first (entities changed by batches accepted but
+not yet durable), so a shard server may pipeline submits without awaiting each. A batch
+resolved against another's pending change depends on it: if that batch fails, the
+dependent is withdrawn from the journal's queue before it is written and fails too, naming
+it. Before, a later group commit wrote it anyway, and the entity existed though its creator
+was told it was never created. (Waiting for the batch to settle instead let later submits
+overtake the move, which was then refused for going backwards in ticks.)
 
 The journal's hooks land here too: ``_on_durable`` — running in journal order — appends the
 deltas to their region queues and applies them to cached chunks; ``_on_failed`` releases
 what a failed batch reserved. Both wake the submits waiting for those batches.
 
 ``_SubmitPath`` is a mixin of ``World``; the world state it uses is declared below and set up
-in ``World.__init__`` (``_settling`` on first use).
+in ``World.__init__`` (``_dependents`` on first use).
 """
 
 from __future__ import annotations
@@ -27,10 +30,16 @@ import anyio
 import msgspec
 
 from streamer.coords import CHUNK_SIZE, chunk_of, region_of_chunk
-from streamer.errors import DeltaError, RegionInactive
+from streamer.errors import DeltaError, RegionInactive, StorageUnavailable
 from streamer.runtime.cache import ChunkCache
 from streamer.runtime.chunk import ChunkKey
-from streamer.runtime.journal import Journal, JournalBatch, RegionTicks, encode_batch_raw
+from streamer.runtime.journal import (
+    JOURNAL_DIR,
+    Journal,
+    JournalBatch,
+    RegionTicks,
+    encode_batch_raw,
+)
 from streamer.runtime.loader import ChunkLoader
 from streamer.runtime.players import PlayerIndex
 from streamer.runtime.queues import ChunkDelta, DeltaQueues, RegionKey
@@ -150,16 +159,6 @@ def _check_record(d: AnyDelta, spec: tuple[str, type[Record], str, int], what: s
         )
 
 
-class _Settling:
-    """A batch that a submit waits for: ``event`` is set once it is durable or failed."""
-
-    __slots__ = ("event", "failed")
-
-    def __init__(self) -> None:
-        self.event = anyio.Event()
-        self.failed = False
-
-
 class _SubmitPath:
     """``World``'s write path: submit, validation, routing, move expansion, the entity overlay
     and the journal's durable/failed hooks."""
@@ -174,8 +173,9 @@ class _SubmitPath:
     _overlay: dict[str, tuple[int, Character | None]]
     _routing: dict[int, tuple[_Routed, bool]]
     _chunk_keys: dict[ChunkKey, ChunkKey]
-    #: Batches (journal seq) a move waits for before it resolves; made on first use.
-    _settling: dict[int, _Settling] | None = None
+    #: Batch seq → batches whose moves were resolved against its pending changes (they
+    #: must not be written if it fails); made on first use.
+    _dependents: dict[int, set[int]] | None = None
     _flush_wake: anyio.Event
     _region_size: int
     _bound: int
@@ -287,7 +287,6 @@ class _SubmitPath:
         assert journal is not None
         regions: dict[RegionKey, int] = {}
         moves: list[EntityMove] = []
-        failed_deps: dict[str, int] = {}  # entity id → earlier batch changing it that failed
         plain = kinds <= _PLAIN_TYPES
         routed: _Routed | None = None
         if plain:
@@ -330,22 +329,13 @@ class _SubmitPath:
                 continue  # state may have changed while waiting: re-check everything
             if moves and not await self._sources_ready(moves):
                 continue
-            if moves:
-                dep = self._pending_change(moves)
-                if dep is not None:
-                    # Resolved now, the move would carry that batch's record into a later
-                    # group commit even if that batch fails: wait, then resolve anew.
-                    dep_seq, ids = dep
-                    if await self._wait_settled(dep_seq):
-                        failed_deps.update(dict.fromkeys(ids, dep_seq))
-                    self._check_open()
-                    continue
             # Critical section: no await until the batch is in the journal's queue, so the
             # tick checks, move resolution and journal order all see the same state.
             if any(r not in self._queues.regions for r in regions):
                 continue
+            depends: set[int] = set()
             if routed is None:
-                expanded: list[AnyDelta] = list(self._expand(batch, failed_deps))
+                expanded: list[AnyDelta] = list(self._expand(batch, depends))
                 parts = self._route_batch(expanded)
             else:
                 expanded, parts = batch, routed
@@ -363,6 +353,12 @@ class _SubmitPath:
                 self._queues.regions[region].reserve(part.ticks)
             if not plain:
                 self._overlay_batch(jb)
+            if depends:
+                deps = self._dependents
+                if deps is None:
+                    deps = self._dependents = {}
+                for earlier in depends:
+                    deps.setdefault(earlier, set()).add(seq)
             break
         await pending.wait()
 
@@ -438,10 +434,12 @@ class _SubmitPath:
         return True
 
     async def _sources_ready(self, moves: list[EntityMove]) -> bool:
-        """Load the source chunks of moves; True if none had to be loaded (so the caller can
-        resolve without another await)."""
+        """Load the source chunks of moves not resolvable from pending state; True if none
+        had to be loaded (so the caller can resolve without another await)."""
         need = []
         for m in moves:
+            if m.entity_id in self._overlay:
+                continue
             key = chunk_of(m.from_x, m.from_y)
             if self._cache.peek(key) is None:
                 need.append(key)
@@ -473,10 +471,19 @@ class _SubmitPath:
             scope.cancel()  # the batch fails anyway: stop waiting for the other loads
 
     def _lookup_entity(
-        self, local: dict[str, Character | None], entity_id: str, x: int, y: int
+        self,
+        local: dict[str, Character | None],
+        entity_id: str,
+        x: int,
+        y: int,
+        depends: set[int],
     ) -> Character | None:
         if entity_id in local:
             return local[entity_id]
+        entry = self._overlay.get(entity_id)
+        if entry is not None:
+            depends.add(entry[0])
+            return entry[1]
         chunk = self._cache.peek(chunk_of(x, y))
         if chunk is None:
             raise DeltaError(f"EntityMove: source chunk {chunk_of(x, y)} is not loaded")
@@ -485,60 +492,20 @@ class _SubmitPath:
                 return c
         return None
 
-    def _pending_change(self, moves: list[EntityMove]) -> tuple[int, list[str]] | None:
-        """The oldest batch not yet durable that changes an entity of ``moves``, and those
-        entities; ``None`` if every move can be resolved against durable state now."""
-        overlay = self._overlay
-        pending = {m.entity_id: e[0] for m in moves if (e := overlay.get(m.entity_id))}
-        if not pending:
-            return None
-        seq = min(pending.values())
-        return seq, [eid for eid, s in pending.items() if s == seq]
-
-    async def _wait_settled(self, seq: int) -> bool:
-        """Wait until batch ``seq`` (still pending) is durable or failed; True if it failed."""
-        settling = self._settling
-        if settling is None:
-            settling = self._settling = {}
-        entry = settling.get(seq)
-        if entry is None:
-            entry = settling[seq] = _Settling()
-        await entry.event.wait()
-        return entry.failed
-
-    def _settled(self, batches: Sequence[JournalBatch], *, failed: bool) -> None:
-        """Wake the submits waiting for any of ``batches``."""
-        settling = self._settling
-        if not settling:
-            return
-        for jb in batches:
-            entry = settling.pop(jb.seq, None)
-            if entry is not None:
-                entry.failed = failed
-                entry.event.set()
-
-    def _expand(self, batch: list[AnyDelta], failed: dict[str, int]) -> list[ChunkDelta]:
+    def _expand(self, batch: list[AnyDelta], depends: set[int]) -> list[ChunkDelta]:
         """Split each EntityMove into remove (source) + upsert (target, moved record).
 
-        ``failed``: entities whose pending change this batch waited for and saw fail (named
-        in the error if the move cannot be resolved without it).
+        ``depends`` receives the seqs of pending batches a move was resolved against.
         """
         local: dict[str, Character | None] = {}
         out: list[ChunkDelta] = []
         for d in batch:
             if isinstance(d, EntityMove):
-                ch = self._lookup_entity(local, d.entity_id, d.from_x, d.from_y)
+                ch = self._lookup_entity(local, d.entity_id, d.from_x, d.from_y, depends)
                 if ch is None or chunk_of(ch.x, ch.y) != chunk_of(d.from_x, d.from_y):
-                    seq = failed.get(d.entity_id)
-                    why = (
-                        ""
-                        if seq is None
-                        else f"; batch {seq}, submitted earlier and changing this entity, "
-                        "failed and was never applied"
-                    )
                     raise DeltaError(
                         f"EntityMove at tick {d.tick}: entity {d.entity_id!r} is not in chunk "
-                        f"{chunk_of(d.from_x, d.from_y)} (from ({d.from_x}, {d.from_y})){why}"
+                        f"{chunk_of(d.from_x, d.from_y)} (from ({d.from_x}, {d.from_y}))"
                     )
                 moved = msgspec.structs.replace(ch, x=d.to_x, y=d.to_y)
                 out.append(EntityRemove(tick=d.tick, entity_id=d.entity_id, x=ch.x, y=ch.y))
@@ -593,7 +560,9 @@ class _SubmitPath:
                 self._apply_cached(part)
             if not plain:
                 self._clear_overlay(jb)
-        self._settled(batches, failed=False)
+        if self._dependents:
+            for jb in batches:
+                self._dependents.pop(jb.seq, None)
 
     def _apply_cached(self, part: _Part) -> None:
         """Apply a batch's deltas to the cached chunks they touch, one new chunk per chunk."""
@@ -621,4 +590,22 @@ class _SubmitPath:
                 if q is not None and q.pending:
                     q.settle(failed=True)
             self._clear_overlay(jb)
-        self._settled(batches, failed=True)
+        deps = self._dependents
+        if not deps:
+            return
+        journal = self._journal
+        for jb in batches:
+            for later in sorted(deps.pop(jb.seq, ())):
+                # Still queued (a group is taken only after the previous one's hooks ran),
+                # unless it shared this batch's group and failed with it. Withdrawing it
+                # calls this hook again for it, so its own dependents go too.
+                if journal is not None:
+                    journal.withdraw(
+                        later,
+                        StorageUnavailable(
+                            f"batch not written: an EntityMove in it was resolved against "
+                            f"batch {jb.seq}, submitted earlier, which failed and was never "
+                            "applied",
+                            key=JOURNAL_DIR,
+                        ),
+                    )
