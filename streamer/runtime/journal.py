@@ -407,6 +407,7 @@ class Journal:
             self._next_seg = seq + 1
         # Before any new segment can reuse a number a crash left pending in the record.
         await self._drops.open(s.seq for s in self._segments)
+        self._next_seg = max(self._next_seg, self._drops.pending_high + 1)
         return Replay(batches=batches, torn_bytes=self._torn, segments=len(scanned))
 
     def _scan_blocking(self) -> list[tuple[int, list[bytes], int, int]]:

@@ -196,6 +196,10 @@ class DropLog:
         self._key = key
         #: The record as durably written; None while nothing of this epoch is on disk.
         self.record: DropRecord | None = None
+        #: Highest segment number the record on disk lists as pending when opened. New
+        #: segments must be numbered above it: if that record could not be settled, a reused
+        #: number would look "still on disk" at the next open and its loss be forgotten.
+        self.pending_high = 0
 
     async def open(self, on_disk: Iterable[int]) -> None:
         """Load the record, settle what a crash left pending against the segments now
@@ -223,6 +227,8 @@ class DropLog:
         if current is not None and not current.pending:
             self.record = current
             return
+        if current is not None:
+            self.pending_high = max(p.seq for p in current.pending)
         record = new_record() if current is None else _resolve(current, live, (), keep_live=False)
         try:
             await self._store.put_atomic(self._key, encode_drops(record))
