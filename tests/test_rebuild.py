@@ -22,6 +22,7 @@ from streamer.recovery.rebuild import (
 )
 from streamer.recovery.snapshots import list_snapshots, snapshot_file_key
 from streamer.runtime.journal import JournalBatch, encode_batch
+from streamer.runtime.journal_drops import DROPS_KEY
 from streamer.runtime.players import decode_players, encode_players
 from streamer.schema.codec import ChunkCodec
 from streamer.schema.deltas import TileSet
@@ -149,6 +150,7 @@ async def test_regenerate_world(store: LocalStore) -> None:
     m = await populated(store, seed=3)
     await store.put_atomic(SEG, journal_segment([40, 41]))
     await store.put_atomic("players.idx", encode_players({"p": (0, 1)}))
+    await store.put_atomic(DROPS_KEY, b"ticks the old journal dropped")
     bad = flip((await store.get(region_key(1, 0))).data, 120)
     await store.put_atomic(region_key(1, 0), bad)
     log = IncidentLog(store)
@@ -168,6 +170,7 @@ async def test_regenerate_world(store: LocalStore) -> None:
     assert await store.list("regions/") == []
     assert await store.list("journal/") == []
     assert await store.list("players.idx") == []
+    assert await store.list(DROPS_KEY) == []  # ticks start over: old drops mean nothing
     assert await load_inactive(store) == {}
     assert (res.regions_removed, res.journal_segments_removed, res.players_removed) == (4, 1, 1)
     report = await check_world(store)

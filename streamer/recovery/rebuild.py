@@ -59,6 +59,7 @@ from streamer.recovery.incidents import IncidentLog
 from streamer.recovery.lineage import write_lineage
 from streamer.recovery.quarantine import quarantine_copy
 from streamer.recovery.snapshots import create_snapshot, list_snapshots
+from streamer.runtime.journal_drops import DROPS_KEY
 from streamer.schema.codec import ChunkCodec
 from streamer.schema.records import ChunkRecord
 from streamer.storage.base import BlobStore
@@ -446,6 +447,10 @@ async def regenerate_world(
         await store.delete(key)
     cleared = len(await load_inactive_quiet(store))
     await store.delete(INACTIVE_KEY)
+    # Ticks start over with the regions: what the old journal dropped says nothing about
+    # the new world, and would report losses that never happened (a new epoch begins at
+    # the next open).
+    await store.delete(DROPS_KEY)
     inc = await incidents.record(
         "world_regenerated",
         details={
