@@ -696,7 +696,10 @@ class World(_SubmitPath, _FlushPath):
                         except StreamerError as bad:
                             failed[k] = bad
                             continue
-                        self._install_region(state)
+                        self._install_region(state, evict=False)
+                    # Once per batch: a pass per install scans every region in memory each
+                    # time, quadratic when a call wants thousands (a replay after a crash).
+                    self._evict_regions()
                     # Still holding the loading slots: concurrent loaders wait for the
                     # ladder's outcome instead of running it again.
                     await self._recovery.recover_loaded(failed, mine)
@@ -744,7 +747,7 @@ class World(_SubmitPath, _FlushPath):
             return  # refused by design; logged and recorded when it became inactive
         log.error("region %s could not be loaded: %s", key, err)
 
-    def _install_region(self, state: RegionState) -> None:
+    def _install_region(self, state: RegionState, *, evict: bool = True) -> None:
         current = self._regions.get(state.key)
         if current is not None and current.generation >= state.generation:
             return
@@ -754,7 +757,8 @@ class World(_SubmitPath, _FlushPath):
         q.lpt = max(q.lpt, state.lpt)
         q.floor = max(q.floor, q.lpt)
         q.hwm = max(q.hwm, q.lpt)
-        self._evict_regions()
+        if evict:
+            self._evict_regions()
 
     def _evict_regions(self) -> None:
         excess = len(self._regions) - _CLEAN_REGIONS_KEPT
