@@ -8,19 +8,23 @@ bring it back and hide what was acknowledged since (recovery/lineage.py).
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pytest
 
 from streamer.format.manifest import decode_manifest
 from streamer.format.region import region_key
+from streamer.recovery.check import CheckReport
 from streamer.recovery.incidents import IncidentLog
 from streamer.recovery.lineage import LINEAGE_KEY, read_lineage
 from streamer.recovery.rebuild import regenerate_world
 from streamer.recovery.snapshots import (
     create_snapshot,
+    current_lineage,
     find_valid_copy,
     list_snapshots,
     restore_snapshot,
+    snapshot_check,
 )
 from streamer.storage.local import LocalStore
 from tests.test_snapshots import make_world, region_bytes
@@ -105,11 +109,50 @@ async def test_a_world_without_lineage_counts_every_snapshot(store):
     assert c.ancestors == [b.id, a.id]
 
 
-async def test_a_damaged_lineage_warns_and_counts_every_snapshot(store, caplog):
+def damage_lineage(root: Path) -> None:
+    path = root / LINEAGE_KEY
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+async def test_a_damaged_lineage_is_rebuilt_from_the_last_restore(store, tmp_path, caplog):
     await make_world(store)
-    newest = await put_region(store, 5)
-    s = await create_snapshot(store, keep=5)
-    await store.put_atomic(LINEAGE_KEY, b'{"type": "lineage", "ancestors": []}')
-    with caplog.at_level(logging.WARNING, logger="streamer.recovery.lineage"):
-        assert await find_valid_copy(store, KEY) == (s.id, newest)
-    assert any("snapshots/lineage.json is damaged" in r.getMessage() for r in caplog.records)
+    kept = await put_region(store, 1)
+    s1 = await create_snapshot(store, keep=5)
+    await put_region(store, 5)
+    await create_snapshot(store, keep=5)  # abandoned by the restore below
+    await restore_snapshot(store, s1.id, keep=5)
+    damage_lineage(tmp_path)
+    with caplog.at_level(logging.ERROR, logger="streamer.recovery.snapshots"):
+        assert await find_valid_copy(store, KEY) == (s1.id, kept)
+    assert any("lineage rebuilt" in r.getMessage() for r in caplog.records)
+    report = CheckReport(world="w")
+    await snapshot_check(1)(store, decode_manifest((await store.get("world.json")).data), report)
+    assert any("snapshots/lineage.json is damaged" in w for w in report.warnings)
+    # A snapshot taken since the restore decides, and the next snapshot rewrites the file.
+    s3 = await create_snapshot(store, keep=10)
+    assert s3.ancestors == [s1.id] and await read_lineage(store) == [s3.id, s1.id]
+    damage_lineage(tmp_path)
+    assert await current_lineage(store) == [s3.id, s1.id]
+
+
+async def test_a_damaged_lineage_after_a_regenerate_serves_nothing(store, tmp_path):
+    await make_world(store)
+    await create_snapshot(store, keep=5)
+    manifest = decode_manifest((await store.get("world.json")).data)
+    await regenerate_world(store, manifest, incidents=IncidentLog(store), keep=5)
+    damage_lineage(tmp_path)
+    assert await current_lineage(store) == []
+    assert await find_valid_copy(store, "world.json") is None
+
+
+async def test_a_copy_above_the_damaged_files_tick_is_never_served(store):
+    """Whatever the lineage says: a region's tick only grows along its history."""
+    await make_world(store)
+    low = await put_region(store, 1)
+    s1 = await create_snapshot(store, keep=5)
+    await put_region(store, 50)
+    await create_snapshot(store, keep=5)
+    assert await find_valid_copy(store, KEY, tick_at_most=10) == (s1.id, low)
+    assert await find_valid_copy(store, KEY, tick_at_most=0) is None

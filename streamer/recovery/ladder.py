@@ -297,7 +297,10 @@ async def _climb(
         details={**base, "damaged_file": damaged},
         action="looking for a valid copy in the snapshots",
     )
-    found = await find_valid_copy(store, key)
+    header = damaged.get("header")
+    # A copy above the damaged file's tick is not of its history (recovery/lineage.py).
+    tick = header.get("last_processed_tick") if isinstance(header, dict) else None
+    found = await find_valid_copy(store, key, tick_at_most=tick if isinstance(tick, int) else None)
     if found is not None:
         outcome = await _restore(store, region, key, found, damaged, base, incidents, first)
     else:

@@ -15,14 +15,16 @@ So the world records its ancestors, newest first: a snapshot prepends itself onc
 a restore of S sets ``[S] + S.ancestors``, a regenerate sets ``[]``. Only ancestors serve
 copies (``snapshots.find_valid_copy``); the others stay listed for the operator.
 
-A world without the file (made before it existed) or with a damaged one keeps the old rule,
-every snapshot, with a warning for damage. A crash between a snapshot's completion and the
-lineage update leaves that snapshot out: one copy fewer to choose from, never a wrong one.
+A world without the file (made before it existed) keeps the old rule: every snapshot. A
+damaged file is rebuilt from the snapshots and the incident log (``snapshots.current_lineage``:
+the newest of the last snapshot, the last world restore and the last regenerate decides),
+reported by ``streamer check`` and rewritten by the next snapshot. A crash between a
+snapshot's completion and the lineage update leaves that snapshot out: one copy fewer to
+choose from, never a wrong one.
 """
 
 from __future__ import annotations
 
-import logging
 from typing import Final, Literal
 
 import msgspec
@@ -31,9 +33,7 @@ from streamer.errors import NotFound, StreamerError
 from streamer.recovery.sealed import seal, unseal
 from streamer.storage.base import BlobStore
 
-__all__ = ["LINEAGE_KEY", "read_lineage", "write_lineage"]
-
-log = logging.getLogger(__name__)
+__all__ = ["LINEAGE_KEY", "LineageDamaged", "read_lineage", "write_lineage"]
 
 #: Beside the snapshots, not in ``state/``: it describes the snapshot set, so it is never
 #: itself snapshotted, restored or counted as a change by a migration's rollback.
@@ -51,9 +51,17 @@ class Lineage(msgspec.Struct, frozen=True, kw_only=True):
     checksum: str = ""
 
 
+class LineageDamaged(Exception):
+    """``snapshots/lineage.json`` exists but does not verify (the reason is the message)."""
+
+
 async def read_lineage(store: BlobStore) -> list[str] | None:
-    """The world's ancestor snapshots, newest first; ``None`` when unknown (no record, or
-    a damaged one: logged)."""
+    """The world's ancestor snapshots, newest first; ``None`` when there is no record.
+
+    :raises LineageDamaged: the record exists but does not verify. Callers rebuild the
+        lineage from the snapshots and the incident log (``snapshots.current_lineage``)
+        rather than treat every snapshot as an ancestor, which would serve abandoned state.
+    """
     try:
         blob = await store.get(LINEAGE_KEY)
     except NotFound:
@@ -61,13 +69,7 @@ async def read_lineage(store: BlobStore) -> list[str] | None:
     try:
         return msgspec.convert(unseal(blob.data, LINEAGE_KEY, "lineage"), Lineage).ancestors
     except (StreamerError, msgspec.ValidationError) as exc:
-        log.warning(
-            "%s is damaged (%s): every snapshot counts as an ancestor of the world, as "
-            "before lineage was recorded; the next snapshot or restore rewrites it",
-            LINEAGE_KEY,
-            exc,
-        )
-        return None
+        raise LineageDamaged(f"{LINEAGE_KEY} is damaged: {exc}") from exc
 
 
 async def write_lineage(store: BlobStore, ancestors: list[str]) -> None:

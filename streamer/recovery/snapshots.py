@@ -50,6 +50,7 @@ process may snapshot or restore at a time: the caller holds the ``WorldLock``.
 from __future__ import annotations
 
 import errno
+import logging
 import secrets
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
@@ -71,7 +72,7 @@ from streamer.format.manifest import MANIFEST_KEY, WorldManifest, decode_manifes
 from streamer.format.region import decode_region, parse_region_key, region_key
 from streamer.recovery.check import CheckReport, ExtraCheck, Problem, problem_from
 from streamer.recovery.incidents import IncidentLog
-from streamer.recovery.lineage import read_lineage, write_lineage
+from streamer.recovery.lineage import LINEAGE_KEY, LineageDamaged, read_lineage, write_lineage
 from streamer.recovery.sealed import seal, unseal
 from streamer.storage.base import Blob, BlobStore
 from streamer.storage.local import LocalStore
@@ -86,6 +87,7 @@ __all__ = [
     "SnapshotInfo",
     "SnapshotScan",
     "create_snapshot",
+    "current_lineage",
     "find_valid_copy",
     "finish_interrupted_restore",
     "is_valid_snapshot",
@@ -98,6 +100,8 @@ __all__ = [
     "verify_snapshot",
     "world_keys",
 ]
+
+log = logging.getLogger(__name__)
 
 SNAPSHOTS_PREFIX: Final = "snapshots/"
 SNAPSHOT_MANIFEST: Final = "snapshot.json"
@@ -409,21 +413,30 @@ async def is_valid_snapshot(store: BlobStore, info: SnapshotInfo) -> bool:
     return not info.raw and not await verify_snapshot(store, info.id)
 
 
-async def find_valid_copy(store: BlobStore, key: str) -> tuple[str, bytes] | None:
+async def find_valid_copy(
+    store: BlobStore, key: str, *, tick_at_most: int | None = None
+) -> tuple[str, bytes] | None:
     """The newest snapshot copy of world key ``key`` that verifies: ``(snapshot id, bytes)``.
 
     Only snapshots the world's current state descends from count (``recovery/lineage.py``).
+    ``tick_at_most``: the damaged region file's lastProcessedTick, when its header still
+    verifies. A region's tick only grows along the world's history, so a copy above it is
+    not an ancestor of that file, whatever the lineage says (a guard that holds even when
+    the lineage had to be rebuilt).
 
     A copy must match ``snapshot.json``'s size and xxh3, and a region (or the manifest) must
     also decode and verify on its own. Snapshots whose copy fails are skipped, so an older
     intact copy is found behind a damaged newer one. ``None``: no snapshot has a good copy.
     """
-    lineage = await read_lineage(store)
+    lineage = await current_lineage(store)
     for info in await list_snapshots(store):
         if lineage is not None and info.id not in lineage:
             continue  # an abandoned state: rolled back past, or regenerated over
         entry = next((f for f in info.files if f.key == key), None)
         if entry is None or not entry.verified:
+            continue
+        tick = info.last_processed_tick.get(key)
+        if tick_at_most is not None and tick is not None and tick > tick_at_most:
             continue
         path = snapshot_file_key(info.id, key)
         try:
@@ -433,6 +446,53 @@ async def find_valid_copy(store: BlobStore, key: str) -> tuple[str, bytes] | Non
         if _check_copy(entry, blob.data, path) is None:
             return info.id, blob.data
     return None
+
+
+async def current_lineage(store: BlobStore) -> list[str] | None:
+    """The snapshots the world descends from, newest first (``recovery/lineage.py``);
+    ``None``: a world from before lineage was recorded, where every snapshot counts.
+
+    A damaged record is rebuilt from the snapshots and the incident log, and logged: the
+    newest of the last snapshot, the last world restore and the last regenerate decides.
+    Without a readable incident log, no snapshot counts (a region is then isolated, never
+    restored from a state the operator may have rolled back).
+    """
+    try:
+        return await read_lineage(store)
+    except LineageDamaged as exc:
+        rebuilt = await _rebuild_lineage(store)
+        log.error(
+            "%s; using the lineage rebuilt from the snapshots and the incident log (%d "
+            "snapshot(s)); the next snapshot rewrites it",
+            exc,
+            len(rebuilt),
+        )
+        return rebuilt
+
+
+async def _rebuild_lineage(store: BlobStore) -> list[str]:
+    infos = await list_snapshots(store)  # newest first
+    try:
+        incidents = (await IncidentLog(store).read()).incidents
+    except StreamerError:
+        return []
+    # (time, restored snapshot or None for a regenerate) of the last world-level change.
+    last: tuple[str, str | None] | None = None
+    for inc in incidents:
+        if inc.kind == "world_regenerated":
+            event: tuple[str, str | None] = (inc.time, None)
+        elif inc.kind == "restored_from_snapshot" and "pre_restore_snapshot" in inc.details:
+            event = (inc.time, str(inc.details.get("snapshot")))
+        else:
+            continue  # a region's restore by the ladder leaves the lineage as it was
+        if last is None or event[0] > last[0]:
+            last = event
+    if infos and (last is None or infos[0].created_at > last[0]):
+        return [infos[0].id, *(await _ancestors_of(store, infos[0]))]
+    if last is None or last[1] is None:
+        return []
+    restored = next((i for i in infos if i.id == last[1]), None)
+    return [] if restored is None else [restored.id, *(await _ancestors_of(store, restored))]
 
 
 # --- creation --------------------------------------------------------------------------------
@@ -519,7 +579,7 @@ async def _create(
     await _rotate(store, keep=keep, protect=protect, valid_too=False)
     existing = [*(await scan_snapshots(store)).ids]
     sid = _new_id(existing)
-    lineage = await read_lineage(store)
+    lineage = await current_lineage(store)
     # A world from before lineage was recorded: every snapshot counted, so they still do.
     ancestors = lineage if lineage is not None else sorted(existing, reverse=True)
     try:
@@ -540,7 +600,18 @@ async def _create(
     except StreamerError:
         await _delete_quietly(store, sid)
         raise
-    await write_lineage(store, [sid, *ancestors])
+    try:
+        await write_lineage(store, [sid, *ancestors])
+    except StreamerError as exc:
+        # The snapshot is complete and verified; failing it now would only make the
+        # caller retry and pile up snapshots. Left out of the lineage, it serves no copies.
+        log.error(
+            "snapshot %s is complete, but %s could not be updated (%s): automatic repair "
+            "will not take copies from it",
+            sid,
+            LINEAGE_KEY,
+            exc,
+        )
     await _delete_quietly(store, _STAGING)  # the snapshot links what it used
     await _rotate(store, keep=keep, protect=protect | {sid})
     return stored
@@ -1067,6 +1138,13 @@ def snapshot_check(min_valid: int) -> ExtraCheck:
                 )
             elif not problems:
                 valid += 1
+        try:
+            await read_lineage(store)
+        except LineageDamaged as exc:
+            report.warnings.append(
+                f"{exc}: automatic repair uses the lineage rebuilt from the snapshots and the "
+                "incident log until the next snapshot rewrites it"
+            )
         if await _marker_exists(store):
             report.warnings.append(
                 f"{RESTORE_MARKER_KEY}: an interrupted restore is pending; it is finished at "
