@@ -612,3 +612,28 @@ async def test_a_crash_at_any_step_loses_only_regions_since_the_last_durable_wri
             assert await read_checkpoint(after) is None
         k += 1
     assert checked_mid_run > 10, "no crash landed while the checkpoint was in use"
+
+
+class FailingCheckpointDelete(LocalStore):
+    """Deleting the checkpoint header fails with EIO once."""
+
+    armed = True
+
+    async def delete(self, key: str) -> None:
+        if key == CHECKPOINT_KEY and self.armed:
+            self.armed = False
+            raise StorageUnavailable(f"injected EIO ({errno.EIO})", key=key)
+        await super().delete(key)
+
+
+async def test_a_completed_migration_whose_checkpoint_stays_says_to_resume(
+    tmp_path: Path,
+) -> None:
+    world = await small_world(tmp_path)
+    async with await FailingCheckpointDelete.open(world) as store:
+        with pytest.raises(StorageUnavailable, match=r"completed.*--resume"):
+            await migrate_world(store, jobs=1)
+        assert await store.list(CHECKPOINT_KEY) == [CHECKPOINT_KEY]
+        report = await migrate_world(store, jobs=1, resume=True)
+        assert report.status == "completed" and report.ok
+        assert await store.list("state/migrate") == []

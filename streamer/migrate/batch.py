@@ -73,6 +73,7 @@ from streamer.errors import (
     PreconditionFailed,
     SchemaError,
     StorageError,
+    StorageUnavailable,
     StreamerError,
     UnsupportedFormat,
 )
@@ -1459,7 +1460,17 @@ async def migrate_world(
             _log_failure(fail, exc)
             await _rollback(store, snaps, checkpointer.cp, report, fail, resumed_rollback=False)
         else:
-            await _delete_checkpoint(store)
+            try:
+                await _delete_checkpoint(store)
+            except StorageError as exc:
+                # Not a failure of the migration (every region and world.json are done), but
+                # the world refuses to open while the checkpoint is there: say how to finish.
+                raise StorageUnavailable(
+                    f"the migration completed (every region and {MANIFEST_KEY} are written), "
+                    f"but its checkpoint could not be removed ({exc}); run it again with "
+                    "--resume to finish",
+                    key=CHECKPOINT_KEY,
+                ) from exc
             report.status = "completed"
     report.elapsed_s = time.perf_counter() - t0
     return report
