@@ -178,9 +178,10 @@ def test_streamer_debug_in_the_environment_shows_the_traceback(
     monkeypatch.setenv("STREAMER_DEBUG", "1")
     code, _, err = run(capsys, "init", str(not_a_dir / "w"), "--seed", "1")
     assert code == 1 and "Traceback" in err
-    monkeypatch.setenv("STREAMER_DEBUG", "0")
-    code, _, err = run(capsys, "init", str(not_a_dir / "w"), "--seed", "1")
-    assert code == 1 and "Traceback" not in err
+    for off in ("0", "false", "No"):
+        monkeypatch.setenv("STREAMER_DEBUG", off)
+        code, _, err = run(capsys, "init", str(not_a_dir / "w"), "--seed", "1")
+        assert code == 1 and "Traceback" not in err, off
 
 
 def test_an_interrupted_migrate_says_how_to_go_on(
@@ -195,5 +196,7 @@ def test_an_interrupted_migrate_says_how_to_go_on(
     code, _, err = run(capsys, "migrate", str(world))
     assert code == 130
     assert "interrupted" in err and "--resume" in err
+    code, _, err = run(capsys, "migrate", str(world), "--dry-run")
+    assert code == 130 and "--resume" not in err  # a dry run cannot be resumed
     code, _, err = run(capsys, "check", str(world))
     assert code == 0

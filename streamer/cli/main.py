@@ -81,7 +81,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _build_parser()
     args = parser.parse_args(argv)
     # For wrappers (cron, systemd units) where adding a flag is harder than an environment line.
-    args.debug = args.debug or os.environ.get("STREAMER_DEBUG", "") not in ("", "0")
+    off = ("", "0", "false", "no", "off")
+    args.debug = args.debug or os.environ.get("STREAMER_DEBUG", "").strip().lower() not in off
     handler: Handler = args.handler
     try:
         return handler(args)
@@ -89,11 +90,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"streamer {args.command}: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        hint = (
-            "; finished regions are kept: run the same command with --resume to go on"
-            if args.command == "migrate"
-            else ""
-        )
+        hint = ""
+        if args.command == "migrate" and not getattr(args, "dry_run", False):
+            hint = (
+                "; regions finished are kept: if a checkpoint was written "
+                "(state/migrate.json), run the same command with --resume to go on"
+            )
         print(f"streamer {args.command}: interrupted{hint}", file=sys.stderr)
         return 130
     except (ConfigError, WorldError) as exc:
