@@ -43,6 +43,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, Final, Literal
 
+import anyio.to_thread
 import msgspec
 
 from streamer.errors import (
@@ -258,9 +259,17 @@ class DropLog:
             for seq, ticks in segments
         ]
         base = self.record if self.record is not None else new_record()
-        record = _resolve(base, set(live), adding, keep_live=True)
+        live_set = set(live)
+
+        def build() -> tuple[DropRecord, bytes]:
+            record = _resolve(base, live_set, adding, keep_live=True)
+            return record, encode_drops(record)
+
+        # The record has an entry per region ever collected (2 MB, ~30 ms to merge and
+        # encode at 100k regions): off the event loop, where acknowledgements wait.
+        record, data = await anyio.to_thread.run_sync(build)
         try:
-            await self._store.put_atomic(self._key, encode_drops(record))
+            await self._store.put_atomic(self._key, data)
         except StreamerError as exc:
             self.record = None
             try:
