@@ -519,8 +519,12 @@ async def durable_deltas(
         ours, lat = await _closed_loop(s.submitters, s.seconds, submit)
         after = w.stats()
         # Each later loop starts from empty queues, not from the backlog the one before
-        # left to fold (flushing is not timed).
+        # left to fold (flushing is not timed), and from a settled disk: the saturation
+        # loop leaves ~100 MB of journal and region files in writeback, and its deleted
+        # segments' blocks to free, which the next loop's fsyncs would otherwise queue
+        # behind (the runner settles between benchmarks for the same reason).
         await w.flush()
+        await anyio.to_thread.run_sync(os.sync)
         tick0 = 1 << 40  # above every tick of the first loop, in every region
         ready = _prebuild(
             s.goal_submitters, s.seconds, s.goal_rate, s.batch, lambda seq: tick0 + seq
@@ -534,6 +538,7 @@ async def durable_deltas(
         )
         ready.clear()
         await w.flush()
+        await anyio.to_thread.run_sync(os.sync)
         tick0 = 2 << 40  # and of the second
         at_goal, goal_lat = await _closed_loop(s.goal_submitters, s.seconds / 2, submit)
     commits = after.journal_commits - base.journal_commits
