@@ -370,6 +370,10 @@ def test_entering_another_chunk_reranks_the_chunks_already_held() -> None:
     ranks = dict(moved.load) | rerank
     assert all(ranks[k] == prio for k, prio in same.items())
     assert [p for _, p in moved.rerank] == sorted(p for _, p in moved.rerank)
+    # Only the chunks the caller says are still waiting to load are ranked.
+    waiting = {(4, 0), (0, 0)}
+    only = tracker.update("p", 4 * 64 + 10, 10, rerank_if=waiting.__contains__)
+    assert {k for k, _ in only.rerank} == waiting
 
 
 async def test_reprioritize_can_lower_a_prefetch_but_not_below_a_waiting_get() -> None:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from typing import TypeAlias
 
 from streamer.coords import chunk_of
@@ -108,8 +108,19 @@ class InterestTracker:
     def hysteresis(self) -> int:
         return self._keep - self._radius
 
-    def update(self, player_id: PlayerId, x: int, y: int) -> InterestChange:
-        """Move ``player_id`` (new or known) to tile ``(x, y)``; report global changes."""
+    def update(
+        self,
+        player_id: PlayerId,
+        x: int,
+        y: int,
+        rerank_if: Callable[[ChunkKey], bool] | None = None,
+    ) -> InterestChange:
+        """Move ``player_id`` (new or known) to tile ``(x, y)``; report global changes.
+
+        ``rerank_if``: which of the chunks the player already holds to re-rank (the world
+        passes "still waiting to load": ranking loaded ones is wasted work, three times the
+        cost of the rest of a crossing); all of them if ``None``.
+        """
         center = chunk_of(x, y)
         player = self._players.get(player_id)
         if player is None:
@@ -137,6 +148,8 @@ class InterestTracker:
         # (priority, distance², key, kind), kind: _FRESH, _SHARED or _HELD.
         ranked: list[tuple[int, int, ChunkKey, int]] = []
         for key in player.held:
+            if rerank_if is not None and not rerank_if(key):
+                continue
             dx, dy = key[0] - cx, key[1] - cy
             prio = _priority(dx, dy, heading, heading_len)
             ranked.append((prio, dx * dx + dy * dy, key, _HELD))

@@ -786,7 +786,7 @@ class World(_SubmitPath, _FlushPath):
         :raises WorldClosed: the world is closed.
         """
         self._check_open()
-        change = self._interest.update(player_id, x, y)
+        change = self._interest.update(player_id, x, y, self._loader.is_pending)
         self._release_keys(change.release)
         for key, priority in change.load:
             self._cache.pin(key)
