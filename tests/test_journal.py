@@ -841,3 +841,48 @@ async def test_a_spare_that_cannot_be_made_costs_speed_only() -> None:
     await j.aclose()
     replay = await Journal(fs.durable_image(), run_sync).open(ticks_of)
     assert [d.tick for b in replay.batches for d in b.deltas] == list(range(1, 120))
+
+
+async def test_withdrawing_a_dependent_never_fails_a_batch_twice() -> None:
+    """A batch whose dependency failed is withdrawn from the queue (``Journal.withdraw``, the
+    world's EntityMove rule). When the failed write's segment cannot even be cut back, the
+    whole queue fails at once; withdrawing a dependent then must not fail it a second time
+    (its hook would release its queue reservations twice)."""
+    fs = SimulatedFileSystem()
+    failed: list[int] = []
+    j = Journal(fs, run_sync)
+
+    def on_failed(batches: Any) -> None:
+        for b in batches:
+            failed.append(b.seq)
+            if b.seq == first.seq:
+                j.withdraw(dependent.seq, StorageUnavailable("depends on a failed batch"))
+
+    j.on_failed = on_failed
+    await j.open(ticks_of)
+    started, release = threading.Event(), threading.Event()
+    real_write = fs.write
+
+    def held_write(handle: int, data: bytes | memoryview) -> None:
+        started.set()
+        release.wait(30)
+        raise OSError(errno.EIO, "EIO")
+
+    fs.write = held_write  # type: ignore[method-assign]
+    fs.inject("truncate", errno.EIO, path_contains=".wal")
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(j.run)
+        held = batch(j, 1)
+        j.append(held, ticks_of(held))
+        await anyio.to_thread.run_sync(started.wait, 30)
+        # Queued behind the held write: the dependency and its dependent.
+        first, dependent = batch(j, 2), batch(j, 3)
+        waits = [j.append(b, ticks_of(b)) for b in (first, dependent)]
+        release.set()
+        for w in waits:
+            with pytest.raises(StorageUnavailable):
+                await w.wait()
+        fs.write = real_write  # type: ignore[method-assign]
+        tg.cancel_scope.cancel()
+    assert sorted(failed) == [held.seq, first.seq, dependent.seq]  # each exactly once
+    assert j.broken

@@ -546,7 +546,9 @@ class Journal:
         a batch that depends on one that failed must never be written. False if it is not
         queued (already written, failing, or never appended)."""
         for i, p in enumerate(self._pending):
-            if p.batch.seq == seq:
+            # Already failed: the rest of the queue fails together when a segment is
+            # abandoned, and its hook must not run twice for one batch.
+            if p.batch.seq == seq and not p.done.is_set():
                 del self._pending[i]
                 self._fail([p], error)
                 return True
