@@ -209,6 +209,33 @@ async def test_check_repair_records_the_loss_beyond_the_journal(tmp_path: Path) 
     assert "1 < t <= 2" in rep.actions[0].detail
 
 
+async def test_check_repair_is_not_ok_when_a_loss_cannot_be_recorded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Disk full when the data_loss incident is written: the region is restored and the
+    loss logged, but the repair must not report ok (the operator's check would go green)."""
+    import streamer.recovery.repair as repair_module
+
+    async def full(*args: object, **kwargs: object) -> None:
+        raise StorageUnavailable("no space left (simulated)", key="incidents.log")
+
+    path = await new_world(tmp_path / "w")
+    async with open_world(path, CFG) as w:
+        await w.submit([TileSet(tick=1, x=1, y=1, tile=11)])
+        await w.snapshot()
+        await w.submit([TileSet(tick=2, x=2, y=1, tile=22)])
+    corrupt(path, A)
+    monkeypatch.setattr(repair_module, "record_loss", full)
+    store = await LocalStore.open(path, fsync=False)
+    try:
+        rep = await repair_world(store, where=str(path))
+    finally:
+        await store.aclose()
+    assert [a.outcome for a in rep.actions] == ["restored"]
+    assert rep.actions[0].unrecorded_loss and "DATA LOST" in rep.actions[0].detail
+    assert not rep.ok
+
+
 async def test_check_repair_reports_nothing_lost_when_the_journal_covers_it(
     tmp_path: Path,
 ) -> None:

@@ -67,6 +67,9 @@ class RepairAction(msgspec.Struct, frozen=True, kw_only=True):
     outcome: Outcome
     detail: str
     incidents: list[str] = msgspec.field(default_factory=list)
+    #: A loss was found but its ``data_loss`` incident could not be written (disk full):
+    #: the repair is not ok, so the operator's check fails loudly (the loss is in the log).
+    unrecorded_loss: bool = False
 
 
 class RepairReport(msgspec.Struct, kw_only=True):
@@ -78,7 +81,9 @@ class RepairReport(msgspec.Struct, kw_only=True):
     @property
     def ok(self) -> bool:
         """Every problem was repaired or isolated (with incidents) and the world checks clean."""
-        return self.after.healthy and all(a.outcome != "not_repaired" for a in self.actions)
+        return self.after.healthy and all(
+            a.outcome != "not_repaired" and not a.unrecorded_loss for a in self.actions
+        )
 
 
 def _error_of(p: Problem, region: tuple[int, int] | None) -> IntegrityError:
@@ -141,8 +146,9 @@ async def repair_world(
                 actions.append(_not(p, f"the ladder failed: {type(exc).__name__}: {exc}"))
                 continue
             detail, ids = out.message, list(out.incidents)
+            unrecorded = False
             if out.action == "restored":
-                detail, ids = await _journal_loss(
+                detail, ids, unrecorded = await _journal_loss(
                     store, coords, out, manifest.region_size, incidents, detail, ids
                 )
             actions.append(
@@ -153,6 +159,7 @@ async def repair_world(
                     outcome=out.action,
                     detail=detail,
                     incidents=ids,
+                    unrecorded_loss=unrecorded,
                 )
             )
         elif p.file == INACTIVE_KEY:
@@ -171,10 +178,11 @@ async def _journal_loss(
     incidents: IncidentLog,
     detail: str,
     ids: list[str],
-) -> tuple[str, list[str]]:
+) -> tuple[str, list[str], bool]:
     """The running world's judgement of a restore (``journal_loss.judge_restore``), for a
     closed world: the next open replays what the journal holds above the snapshot's tick;
-    whatever left with a deleted segment is recorded as a ``data_loss`` incident."""
+    whatever left with a deleted segment is recorded as a ``data_loss`` incident. The flag
+    says a loss was found and its incident could not be recorded."""
     snap = out.snapshot_last_processed_tick
     assert snap is not None
     try:
@@ -182,7 +190,7 @@ async def _journal_loss(
     except StreamerError as exc:
         text = f"unknown: the journal could not be read ({exc})"
         log.error("%s: restored; lost: %s", out.file, text)
-        return f"{detail}; journal: {text}", ids
+        return f"{detail}; journal: {text}", ids, False
     verdict = await judge_restore(
         store,
         region=region,
@@ -193,7 +201,11 @@ async def _journal_loss(
         segments_read=found.segments,
     )
     if verdict.status == "none":
-        return f"{detail}; journal: holds every later delta (re-applied at the next open)", ids
+        return (
+            f"{detail}; journal: holds every later delta (re-applied at the next open)",
+            ids,
+            False,
+        )
     if verdict.status == "lost":
         try:
             inc = await record_loss(
@@ -210,11 +222,15 @@ async def _journal_loss(
                 verdict.text,
                 exc,
             )
-            return f"{detail}; DATA LOST (incident not recorded: {exc}): {verdict.text}", ids
+            return (
+                f"{detail}; DATA LOST (incident not recorded: {exc}): {verdict.text}",
+                ids,
+                True,
+            )
         log.error("%s: data lost (incident %s): %s", out.file, inc.id, verdict.text)
-        return f"{detail}; data lost (incident {inc.id}): {verdict.text}", [*ids, inc.id]
+        return f"{detail}; data lost (incident {inc.id}): {verdict.text}", [*ids, inc.id], False
     log.warning("%s: restored; lost: %s", out.file, verdict.text)
-    return f"{detail}; journal: {verdict.text}", ids
+    return f"{detail}; journal: {verdict.text}", ids, False
 
 
 def _not(p: Problem, why: str) -> RepairAction:
