@@ -271,6 +271,30 @@ async def test_a_waiting_retry_is_pending_and_a_get_does_not_wait_for_it() -> No
     assert loader.deferred == 0
 
 
+async def test_a_retry_goes_back_to_the_prefetchs_own_priority() -> None:
+    """A get raised the load to a direct read's rank; it failed and the get left: the retry
+    must not keep that rank, ahead of every other prefetch."""
+    fake = FakeLoad()
+    fake.failures[(3, 3)] = 1
+    loader = ChunkLoader(fake, workers=1, retry_after=3600.0, retry_max=3600.0)
+    assert loader.prefetch((3, 3), 7)
+    outcome: list[BaseException] = []
+
+    async def read() -> None:
+        try:
+            await loader.get((3, 3), -1)
+        except Exception as exc:
+            outcome.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(read)
+        await anyio.wait_all_tasks_blocked()  # the get has joined the queued prefetch
+        async with running(loader):
+            await settle(lambda: loader.stats().errors == 1 and bool(outcome))
+            assert loader._retrying[(3, 3)].priority == 7
+    assert len(outcome) == 1
+
+
 async def test_cancelled_prefetch_is_not_retried() -> None:
     fake = FakeLoad()
     fake.failures[(1, 1)] = math.inf

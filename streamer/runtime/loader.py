@@ -115,6 +115,7 @@ class _Flight:
         "error",
         "get_priority",
         "key",
+        "prefetch_priority",
         "prefetched",
         "priority",
         "requested_at",
@@ -141,6 +142,9 @@ class _Flight:
         self.attempts = 0
         #: Best priority a ``get`` asked for: ``reprioritize`` never demotes a load below it.
         self.get_priority: int | None = None
+        #: The prefetch's own priority: a retry after a failure goes back to it, not to a
+        #: ``get``'s (a direct read's rank would put the retry ahead of every prefetch).
+        self.prefetch_priority: int | None = None
 
 
 class _Deferred:
@@ -281,6 +285,7 @@ class ChunkLoader:
                 self._joined += 1
                 flight = self._enqueue(key, min(priority, waiting.priority))
                 flight.prefetched = True
+                flight.prefetch_priority = waiting.priority
                 flight.attempts = waiting.attempts
         else:
             self._joined += 1
@@ -316,6 +321,8 @@ class ChunkLoader:
         if flight is not None:
             self._joined += 1
             flight.prefetched = True
+            if flight.prefetch_priority is None or priority < flight.prefetch_priority:
+                flight.prefetch_priority = priority
             self._raise_priority(flight, priority)
             return True
         waiting = self._deferred.get(key) or self._retrying.get(key)
@@ -328,7 +335,9 @@ class ChunkLoader:
             self._rejected += 1
             self._defer(key, priority, attempts=0)
             return False
-        self._enqueue(key, priority).prefetched = True
+        flight = self._enqueue(key, priority)
+        flight.prefetched = True
+        flight.prefetch_priority = priority
         return True
 
     def reprioritize(self, key: ChunkKey, priority: int) -> bool:
@@ -341,6 +350,8 @@ class ChunkLoader:
         """
         flight = self._flights.get(key)
         if flight is not None:
+            if flight.prefetched:
+                flight.prefetch_priority = priority
             if flight.state is _State.QUEUED:
                 if flight.waiters and flight.get_priority is not None:
                     priority = min(priority, flight.get_priority)
@@ -498,7 +509,8 @@ class ChunkLoader:
         attempts = flight.attempts + 1
         delay = min(self._retry_after * 2 ** (attempts - 1), self._retry_max)
         due = time.monotonic() + delay
-        self._retrying[flight.key] = _Deferred(flight.priority, 0, attempts, due)
+        priority = flight.priority if flight.prefetch_priority is None else flight.prefetch_priority
+        self._retrying[flight.key] = _Deferred(priority, 0, attempts, due)
         self._next_retry = min(self._next_retry, due)
         self._retries += 1
 
@@ -590,6 +602,7 @@ class ChunkLoader:
                 entry = self._deferred.pop(key)
                 flight = self._new_flight(key, priority)
                 flight.prefetched = True
+                flight.prefetch_priority = priority
                 flight.attempts = entry.attempts
                 flight.requested_at = entry.requested_at
             flight.state = _State.LOADING
