@@ -243,3 +243,46 @@ async def test_several_source_chunk_load_errors_raise_one_and_log_the_others(
             [],
             [f"submit: another EntityMove source chunk failed to load: {other!r}"],
         )
+
+
+async def test_a_withdrawn_batch_does_not_release_an_in_flight_batchs_tick(
+    tmp_path: Path,
+) -> None:
+    """/tmp/review3/withdraw_fifo.py: B1 (creating ghost) fails, B2 (moving it) is withdrawn,
+    B17 (an unrelated edit at B1's tick, queued between them) is still on its way. A flush
+    meanwhile must not seal B17's tick: acknowledged, it must survive a power loss."""
+    fs = await new_world(tmp_path)
+    res: dict[str, BaseException | None] = {}
+    async with open_world(tmp_path, CONF, fs=fs) as world:
+        await world.chunk(0, 0)
+        await world.submit([TileSet(tick=10, x=1, y=1, tile=7)])
+        q = world._queues.regions[(0, 0)]
+
+        async def run(name: str, delta: EntityUpsert | EntityMove | TileSet) -> None:
+            try:
+                await world.submit([delta])
+                res[name] = None
+            except Exception as exc:
+                res[name] = exc
+
+        first = _HeldWrite(fs, fail=True)
+        async with anyio.create_task_group() as tg:
+            ghost = Character(id="ghost", x=5, y=5)
+            tg.start_soon(run, "B1", EntityUpsert(tick=10, character=ghost))
+            await anyio.to_thread.run_sync(first.started.wait, 30)
+            tg.start_soon(run, "B17", TileSet(tick=10, x=2, y=2, tile=9))
+            await anyio.wait_all_tasks_blocked()
+            tg.start_soon(run, "B2", step(11, "ghost", 5, 6))
+            await anyio.wait_all_tasks_blocked()
+            second = _HeldWrite(fs, fail=False)  # holds B17's write
+            first.release.set()
+            await anyio.to_thread.run_sync(second.started.wait, 30)
+            assert q.cutoff(full=True, idle_s=0, now=0) is None  # B17's tick is not sealed
+            await world._flush_region(q, True)
+            second.release.set()
+        assert res["B17"] is None
+        assert isinstance(res["B1"], StorageUnavailable)
+        assert isinstance(res["B2"], StorageUnavailable)
+        image = fs.durable_image()  # a power loss right after B17 was acknowledged
+    async with open_world(tmp_path, CONF, fs=image) as world:
+        assert int((await world.chunk(0, 0)).tiles[2, 2]) == 9

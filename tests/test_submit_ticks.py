@@ -77,3 +77,22 @@ async def test_after_a_failed_batch_a_lower_tick_is_accepted(tmp_path: Path) -> 
         with pytest.raises(DeltaError, match="below tick 9"):
             await world.submit([TileSet(tick=8, x=1, y=1, tile=4)])
         assert int((await world.chunk(0, 0)).tiles[1, 1]) == 3
+
+
+def test_a_batch_withdrawn_from_the_middle_releases_only_its_own_reservation() -> None:
+    """``Journal.withdraw`` fails a batch behind others still on their way; releasing the
+    oldest reservation instead would let a flush seal an in-flight batch's tick."""
+    q = RegionQueue((0, 0), lpt=3)
+    q.reserve([10], seq=1)  # its dependency, failing
+    q.reserve([10], seq=2)  # unrelated, still on its way to the journal
+    q.reserve([11], seq=3)  # withdrawn
+    q.settle(failed=True, seq=1)
+    q.settle(failed=True, seq=3)
+    assert [p.seq for p in q.pending] == [2] and q.pending_count == 1
+    assert q.hwm == 10
+    # Nothing at or above the in-flight batch's tick may be sealed by a full flush.
+    q.extend([9], [(0, 0)], [TileSet(tick=9, x=1, y=1, tile=1)])
+    cutoff = q.cutoff(full=True, idle_s=0, now=0)
+    assert cutoff is None or cutoff < 10
+    q.settle(seq=2)
+    assert not q.pending and q.pending_count == 0

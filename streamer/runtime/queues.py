@@ -223,6 +223,8 @@ class _PendingBatch:
     min_tick: int
     max_tick: int
     count: int
+    #: The journal batch it belongs to (-1: not given; settled oldest first).
+    seq: int = -1
 
 
 @dataclass(eq=False)
@@ -285,16 +287,31 @@ class RegionQueue:
                 )
             last = tick
 
-    def reserve(self, ticks: list[int]) -> None:
-        """Account an accepted batch that is on its way to the journal."""
-        self.pending.append(_PendingBatch(min(ticks), max(ticks), len(ticks)))
+    def reserve(self, ticks: list[int], seq: int = -1) -> None:
+        """Account an accepted batch (journal ``seq``) that is on its way to the journal."""
+        self.pending.append(_PendingBatch(min(ticks), max(ticks), len(ticks), seq))
         self.pending_count += len(ticks)
         self.hwm = max(self.hwm, max(ticks))
         self.last_submit = time.monotonic()
 
-    def settle(self, *, failed: bool = False) -> int:
-        """The oldest pending batch left the journal queue (durable, or ``failed``)."""
-        done = self.pending.popleft()
+    def settle(self, *, failed: bool = False, seq: int | None = None) -> int:
+        """Pending batch ``seq`` (the oldest if ``None``) left the journal queue (durable, or
+        ``failed``).
+
+        By identity, not position: batches leave in journal order except one withdrawn from
+        the queue because a batch it depends on failed (``Journal.withdraw``). Releasing
+        the oldest instead would give back a batch's reservation while it is still on its
+        way, and a flush could then seal its tick: lost after a crash, acknowledged.
+        """
+        pending = self.pending
+        if seq is None or pending[0].seq == seq:
+            done = pending.popleft()
+        else:
+            i = next((i for i, p in enumerate(pending) if p.seq == seq), None)
+            if i is None:
+                return 0  # nothing of that batch was reserved here
+            done = pending[i]
+            del pending[i]
         self.pending_count -= done.count
         if failed and done.max_tick >= self.hwm:
             # Its ticks were never accepted: a later submit below them but not below what

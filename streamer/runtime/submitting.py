@@ -350,7 +350,7 @@ class _SubmitPath:
             )
             self._routing[seq] = (parts, plain)
             for region, part in parts.items():
-                self._queues.regions[region].reserve(part.ticks)
+                self._queues.regions[region].reserve(part.ticks, seq)
             if not plain:
                 self._overlay_batch(jb)
             if depends:
@@ -555,7 +555,7 @@ class _SubmitPath:
                     for region, _, d in self._route(delta):
                         self._index_player(d, region)
             for region in parts:
-                queues[region].settle()
+                queues[region].settle(seq=jb.seq)
             for part in parts.values():
                 self._apply_cached(part)
             if not plain:
@@ -588,7 +588,7 @@ class _SubmitPath:
             for region in regions:
                 q = self._queues.regions.get(region)
                 if q is not None and q.pending:
-                    q.settle(failed=True)
+                    q.settle(failed=True, seq=jb.seq)
             self._clear_overlay(jb)
         deps = self._dependents
         if not deps:
