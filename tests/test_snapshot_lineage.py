@@ -156,3 +156,25 @@ async def test_a_copy_above_the_damaged_files_tick_is_never_served(store):
     await create_snapshot(store, keep=5)
     assert await find_valid_copy(store, KEY, tick_at_most=10) == (s1.id, low)
     assert await find_valid_copy(store, KEY, tick_at_most=0) is None
+
+
+async def test_the_rebuild_orders_by_snapshot_ids_not_by_a_clock_that_stepped_back(
+    store, tmp_path, monkeypatch
+):
+    import streamer.recovery.incidents as incidents_module
+
+    await make_world(store)
+    kept = await put_region(store, 1)
+    s1 = await create_snapshot(store, keep=5)
+    await put_region(store, 5)
+    # The clock stepped back: the restore's incident is stamped before every snapshot.
+    monkeypatch.setattr(
+        incidents_module,
+        "_id_and_time",
+        lambda: ("20000101T000000000000Z-abcdef", "2000-01-01T00:00:00.000000Z"),
+    )
+    await restore_snapshot(store, s1.id, keep=5)
+    monkeypatch.undo()
+    damage_lineage(tmp_path)
+    assert await current_lineage(store) == [s1.id]
+    assert await find_valid_copy(store, KEY) == (s1.id, kept)

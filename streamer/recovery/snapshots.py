@@ -476,23 +476,30 @@ async def _rebuild_lineage(store: BlobStore) -> list[str]:
         incidents = (await IncidentLog(store).read()).incidents
     except StreamerError:
         return []
-    # (time, restored snapshot or None for a regenerate) of the last world-level change.
-    last: tuple[str, str | None] | None = None
+    # The last world-level change, in log order: (the snapshot it took first, the snapshot
+    # it restored or None for a regenerate). Ordered by snapshot ids, not clock times: ids
+    # never go backwards (``_new_id``), a clock stepped back does.
+    last: tuple[str | None, str | None] | None = None
     for inc in incidents:
         if inc.kind == "world_regenerated":
-            event: tuple[str, str | None] = (inc.time, None)
+            last = (_str_or_none(inc.details.get("snapshot")), None)
         elif inc.kind == "restored_from_snapshot" and "pre_restore_snapshot" in inc.details:
-            event = (inc.time, str(inc.details.get("snapshot")))
-        else:
-            continue  # a region's restore by the ladder leaves the lineage as it was
-        if last is None or event[0] > last[0]:
-            last = event
-    if infos and (last is None or infos[0].created_at > last[0]):
-        return [infos[0].id, *(await _ancestors_of(store, infos[0]))]
+            last = (
+                _str_or_none(inc.details.get("pre_restore_snapshot")),
+                _str_or_none(inc.details.get("snapshot")),
+            )
+        # A region's restore by the ladder leaves the lineage as it was.
+    newest = infos[0] if infos else None
+    if newest is not None and (last is None or (last[0] is not None and newest.id > last[0])):
+        return [newest.id, *(await _ancestors_of(store, newest))]
     if last is None or last[1] is None:
         return []
     restored = next((i for i in infos if i.id == last[1]), None)
     return [] if restored is None else [restored.id, *(await _ancestors_of(store, restored))]
+
+
+def _str_or_none(value: object) -> str | None:
+    return value if isinstance(value, str) else None
 
 
 # --- creation --------------------------------------------------------------------------------
