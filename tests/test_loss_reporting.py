@@ -457,3 +457,38 @@ async def test_segments_stay_when_the_record_can_be_neither_written_nor_removed(
     with pytest.raises(StorageUnavailable):
         await j.collect(lambda r: 200)
     assert fs.listdir(JOURNAL_DIR) == segments
+
+
+async def test_reading_a_regions_journal_ticks_holds_one_segment_at_a_time(
+    tmp_path: Path,
+) -> None:
+    """Recovery reads the journal of a closed world; segments are up to 64 MiB each."""
+    from streamer.recovery.journal_loss import read_region_ticks
+
+    cfg = Config(
+        runtime=RuntimeSettings(flush_interval_ms=60_000, journal_segment_bytes=4096),
+        storage=StorageSettings(fsync=False),
+        scrub=ScrubSettings(interval_s=0),
+    )
+    path = await new_world(tmp_path / "w")
+    async with open_world(path, cfg) as w:
+        for t in range(1, 40):  # another region pins every segment, so none is deleted
+            await w.submit([TileSet(tick=t, x=600 + i, y=1, tile=5) for i in range(60)])
+            await w.submit([TileSet(tick=t, x=1, y=1, tile=t)])
+        crashed = tmp_path / "crashed"
+        shutil.copytree(path, crashed, ignore=shutil.ignore_patterns(".lock"))
+    reads: list[int] = []
+    store = await LocalStore.open(crashed, fsync=False)
+    real = store.get_many
+
+    async def counting(keys: Any) -> Any:
+        reads.append(len(keys))
+        return await real(keys)
+
+    store.get_many = counting  # type: ignore[method-assign]
+    try:
+        found = await read_region_ticks(store, A, 8)
+    finally:
+        await store.aclose()
+    assert len(found.segments) > 3 and reads == [1] * len(found.segments)
+    assert sorted(set(found.ticks)) == list(range(1, 40))

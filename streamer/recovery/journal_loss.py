@@ -47,7 +47,6 @@ __all__ = [
 
 RegionKey = tuple[int, int]
 
-_BATCH: Final = 16
 _JOURNAL_PREFIX: Final = "journal/"
 
 
@@ -97,15 +96,22 @@ async def read_region_ticks(store: BlobStore, region: RegionKey, region_size: in
     :raises StorageUnavailable: the segments could not be listed or read.
     """
     names = segment_keys(await store.list(_JOURNAL_PREFIX))
-    segments: list[tuple[int, bytes]] = []
-    for i in range(0, len(names), _BATCH):
-        batch = names[i : i + _BATCH]
-        for name, blob in zip(batch, await store.get_many(batch), strict=True):
-            seq = parse_segment_name(name[len(_JOURNAL_PREFIX) :])
-            if blob is not None and seq is not None:
-                segments.append((seq, blob.data))
-    ticks = await anyio.to_thread.run_sync(_region_ticks_blocking, segments, region, region_size)
-    return JournalTicks(ticks=ticks, segments=[seq for seq, _ in segments])
+    ticks: list[int] = []
+    read: list[int] = []
+    # One segment in memory at a time: a journal can hold many of up to 64 MiB each.
+    for name in names:
+        seq = parse_segment_name(name[len(_JOURNAL_PREFIX) :])
+        (blob,) = await store.get_many([name])
+        if blob is None or seq is None:
+            continue  # deleted since the listing: nothing of it to re-apply
+        segment = [(seq, blob.data)]
+        del blob
+        ticks += await anyio.to_thread.run_sync(
+            _region_ticks_blocking, segment, region, region_size
+        )
+        del segment  # before the next read
+        read.append(seq)
+    return JournalTicks(ticks=ticks, segments=read)
 
 
 async def journal_deltas_above(
