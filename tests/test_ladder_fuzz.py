@@ -256,7 +256,7 @@ async def _check_detects(store: MemoryStore) -> tuple[list[str], list[str]]:
 OWNERS = {
     "manifest": "format/manifest.py decode_manifest",
     "journal": "format/journal.py",
-    "snapshot": "recovery/sealed.py unseal",
+    "snapshot": "format/sealed.py unseal",
     "incidents": "recovery/incidents.py _parse_line",
 }
 

@@ -492,3 +492,19 @@ async def test_reading_a_regions_journal_ticks_holds_one_segment_at_a_time(
         await store.aclose()
     assert len(found.segments) > 3 and reads == [1] * len(found.segments)
     assert sorted(set(found.ticks)) == list(range(1, 40))
+
+
+def test_a_drops_record_from_a_newer_release_reads_as_damage() -> None:
+    """Like damage, it starts a new epoch (losses then read unknown) instead of blocking the
+    journal; an older release's own record round-trips."""
+    import msgspec
+
+    from streamer.errors import MalformedFile
+    from streamer.format.sealed import seal
+    from streamer.runtime.journal_drops import decode_drops, encode_drops, new_record
+
+    record = new_record()
+    assert decode_drops(encode_drops(record)) == record
+    newer = msgspec.structs.replace(record, schemaVersion=2)
+    with pytest.raises(MalformedFile, match="newer than this streamer reads"):
+        decode_drops(seal(newer, compact=True))

@@ -447,7 +447,7 @@ async def test_preallocated_segments_leave_no_padding_or_spare_after_close(
 
 
 async def test_open_finishes_an_interrupted_restore_first(tmp_path: Path) -> None:
-    from streamer.recovery.sealed import seal
+    from streamer.format.sealed import seal
     from streamer.recovery.snapshots import RESTORE_MARKER_KEY, RestoreMarker
 
     path = await new_world(tmp_path)

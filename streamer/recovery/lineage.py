@@ -30,7 +30,7 @@ from typing import Final, Literal
 import msgspec
 
 from streamer.errors import NotFound, StreamerError
-from streamer.recovery.sealed import seal, unseal
+from streamer.format.sealed import seal, unseal
 from streamer.storage.base import BlobStore
 
 __all__ = ["LINEAGE_KEY", "LineageDamaged", "read_lineage", "write_lineage"]

@@ -70,10 +70,10 @@ from streamer.format.checksum import hex64, xxh3
 from streamer.format.journal import scan_frames, segment_keys
 from streamer.format.manifest import MANIFEST_KEY, WorldManifest, decode_manifest
 from streamer.format.region import decode_region, parse_region_key, region_key
+from streamer.format.sealed import seal, unseal
 from streamer.recovery.check import CheckReport, ExtraCheck, Problem, problem_from
 from streamer.recovery.incidents import IncidentLog
 from streamer.recovery.lineage import LINEAGE_KEY, LineageDamaged, read_lineage, write_lineage
-from streamer.recovery.sealed import seal, unseal
 from streamer.storage.base import Blob, BlobStore
 from streamer.storage.local import LocalStore
 

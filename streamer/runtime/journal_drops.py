@@ -12,7 +12,8 @@ Format: one checksummed JSON object::
      "dropped": {"rx.ry": <highest tick of that region that left with a deleted segment>},
      "pending": [{"seq": <segment>, "ticks": {"rx.ry": <tick>}}], "checksum": "<16 hex>"}
 
-``checksum`` is the xxh3-64 of the canonical JSON (sorted keys, no whitespace) without it.
+``checksum`` is the xxh3-64 of the canonical JSON (sorted keys, no whitespace) without it
+(``format/sealed.py``).
 
 Protocol. Before ``collect`` unlinks segments it writes the record (``put_atomic``) with
 those segments under ``pending``; a later write (or the next open) moves each pending
@@ -41,20 +42,20 @@ import logging
 import secrets
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any, Final, Literal
+from typing import Final, Literal
 
 import anyio.to_thread
 import msgspec
 
 from streamer.errors import (
-    ChecksumMismatch,
     IntegrityError,
     MalformedFile,
     NotFound,
     StorageUnavailable,
     StreamerError,
+    UnsupportedFormat,
 )
-from streamer.format.checksum import hex64, xxh3
+from streamer.format.sealed import seal, unseal
 from streamer.storage.base import BlobStore
 
 __all__ = [
@@ -72,8 +73,6 @@ log = logging.getLogger(__name__)
 DROPS_KEY: Final = "state/journal_drops.json"
 
 RegionKey = tuple[int, int]
-
-_JSON = msgspec.json.Encoder(order="sorted")
 
 
 class PendingDrop(msgspec.Struct, frozen=True, kw_only=True):
@@ -116,42 +115,22 @@ def new_record() -> DropRecord:
     return DropRecord(epoch=secrets.token_hex(8), since=_now_iso())
 
 
-def _sum(body: Mapping[str, Any]) -> str:
-    return hex64(xxh3(_JSON.encode({k: v for k, v in body.items() if k != "checksum"})))
-
-
 def encode_drops(record: DropRecord) -> bytes:
-    body = msgspec.to_builtins(record)
-    body["checksum"] = _sum(body)
-    return _JSON.encode(body) + b"\n"
+    # Compact: one entry per region ever collected, rewritten at every collect.
+    return seal(record, compact=True)
 
 
 def decode_drops(data: bytes, *, path: str = DROPS_KEY) -> DropRecord:
-    """:raises MalformedFile, ChecksumMismatch: the record does not verify."""
+    """:raises MalformedFile, ChecksumMismatch: the record does not verify (one from a newer
+    release included: like damage, it starts a new epoch rather than block the journal)."""
     try:
-        raw = msgspec.json.decode(data)
-    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
-        raise MalformedFile(f"journal-drops record is not valid JSON: {exc}", path=path) from None
-    if not isinstance(raw, dict):
-        raise MalformedFile("journal-drops record is not a JSON object", path=path)
-    stored, actual = raw.get("checksum"), _sum(raw)
-    if stored != actual:
-        raise ChecksumMismatch(
-            "journal-drops record checksum mismatch",
-            path=path,
-            expected=str(stored),
-            actual=actual,
-        )
+        raw = unseal(data, path, "journal_drops")
+    except UnsupportedFormat as exc:
+        raise MalformedFile(str(exc), path=path) from None
     try:
-        record = msgspec.convert({k: v for k, v in raw.items() if k != "checksum"}, DropRecord)
+        return msgspec.convert(raw, DropRecord)
     except msgspec.ValidationError as exc:
         raise MalformedFile(f"journal-drops record: {exc}", path=path) from None
-    if record.schemaVersion != 1:
-        raise MalformedFile(
-            f"journal-drops record schemaVersion {record.schemaVersion} is not supported",
-            path=path,
-        )
-    return record
 
 
 async def read_drops(store: BlobStore, key: str = DROPS_KEY) -> DropRecord | None:

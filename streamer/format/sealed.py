@@ -1,8 +1,9 @@
-"""Small sealed JSON records: a record's own xxh3 checksum travels inside it.
+"""Sealed JSON records: a record's own xxh3 checksum travels inside it.
 
 Used for the files whose damage must be told apart from a missing file (``snapshot.json``,
-the restore marker, the snapshot lineage): each carries ``type``, ``schemaVersion`` and
-``checksum``, the xxh3 of the record without it, encoded with sorted keys.
+the restore marker, the snapshot lineage, the journal-drops record): each carries
+``type``, ``schemaVersion`` and ``checksum``, the xxh3 of the record without it, encoded
+with sorted keys (so indentation does not matter to the checksum).
 """
 
 from __future__ import annotations
@@ -19,12 +20,14 @@ __all__ = ["seal", "unseal"]
 _JSON: Final = msgspec.json.Encoder(order="sorted")
 
 
-def seal(obj: msgspec.Struct) -> bytes:
-    """``obj`` as indented JSON with its checksum filled in."""
+def seal(obj: msgspec.Struct, *, compact: bool = False) -> bytes:
+    """``obj`` as JSON with its checksum filled in; indented unless ``compact`` (for large
+    records rewritten often)."""
     body = msgspec.to_builtins(obj)
     body.pop("checksum", None)
     body["checksum"] = hex64(xxh3(_JSON.encode(body)))
-    return msgspec.json.format(_JSON.encode(body), indent=2) + b"\n"
+    data = _JSON.encode(body)
+    return (data if compact else msgspec.json.format(data, indent=2)) + b"\n"
 
 
 def unseal(data: bytes, path: str, kind: str, *, newest: int = 1) -> dict[str, Any]:
