@@ -16,6 +16,7 @@ from streamer.config import Config, RuntimeSettings
 from streamer.errors import RegionInactive, StorageUnavailable
 from streamer.runtime.chunk import ChunkKey
 from streamer.runtime.world import World
+from streamer.schema.deltas import AnyDelta
 from streamer.storage.faultfs import SimulatedFileSystem
 from streamer.storage.local import LocalStore
 from streamer.worlddir import create_world
@@ -29,6 +30,21 @@ async def new_world(path: Path) -> SimulatedFileSystem:
     await create_world(store, seed=5)
     await store.aclose()
     return fs
+
+
+class Outcomes(dict[object, BaseException | None]):
+    """Each submit's outcome by a name of the test's choosing: None, or what it raised."""
+
+    def __init__(self, world: World) -> None:
+        super().__init__()
+        self._world = world
+
+    async def submit(self, name: object, delta: AnyDelta) -> None:
+        try:
+            await self._world.submit([delta])
+            self[name] = None
+        except Exception as exc:
+            self[name] = exc
 
 
 class _HeldWrite:
@@ -53,24 +69,17 @@ class _HeldWrite:
         self._real(handle, data)
 
 
-async def _upsert_then_move(world: World, held: _HeldWrite) -> dict[int, BaseException | None]:
+async def _upsert_then_move(world: World, held: _HeldWrite) -> Outcomes:
     """Batch 1 upserts ``ghost`` and is held in its journal write; batch 2 moves ghost
     meanwhile. Returns each batch's outcome."""
-    res: dict[int, BaseException | None] = {}
-
-    async def run(n: int, delta: EntityUpsert | EntityMove) -> None:
-        try:
-            await world.submit([delta])
-            res[n] = None
-        except Exception as exc:
-            res[n] = exc
+    res = Outcomes(world)
 
     ghost = Character(id="ghost", x=5, y=5)
     move = EntityMove(tick=2, entity_id="ghost", from_x=5, from_y=5, to_x=600, to_y=5)
     async with anyio.create_task_group() as tg:
-        tg.start_soon(run, 1, EntityUpsert(tick=1, character=ghost))
+        tg.start_soon(res.submit, 1, EntityUpsert(tick=1, character=ghost))
         await anyio.to_thread.run_sync(held.started.wait, 30)
-        tg.start_soon(run, 2, move)
+        tg.start_soon(res.submit, 2, move)
         # Batch 2 has gone as far as it can while batch 1 is being written.
         await anyio.wait_all_tasks_blocked()
         held.release.set()
@@ -128,25 +137,14 @@ async def test_pipelined_moves_of_one_entity_keep_their_tick_order(tmp_path: Pat
     async with open_world(tmp_path, CONF, fs=fs) as world:
         await world.chunk(0, 0)
         await world.submit([EntityUpsert(tick=1, character=Character(id="e", x=5, y=5))])
-        res: dict[int, BaseException | None] = {}
-
-        async def run(tick: int, delta: EntityMove | TileSet) -> None:
-            try:
-                await world.submit([delta])
-                res[tick] = None
-            except Exception as exc:
-                res[tick] = exc
+        res = Outcomes(world)
 
         async with anyio.create_task_group() as tg:
-            tg.start_soon(
-                run, 10, EntityMove(tick=10, entity_id="e", from_x=5, from_y=5, to_x=6, to_y=5)
-            )
+            tg.start_soon(res.submit, 10, step(10, "e", 5, 6))
             await anyio.sleep(0)
-            tg.start_soon(
-                run, 11, EntityMove(tick=11, entity_id="e", from_x=6, from_y=5, to_x=7, to_y=5)
-            )
+            tg.start_soon(res.submit, 11, step(11, "e", 6, 7))
             await anyio.sleep(0)
-            tg.start_soon(run, 12, TileSet(tick=12, x=10, y=10, tile=3))
+            tg.start_soon(res.submit, 12, TileSet(tick=12, x=10, y=10, tile=3))
         assert res == {10: None, 11: None, 12: None}
         (e,) = [c for c in (await world.chunk(0, 0)).entities if c.id == "e"]
         assert (e.x, e.y) == (7, 5)
@@ -159,26 +157,15 @@ async def test_a_failure_withdraws_every_batch_resolved_against_it(tmp_path: Pat
     async with open_world(tmp_path, CONF, fs=fs) as world:
         await world.chunk(0, 0)
         held = _HeldWrite(fs, fail=True)
-        res: dict[int, BaseException | None] = {}
-
-        async def run(n: int, delta: EntityUpsert | EntityMove) -> None:
-            try:
-                await world.submit([delta])
-                res[n] = None
-            except Exception as exc:
-                res[n] = exc
+        res = Outcomes(world)
 
         async with anyio.create_task_group() as tg:
             ghost = Character(id="ghost", x=5, y=5)
-            tg.start_soon(run, 1, EntityUpsert(tick=1, character=ghost))
+            tg.start_soon(res.submit, 1, EntityUpsert(tick=1, character=ghost))
             await anyio.to_thread.run_sync(held.started.wait, 30)
-            tg.start_soon(
-                run, 2, EntityMove(tick=2, entity_id="ghost", from_x=5, from_y=5, to_x=6, to_y=5)
-            )
+            tg.start_soon(res.submit, 2, step(2, "ghost", 5, 6))
             await anyio.wait_all_tasks_blocked()
-            tg.start_soon(
-                run, 3, EntityMove(tick=3, entity_id="ghost", from_x=6, from_y=5, to_x=7, to_y=5)
-            )
+            tg.start_soon(res.submit, 3, step(3, "ghost", 6, 7))
             await anyio.wait_all_tasks_blocked()
             held.release.set()
         assert all(isinstance(res[n], StorageUnavailable) for n in (1, 2, 3)), res
@@ -252,27 +239,19 @@ async def test_a_withdrawn_batch_does_not_release_an_in_flight_batchs_tick(
     B17 (an unrelated edit at B1's tick, queued between them) is still on its way. A flush
     meanwhile must not seal B17's tick: acknowledged, it must survive a power loss."""
     fs = await new_world(tmp_path)
-    res: dict[str, BaseException | None] = {}
     async with open_world(tmp_path, CONF, fs=fs) as world:
         await world.chunk(0, 0)
         await world.submit([TileSet(tick=10, x=1, y=1, tile=7)])
         q = world._queues.regions[(0, 0)]
-
-        async def run(name: str, delta: EntityUpsert | EntityMove | TileSet) -> None:
-            try:
-                await world.submit([delta])
-                res[name] = None
-            except Exception as exc:
-                res[name] = exc
-
+        res = Outcomes(world)
         first = _HeldWrite(fs, fail=True)
         async with anyio.create_task_group() as tg:
             ghost = Character(id="ghost", x=5, y=5)
-            tg.start_soon(run, "B1", EntityUpsert(tick=10, character=ghost))
+            tg.start_soon(res.submit, "B1", EntityUpsert(tick=10, character=ghost))
             await anyio.to_thread.run_sync(first.started.wait, 30)
-            tg.start_soon(run, "B17", TileSet(tick=10, x=2, y=2, tile=9))
+            tg.start_soon(res.submit, "B17", TileSet(tick=10, x=2, y=2, tile=9))
             await anyio.wait_all_tasks_blocked()
-            tg.start_soon(run, "B2", step(11, "ghost", 5, 6))
+            tg.start_soon(res.submit, "B2", step(11, "ghost", 5, 6))
             await anyio.wait_all_tasks_blocked()
             second = _HeldWrite(fs, fail=False)  # holds B17's write
             first.release.set()
