@@ -7,8 +7,7 @@ import contextlib
 import errno
 import math
 import random
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 import anyio
@@ -25,6 +24,7 @@ from streamer.runtime.loader import ChunkLoader
 from streamer.storage.base import Blob
 from streamer.storage.local import LocalStore
 from streamer.worlddir import create_world
+from tests.test_loader import running
 
 SEED = 11
 
@@ -66,6 +66,19 @@ async def test_region_states_are_evicted_least_recently_used_first(
         assert len(world._regions) == 4
 
 
+def spy_get_many(monkeypatch: pytest.MonkeyPatch, store: LocalStore) -> list[list[str]]:
+    """Record the keys of every ``store.get_many`` call (one call is one thread hop)."""
+    calls: list[list[str]] = []
+    inner = store.get_many
+
+    async def spy(keys: Sequence[str]) -> list[Blob | None]:
+        calls.append(list(keys))
+        return await inner(keys)
+
+    monkeypatch.setattr(store, "get_many", spy)
+    return calls
+
+
 async def test_one_unreadable_region_file_fails_only_its_own_region(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -81,14 +94,7 @@ async def test_one_unreadable_region_file_fails_only_its_own_region(
             return real_read(key, *args, **kwargs)
 
         monkeypatch.setattr(store.fs, "read", read)
-        calls: list[list[str]] = []
-        inner = store.get_many
-
-        async def spy(keys: Sequence[str]) -> list[Blob | None]:
-            calls.append(list(keys))
-            return await inner(keys)
-
-        monkeypatch.setattr(store, "get_many", spy)
+        calls = spy_get_many(monkeypatch, store)
         outcome: dict[tuple[int, int], object] = {}
 
         async def get(cx: int, cy: int) -> None:
@@ -116,14 +122,7 @@ async def test_healthy_regions_are_read_in_one_get_many(
     async with open_world(tmp_path, cfg(load_workers=1)) as world:
         store = world._store
         assert store is not None
-        calls: list[list[str]] = []
-        inner = store.get_many
-
-        async def spy(keys: Sequence[str]) -> list[Blob | None]:
-            calls.append(list(keys))
-            return await inner(keys)
-
-        monkeypatch.setattr(store, "get_many", spy)
+        calls = spy_get_many(monkeypatch, store)
         async with anyio.create_task_group() as tg:
             for cx in (0, 8, 16):
                 tg.start_soon(world.chunk, cx, 0)
@@ -164,16 +163,6 @@ class FakeLoad:
     @property
     def loaded(self) -> list[ChunkKey]:
         return [k for call in self.calls for k in call]
-
-
-@asynccontextmanager
-async def running(loader: ChunkLoader) -> AsyncIterator[None]:
-    async with anyio.create_task_group() as tg:
-        loader.run(tg)
-        try:
-            yield
-        finally:
-            tg.cancel_scope.cancel()
 
 
 async def settle(predicate: Callable[[], bool], rounds: int = 5000) -> None:
