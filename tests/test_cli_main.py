@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from streamer.cli.main import main
+from tests.test_cli_world import run
 
 
 @pytest.fixture(autouse=True)
@@ -22,12 +22,6 @@ def _isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
         if name.startswith("STREAMER_"):
             monkeypatch.delenv(name)
     monkeypatch.chdir(tmp_path)
-
-
-def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture
