@@ -11,7 +11,6 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import anyio
 import pytest
 
 from streamer import RegionRestored, TileSet, open_world
@@ -23,6 +22,7 @@ from streamer.runtime import journal_drops
 from streamer.runtime.journal_drops import read_drops
 from streamer.storage.local import LocalStore
 from streamer.worlddir import create_world
+from tests.test_world_recovery import next_event
 
 CFG = Config(
     runtime=RuntimeSettings(flush_interval_ms=60_000, journal_segment_bytes=4096),
@@ -83,13 +83,8 @@ async def test_a_pending_segment_number_is_not_reused_when_its_record_is_not_set
     async with open_world(crashed, CFG) as world:
         async with world.events() as events:
             chunk = await world.chunk(0, 0)
-            restored = None
-            with anyio.fail_after(20):
-                async for ev in events:
-                    if isinstance(ev, RegionRestored):
-                        restored = ev
-                        break
-    assert restored is not None and "1 < t <= 2" in restored.lost
+            restored = await next_event(events, RegionRestored)
+    assert isinstance(restored, RegionRestored) and "1 < t <= 2" in restored.lost
     assert int(chunk.tiles[1, 3]) == 33  # still in the journal: re-applied
     store = await LocalStore.open(crashed, fsync=False)
     kinds = [i.kind for i in (await IncidentLog(store).read()).incidents]

@@ -22,7 +22,6 @@ from streamer.errors import StorageUnavailable
 from streamer.format.region import region_key
 from streamer.recovery.incidents import Incident, IncidentLog
 from streamer.recovery.repair import repair_world
-from streamer.runtime.events import AnyEvent, EventStream
 from streamer.runtime.journal import JOURNAL_DIR, Journal, JournalBatch
 from streamer.runtime.journal_drops import DROPS_KEY, read_drops
 from streamer.schema.deltas import TileSet as TileSetDelta
@@ -30,6 +29,7 @@ from streamer.storage.faultfs import SimulatedCrash, SimulatedFileSystem
 from streamer.storage.local import LocalStore
 from streamer.worlddir import create_world
 from streamer.worldgen import TerrainGenerator
+from tests.test_world_recovery import next_event
 
 SEED = 23
 A = (0, 0)  # tiles (0..511, 0..511)
@@ -66,14 +66,6 @@ async def incidents(path: Path) -> list[Incident]:
         await store.aclose()
 
 
-async def next_event(events: EventStream, kind: type[AnyEvent]) -> AnyEvent:
-    with anyio.fail_after(20):  # a bound against hanging, not a timing assertion
-        async for ev in events:
-            if isinstance(ev, kind):
-                return ev
-    raise AssertionError(f"stream ended without a {kind.__name__}")
-
-
 def default_tile(x: int, y: int) -> int:
     return int(TerrainGenerator(SEED).chunk_tiles(x // 64, y // 64)[y % 64, x % 64])
 
@@ -92,6 +84,21 @@ async def gap_world(tmp_path: Path) -> Path:
         await w.submit([TileSet(tick=3, x=3, y=1, tile=33), TileSet(tick=3, x=600, y=1, tile=5)])
         await w._flush_region(w._queues.regions[A], True)
         await w._after_flush()
+        crashed = tmp_path / "crashed"
+        shutil.copytree(live, crashed, ignore=shutil.ignore_patterns(".lock"))
+    return crashed
+
+
+async def covered_world(tmp_path: Path) -> Path:
+    """Snapshot at tick 1; A@2 folded into A's file, but its segment kept because B@2 pins
+    it: the journal holds every delta above the snapshot. A crash copy, undamaged."""
+    live = await new_world(tmp_path / "live")
+    async with open_world(live, CFG) as w:
+        await w.submit([TileSet(tick=1, x=1, y=1, tile=11)])
+        await w.snapshot()
+        await w.submit([TileSet(tick=2, x=2, y=1, tile=22), TileSet(tick=2, x=600, y=1, tile=5)])
+        await w._flush_region(w._queues.regions[A], True)
+        await w._after_flush()  # B pins the segment: nothing is deleted
         crashed = tmp_path / "crashed"
         shutil.copytree(live, crashed, ignore=shutil.ignore_patterns(".lock"))
     return crashed
@@ -137,15 +144,7 @@ async def test_a_gap_is_reported_even_when_the_damaged_header_does_not_verify(
 async def test_nothing_is_reported_lost_when_the_journal_holds_every_later_delta(
     tmp_path: Path,
 ) -> None:
-    live = await new_world(tmp_path / "live")
-    async with open_world(live, CFG) as w:
-        await w.submit([TileSet(tick=1, x=1, y=1, tile=11)])
-        await w.snapshot()
-        await w.submit([TileSet(tick=2, x=2, y=1, tile=22), TileSet(tick=2, x=600, y=1, tile=5)])
-        await w._flush_region(w._queues.regions[A], True)
-        await w._after_flush()  # B pins the segment: nothing is deleted
-        crashed = tmp_path / "crashed"
-        shutil.copytree(live, crashed, ignore=shutil.ignore_patterns(".lock"))
+    crashed = await covered_world(tmp_path)
     corrupt(crashed, A, offset=12)
     async with open_world(crashed, CFG) as w:
         async with w.events() as events:
@@ -239,15 +238,7 @@ async def test_check_repair_is_not_ok_when_a_loss_cannot_be_recorded(
 async def test_check_repair_reports_nothing_lost_when_the_journal_covers_it(
     tmp_path: Path,
 ) -> None:
-    live = await new_world(tmp_path / "live")
-    async with open_world(live, CFG) as w:
-        await w.submit([TileSet(tick=1, x=1, y=1, tile=11)])
-        await w.snapshot()
-        await w.submit([TileSet(tick=2, x=2, y=1, tile=22), TileSet(tick=2, x=600, y=1, tile=5)])
-        await w._flush_region(w._queues.regions[A], True)
-        await w._after_flush()
-        crashed = tmp_path / "crashed"
-        shutil.copytree(live, crashed, ignore=shutil.ignore_patterns(".lock"))
+    crashed = await covered_world(tmp_path)
     corrupt(crashed, A)
     store = await LocalStore.open(crashed, fsync=False)
     try:
