@@ -14,6 +14,8 @@ files) and checks the promises:
 
 from __future__ import annotations
 
+import pytest
+
 from streamer.format.region import region_key
 from streamer.recovery.incidents import IncidentLog
 from streamer.recovery.snapshots import (
@@ -22,6 +24,7 @@ from streamer.recovery.snapshots import (
     finish_interrupted_restore,
     restore_snapshot,
     scan_snapshots,
+    stage_copies,
     verify_snapshot,
 )
 from streamer.storage.faultfs import SimulatedCrash, SimulatedFileSystem
@@ -60,10 +63,18 @@ async def check_snapshots(
         assert await snapshot_state(store, info.id) == expected.get(info.id, current), info.id
 
 
-async def test_crash_at_every_step_of_create_and_rotate():
+async def _take(store: LocalStore, staged: bool) -> None:
+    """A snapshot as the CLI takes it, or as a running world does (copies staged first)."""
+    if staged:
+        await stage_copies(store)
+    await create_snapshot(store, keep=KEEP)
+
+
+@pytest.mark.parametrize("staged", [False, True], ids=["closed", "staged"])
+async def test_crash_at_every_step_of_create_and_rotate(staged: bool) -> None:
     base, expected, current = await build_base()
     probe = base.durable_image()
-    await create_snapshot(LocalStore(ROOT, fs=probe), keep=KEEP)
+    await _take(LocalStore(ROOT, fs=probe), staged)
     total = len(probe.ops)
     assert any(op.name == "link" for op in probe.ops)
     assert any(op.name == "rmdir" for op in probe.ops)  # rotation and the leftover sweep
@@ -72,7 +83,7 @@ async def test_crash_at_every_step_of_create_and_rotate():
         fs = base.durable_image()
         fs.crash_after(k)
         try:
-            await create_snapshot(LocalStore(ROOT, fs=fs), keep=KEEP)
+            await _take(LocalStore(ROOT, fs=fs), staged)
         except SimulatedCrash:
             crashed += 1
         store = await LocalStore.open(ROOT, fs=fs.durable_image())
@@ -82,6 +93,7 @@ async def test_crash_at_every_step_of_create_and_rotate():
         await create_snapshot(store, keep=KEEP)
         scan = await scan_snapshots(store)
         assert len(scan.snapshots) == KEEP and scan.incomplete == []
+        assert await store.list("snapshots/.staging/") == []
         await check_snapshots(store, expected, current)
     assert crashed == total > 50
 
