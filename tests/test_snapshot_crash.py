@@ -18,6 +18,7 @@ import pytest
 
 from streamer.format.region import region_key
 from streamer.recovery.incidents import IncidentLog
+from streamer.recovery.lineage import read_lineage
 from streamer.recovery.snapshots import (
     RESTORE_MARKER_KEY,
     create_snapshot,
@@ -58,6 +59,11 @@ async def check_snapshots(
     scan = await scan_snapshots(store)
     assert scan.damaged == {}
     assert 1 <= len(scan.snapshots) <= KEEP + 1
+    # The lineage names a new snapshot only once it is complete (a crash in between leaves
+    # it out: one copy fewer to repair from). An incomplete one it names can only be an
+    # older one that rotation was deleting (snapshot.json goes first): never served.
+    lineage = await read_lineage(store) or []
+    assert set(lineage) & set(scan.incomplete) <= set(expected)
     for info in scan.snapshots:
         assert await verify_snapshot(store, info.id) == [], info.id
         assert await snapshot_state(store, info.id) == expected.get(info.id, current), info.id
