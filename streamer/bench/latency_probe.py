@@ -1,19 +1,23 @@
 """Where an open loop's acknowledgement latency goes: the diagnostic behind docs/performance.md.
 
-``scripts/latency-probe [--seconds S] [--rate R] [--closed-first]``
+``scripts/latency-probe [--seconds S] [--rate R] [--closed-first] [--preallocate]
+[--no-sync-process]``
 runs the benchmark's open loop (``runtime_bench._open_loop``: 16 shards, 64 tile edits a
 batch, latency from each batch's scheduled time) against a fresh world and prints, beside
 the benchmark's p50/p99/max:
 
 - ``submit`` to acknowledgement alone (p50/p90/p99), without the schedule's timer lateness;
 - event-loop lags: a task sleeps 1 ms in a loop; a wake more than 3 ms late is a lag;
-- garbage collections over 0.5 ms (``gc.callbacks``), by generation.
+- garbage collections over 0.5 ms (``gc.callbacks``), by generation;
+- CPU: the event loop's thread (``time.thread_time``) and the whole process, in cores, and
+  the loop's CPU per acknowledged batch: what every commit waits behind.
 
 ``--closed-first`` runs the benchmark's saturated closed loop first, as ``durable_deltas``
 does, so the open loop starts from the same heap. ``--preallocate`` turns the journal's
 preallocated segments on (``journal_preallocate``, off by default), for an A/B in one
 checkout; the open loop then starts once the first spare is zero-filled (a server that has
-run for a while has one ready).
+run for a while has one ready). ``--no-sync-process`` commits in the journal's thread instead
+of its sync process (``journal_sync_process``), the same kind of A/B.
 
 A diagnostic, not a benchmark: it judges nothing and its figures are only comparable
 between runs on the same stretch of the VM.
@@ -57,9 +61,19 @@ class ProbeResult:
     #: Journal segments opened during the open loop, how many from a zero-filled spare.
     segments_opened: int = 0
     segments_preallocated: int = 0
+    #: Commits in the open loop, and how many of them the journal's sync process made.
+    commits: int = 0
+    commits_in_process: int = 0
+    #: Over the open loop: CPU seconds of the loop's thread and of the process, wall seconds,
+    #: batches acknowledged.
+    loop_cpu_s: float = 0.0
+    process_cpu_s: float = 0.0
+    wall_s: float = 0.0
+    batches: int = 0
 
     def lines(self) -> list[str]:
         s, a = self.scheduled, self.submit_to_ack
+        wall = max(self.wall_s, 1e-9)
         gcs = ", ".join(f"gen{g}: {n}" for g, n in sorted(self.slow_gcs.items())) or "none"
         return [
             f"acknowledged      {self.acked_per_s:,.0f} deltas/s",
@@ -71,6 +85,11 @@ class ProbeResult:
             f"gc over 0.5 ms    {gcs}; worst {self.worst_gc_s * 1e3:.1f} ms",
             f"journal segments  {self.segments_opened} opened in the open loop, "
             f"{self.segments_preallocated} of them from a zero-filled spare",
+            f"journal commits    {self.commits:,}, {self.commits_in_process:,} of them by its sync "
+            "process",
+            f"cpu               loop {self.loop_cpu_s / wall:.2f} cores, process "
+            f"{self.process_cpu_s / wall:.2f} cores; loop "
+            f"{self.loop_cpu_s / max(self.batches, 1) * 1e6:.0f} µs per batch",
         ]
 
 
@@ -81,6 +100,7 @@ async def probe(
     rate: float = 200_000,
     closed_first: bool = False,
     preallocate: bool = False,
+    sync_process: bool = True,
 ) -> ProbeResult:
     """One open loop against a new world under ``work`` (see the module docstring)."""
     world = work / "probe"
@@ -94,7 +114,9 @@ async def probe(
     }
     first = await rb._populate(world, sorted(touched), edits_per_chunk=1) + 1
     config = rb._config()
-    runtime = msgspec.structs.replace(config.runtime, journal_preallocate=preallocate)
+    runtime = msgspec.structs.replace(
+        config.runtime, journal_preallocate=preallocate, journal_sync_process=sync_process
+    )
     async with open_world(world, msgspec.structs.replace(config, runtime=runtime)) as w:
         if closed_first:
 
@@ -146,6 +168,7 @@ async def probe(
                     lags.append(late)
 
         gc.callbacks.append(on_gc)
+        cpu0, proc0, wall0 = time.thread_time(), time.process_time(), clock()
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(watch_loop)
@@ -155,6 +178,11 @@ async def probe(
                 done = True
         finally:
             gc.callbacks.remove(on_gc)
+        loop_cpu, proc_cpu, wall = (
+            time.thread_time() - cpu0,
+            time.process_time() - proc0,
+            clock() - wall0,
+        )
         ready.clear()
         after = w.stats().journal
         return ProbeResult(
@@ -168,6 +196,12 @@ async def probe(
             segments_opened=(after.segments + after.segments_deleted)
             - (before.segments + before.segments_deleted),
             segments_preallocated=after.segments_preallocated - before.segments_preallocated,
+            commits=after.commits - before.commits,
+            commits_in_process=after.commits_in_process - before.commits_in_process,
+            loop_cpu_s=loop_cpu,
+            process_cpu_s=proc_cpu,
+            wall_s=wall,
+            batches=submit_to_ack.count,
         )
 
 
@@ -178,6 +212,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--closed-first", action="store_true")
     parser.add_argument(
         "--preallocate", action="store_true", help="journal segments from zero-filled spares"
+    )
+    parser.add_argument(
+        "--no-sync-process",
+        action="store_true",
+        help="commits in the journal's thread, not its sync process",
     )
     args = parser.parse_args(argv)
     if args.seconds <= 0 or args.rate <= 0:
@@ -190,6 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 rate=args.rate,
                 closed_first=args.closed_first,
                 preallocate=args.preallocate,
+                sync_process=not args.no_sync_process,
             )
         )
     print("\n".join(result.lines()))
