@@ -77,6 +77,11 @@ class RuntimeSettings(_Section):
     #: default: see docs/deviations.md (a power loss can persist one commit's pages out of
     #: order, which open then takes for lost acknowledged data).
     journal_preallocate: bool = False
+    #: Write and sync commits to an open journal segment in a small process of the
+    #: journal's own (runtime/sync_process.py), off this process's GIL: a commit's system
+    #: calls then never wait for the event loop to let go of it. Linux, asyncio, fsync on;
+    #: elsewhere, or if the process is lost, commits go through the journal's thread.
+    journal_sync_process: bool = True
 
 
 class SnapshotSettings(_Section):

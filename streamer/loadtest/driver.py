@@ -119,7 +119,8 @@ class DemoSummary(msgspec.Struct, kw_only=True):
 
 def peak_rss_mib(helpers: Sequence[int] = ()) -> float:
     """Peak resident memory of this process plus that of running ``helpers`` (the world's
-    terrain processes: part of what the service costs, invisible to ``getrusage``)."""
+    terrain processes and the journal's sync process: part of what the service costs,
+    invisible to ``getrusage``)."""
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     # Linux reports KiB, macOS bytes.
     own = rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
@@ -265,7 +266,9 @@ class Demo:
         finally:
             self._scope = None
         elapsed = time.monotonic() - self._t0
-        helpers = self.world.stats().terrain_process_pids
+        stats = self.world.stats()
+        helpers = [*stats.terrain_process_pids, stats.journal.sync_process_pid]
+        helpers = [pid for pid in helpers if pid]
         peak = await anyio.to_thread.run_sync(peak_rss_mib, helpers)
         return self._summary(elapsed, interrupted=stop.is_set() or self._aborted, peak_mib=peak)
 

@@ -16,10 +16,12 @@ Durability modes:
   power loss); the writer fsyncs at most every ``fsync_interval_ms`` while data is unsynced.
 
 A new segment is created and its directory entry fsynced before any frame in it is
-acknowledged. Segments rotate at ``segment_bytes``. Each segment remembers the highest tick
-it holds per region; once every such region's ``lastProcessedTick`` has reached it, the
-segment is deleted (:meth:`Journal.collect`), in any order; what left with it is recorded
-first in ``state/journal_drops.json`` (``runtime/journal_drops.py``).
+acknowledged; once a segment closes, :meth:`Journal.keep_segment_open` opens the next one
+ahead of the commit that needs it. Segments rotate at ``segment_bytes``. Each segment
+remembers the highest tick it holds per region; once every such region's
+``lastProcessedTick`` has reached it, the segment is deleted (:meth:`Journal.collect`), in
+any order; what left with it is recorded first in ``state/journal_drops.json``
+(``runtime/journal_drops.py``).
 
 Preallocation (``preallocate=True``; off by default, see docs/deviations.md): a background task
 (:meth:`Journal.keep_spare`) keeps one spare file, ``journal/spare.zero``, zero-filled to
@@ -50,6 +52,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -72,10 +75,11 @@ from streamer.format.journal import (
 )
 from streamer.runtime.fastsync import event_factory
 from streamer.runtime.journal_drops import DropLog
+from streamer.runtime.sync_process import DONE, LOST, SYNC_FAILED, SyncProcess
 from streamer.schema.deltas import AnyDelta, records_current, upgrade_raw_records
 from streamer.schema.migrations import MalformedRecord
 from streamer.storage.base import BlobStore
-from streamer.storage.fs import FileSystem
+from streamer.storage.fs import FileSystem, OsFileSystem
 from streamer.storage.local import LocalStore
 
 __all__ = [
@@ -217,7 +221,8 @@ class JournalStats(msgspec.Struct, frozen=True, kw_only=True):
     fsyncs: int
     #: Batches acknowledged since open.
     batches: int
-    #: Segments on disk and their total bytes (the lag regions have not yet folded away).
+    #: Segments on disk holding frames (not an empty one opened ahead) and their total bytes
+    #: (the lag regions have not yet folded away).
     segments: int
     live_bytes: int
     segments_deleted: int
@@ -230,6 +235,14 @@ class JournalStats(msgspec.Struct, frozen=True, kw_only=True):
     spares_recycled: int = 0
     #: A zero-filled spare is ready for the next segment.
     spare_ready: bool = False
+    #: Commits written and synced by the sync process (``runtime/sync_process.py``), and
+    #: whether it is running (off, not started or lost: commits go through the thread).
+    commits_in_process: int = 0
+    sync_process: bool = False
+    #: Its process id while it runs (0 otherwise): a helper process of the world's.
+    sync_process_pid: int = 0
+    #: Segments opened by ``keep_segment_open`` before a commit needed them.
+    segments_opened_ahead: int = 0
 
 
 class _SyncFailed(OSError):
@@ -301,8 +314,14 @@ class Journal:
         collect_run_sync: RunSync | None = None,
         spare_pause_s: float = _ZERO_PAUSE_S,
         drops_store: BlobStore | None = None,
+        sync_process: bool = False,
     ) -> None:
         self._fs = fs
+        # Commits to an open segment in a process of their own (runtime/sync_process.py):
+        # only where handles are descriptors, and only with fsync on (see there why).
+        self._want_process = sync_process and fsync and isinstance(fs, OsFileSystem)
+        self._proc: SyncProcess | None = None
+        self._proc_commits = 0
         # Which ticks left with deleted segments (runtime/journal_drops.py), written through
         # a store on the same file system unless the caller gives one.
         self._drops = DropLog(drops_store or LocalStore(".", fs=fs, fsync=fsync))
@@ -362,6 +381,10 @@ class Journal:
         self._spare_lock = anyio.Lock()
         self._spares_recycled = 0
         self._spares_used = 0
+        # Set when the active segment was closed (rotated or abandoned): the keeper opens
+        # the next one ahead of the commit that needs it (keep_segment_open).
+        self._segment_wanted = anyio.Event()
+        self._segments_ahead = 0
 
         self._commits = 0
         self._fsyncs = 0
@@ -408,6 +431,8 @@ class Journal:
         # Before any new segment can reuse a number a crash left pending in the record.
         await self._drops.open(s.seq for s in self._segments)
         self._next_seg = max(self._next_seg, self._drops.pending_high + 1)
+        if self._want_process:
+            self._proc = await SyncProcess.start()
         return Replay(batches=batches, torn_bytes=self._torn, segments=len(scanned))
 
     def _scan_blocking(self) -> list[tuple[int, list[bytes], int, int]]:
@@ -635,7 +660,7 @@ class Journal:
                 return
             before = self._active
             try:
-                seg = await self._run_sync(self._write_blocking, data, want_sync)
+                seg = await self._write(data, want_sync)
             except OSError as exc:
                 error = StorageUnavailable(
                     f"journal write failed, batch not acknowledged: {exc}", key=JOURNAL_DIR
@@ -679,57 +704,84 @@ class Journal:
         for p in group:
             p.done.set()
 
+    async def _write(self, data: bytes, sync: bool) -> _Segment:
+        """``_write_blocking``, by the sync process when it runs and a segment is open."""
+        proc, seg, handle = self._proc, self._active, self._handle
+        if proc is None or not proc.alive or seg is None or handle is None:
+            written: _Segment = await self._run_sync(self._write_blocking, data, sync)
+            return written
+        stage, err = await proc.write(handle, seg, data, sync)
+        if stage == DONE:
+            seg.size += len(data)
+            self._proc_commits += 1
+            return seg
+        path = segment_name(seg.seq)
+        if stage == SYNC_FAILED:
+            raise _SyncFailed(err, os.strerror(err), path)
+        if stage == LOST:
+            # Whether any of it reached the file is unknown: a failed write, whose handling
+            # cuts the segment back to its last acknowledged byte and starts another. The
+            # child must be gone first, or a write of its could land after that cut.
+            await proc.aclose()
+            raise OSError(err, "the journal's sync process was lost during the commit", path)
+        raise OSError(err, os.strerror(err), path)
+
     def _write_blocking(self, data: bytes, sync: bool) -> _Segment:
-        fs = self._fs
         if self._handle is None:
-            fresh = _Segment(self._next_seg)
-            # Taken before trying: a failed try may leave a file under this name (an empty
-            # or all-zero segment, harmless), and the next try must not collide with it.
-            self._next_seg += 1
-            name = segment_name(fresh.seq)
-            fs.makedirs(JOURNAL_DIR)
-            took = self._spare_ready
-            new_handle = self._take_spare_blocking(name) if took else None
-            if new_handle is not None:
-                fresh.preallocated = True
-                self._spares_used += 1
-            else:
-                if took:  # taking it failed: a segment as without preallocation, new name
-                    fresh = _Segment(self._next_seg)
-                    self._next_seg += 1
-                    name = segment_name(fresh.seq)
-                new_handle = fs.create(name)
-            if self._fsync:
-                # The segment's name must be durable before any frame in it is acknowledged.
-                try:
-                    fs.fsync_dir(JOURNAL_DIR)
-                except OSError:
-                    fs.close(new_handle)  # nothing was written to it; the next try makes another
-                    if fresh.preallocated:
-                        self._give_back_spare_blocking(name)
-                    else:
-                        # Untracked, it would never be collected (best effort: an empty
-                        # older segment is harmless on replay).
-                        with contextlib.suppress(OSError):
-                            fs.unlink(name)
-                    raise
-            self._handle = new_handle
-            self._active = fresh
-            self._segments.append(fresh)
+            self._open_segment_blocking()
         seg, handle = self._active, self._handle
         assert seg is not None and handle is not None
-        fs.write(handle, data)
+        self._fs.write(handle, data)
         if sync:
             # fdatasync persists the size too when the write grew the file; over
             # preallocated zeros it is a data flush alone (see the module docstring).
             try:
-                fs.fdatasync(handle)
+                self._fs.fdatasync(handle)
             except OSError as exc:
                 failed = _SyncFailed(*exc.args)
                 failed.filename = exc.filename
                 raise failed from exc
         seg.size += len(data)
         return seg
+
+    def _open_segment_blocking(self) -> None:
+        """Start the next segment (the spare renamed, or a new file) and make its name
+        durable: it becomes the active one."""
+        fs = self._fs
+        fresh = _Segment(self._next_seg)
+        # Taken before trying: a failed try may leave a file under this name (an empty
+        # or all-zero segment, harmless), and the next try must not collide with it.
+        self._next_seg += 1
+        name = segment_name(fresh.seq)
+        fs.makedirs(JOURNAL_DIR)
+        took = self._spare_ready
+        new_handle = self._take_spare_blocking(name) if took else None
+        if new_handle is not None:
+            fresh.preallocated = True
+            self._spares_used += 1
+        else:
+            if took:  # taking it failed: a segment as without preallocation, new name
+                fresh = _Segment(self._next_seg)
+                self._next_seg += 1
+                name = segment_name(fresh.seq)
+            new_handle = fs.create(name)
+        if self._fsync:
+            # The segment's name must be durable before any frame in it is acknowledged.
+            try:
+                fs.fsync_dir(JOURNAL_DIR)
+            except OSError:
+                fs.close(new_handle)  # nothing was written to it; the next try makes another
+                if fresh.preallocated:
+                    self._give_back_spare_blocking(name)
+                else:
+                    # Untracked, it would never be collected (best effort: an empty
+                    # older segment is harmless on replay).
+                    with contextlib.suppress(OSError):
+                        fs.unlink(name)
+                raise
+        self._handle = new_handle
+        self._active = fresh
+        self._segments.append(fresh)
 
     def _take_spare_blocking(self, name: str) -> int | None:
         """The spare renamed to segment ``name`` and opened in place; None if that failed
@@ -796,6 +848,8 @@ class Journal:
             self._fsyncs += 1
             self._unsynced = 0
             self._last_sync = time.monotonic()
+        if not self._closing:
+            self._segment_wanted.set()
 
     async def _sync_now(self) -> None:
         async with self._io_lock:
@@ -847,6 +901,9 @@ class Journal:
             )
             self._fail(self._pending, self._broken_error())
             self._pending = []
+            return
+        if not self._closing:
+            self._segment_wanted.set()
 
     def _broken_error(self) -> StorageUnavailable:
         return StorageUnavailable(
@@ -978,6 +1035,39 @@ class Journal:
                     continue
                 self._spare_ready = made and not self._closing
 
+    async def keep_segment_open(self) -> None:
+        """Open the next segment as soon as the active one is closed (rotated when full or
+        passed, or abandoned after a failed write); run it in the task group beside
+        :meth:`run`. Returns at close.
+
+        Why: the commit that finds no segment open creates one and syncs the directory for
+        its name, several system calls in the journal's thread, each waiting for the GIL on
+        a busy loop: 10-20 ms in which every acknowledgement waited, after each full flush
+        (which closes a passed segment) and at each rotation. Opened here, the next commit
+        finds it open and goes straight to the sync process. An empty newest segment is
+        harmless on replay, and an empty active one is never rotated by ``collect``. A
+        segment that cannot be opened here is left to the next commit, which reports the
+        error itself.
+        """
+        while not self._closing and self._broken is None:
+            await self._segment_wanted.wait()
+            self._segment_wanted = anyio.Event()
+            async with self._io_lock:
+                if self._handle is not None or self._closing or self._broken is not None:
+                    continue
+                try:
+                    await self._run_sync(self._open_segment_blocking)
+                except OSError as exc:
+                    log.warning(
+                        "journal: cannot open the next segment ahead (%s); the next commit "
+                        "will try",
+                        exc,
+                    )
+                    continue
+                self._segments_ahead += 1
+                if self._preallocate and not self._spare_ready:
+                    self._spare_wanted.set()  # the segment took the spare: make the next
+
     async def _make_spare(self) -> bool:
         """Zero-fill ``SPARE_NAME`` to its full size (segment_bytes + MAX_COMMIT_BYTES + a
         page) in place (a recycled segment, or a spare left by a crash) or as a new file,
@@ -1044,6 +1134,7 @@ class Journal:
         self._closing = True
         self._wake.set()
         self._spare_wanted.set()
+        self._segment_wanted.set()
 
     async def aclose(self) -> None:
         """Close the active segment (after the writer stopped). Idempotent."""
@@ -1051,14 +1142,17 @@ class Journal:
             return
         self._closed = True
         self._closing = True
-        self._spare_wanted.set()  # the keeper stops (aclose may come without begin_close)
+        self._spare_wanted.set()  # the keepers stop (aclose may come without begin_close)
+        self._segment_wanted.set()
         async with self._io_lock:
             if self._broken is None:
+                await self._drop_if_empty()
                 await self._rotate()
             elif self._handle is not None:
                 handle, self._handle = self._handle, None
                 with contextlib.suppress(OSError):
                     await self._run_sync(self._fs.close, handle)
+        await self.stop_sync_process()
         if self._preallocate:
             # A closed world's journal is as without preallocation: no spare, no padding.
             async with self._spare_lock:
@@ -1068,13 +1162,44 @@ class Journal:
                 except OSError as exc:
                     log.warning("journal: cannot delete %s at close: %s", SPARE_NAME, exc)
 
+    async def _drop_if_empty(self) -> None:
+        """At close: delete the active segment if nothing was written to it (one opened
+        ahead), so a closed world's journal holds only segments with frames. Best effort: an
+        empty segment left behind is harmless on replay."""
+        seg, handle = self._active, self._handle
+        if seg is None or handle is None or seg.size:
+            return
+        self._active, self._handle = None, None
+        self._segments = [s for s in self._segments if s is not seg]
+
+        def drop_blocking() -> None:
+            with contextlib.suppress(OSError):
+                self._fs.close(handle)
+            self._fs.unlink(segment_name(seg.seq))
+            if self._fsync:
+                self._fs.fsync_dir(JOURNAL_DIR)
+
+        try:
+            await self._run_sync(drop_blocking)
+        except OSError as exc:
+            log.warning(
+                "journal: cannot delete the empty %s at close: %s", segment_name(seg.seq), exc
+            )
+
+    async def stop_sync_process(self) -> None:
+        """Stop the sync process and wait for it to exit (idempotent): before the world's
+        lock is let go, so no write of it can land after the next open."""
+        if self._proc is not None:
+            await self._proc.aclose()
+
     def stats(self) -> JournalStats:
         return JournalStats(
             pending=len(self._pending),
             commits=self._commits,
             fsyncs=self._fsyncs,
             batches=self._batches,
-            segments=len(self._segments),
+            # An empty segment opened ahead (keep_segment_open) holds nothing yet.
+            segments=sum(1 for s in self._segments if s.size or s is not self._active),
             live_bytes=sum(s.size for s in self._segments),
             segments_deleted=self._deleted,
             torn_bytes=self._torn,
@@ -1082,6 +1207,10 @@ class Journal:
             segments_preallocated=self._spares_used,
             spares_recycled=self._spares_recycled,
             spare_ready=self._spare_ready,
+            commits_in_process=self._proc_commits,
+            segments_opened_ahead=self._segments_ahead,
+            sync_process=self._proc is not None and self._proc.alive,
+            sync_process_pid=self._proc.pid if self._proc is not None and self._proc.alive else 0,
         )
 
     @property

@@ -270,6 +270,7 @@ class World(_SubmitPath, _FlushPath):
         assert self._journal is not None
         tg.start_soon(self._journal.run, name="journal-writer")
         tg.start_soon(self._journal.keep_spare, name="journal-spare")
+        tg.start_soon(self._journal.keep_segment_open, name="journal-segment")
         self._loader.run(tg)
         tg.start_soon(self._flush_scheduler, name="flush-scheduler")
         self._recovery.start(tg)
@@ -342,6 +343,8 @@ class World(_SubmitPath, _FlushPath):
     async def _release(self) -> None:
         if self._journal is not None:
             self._journal.begin_close()
+            # Closed already unless the journal broke or the open failed after it started.
+            await self._journal.stop_sync_process()
         await self._journal_lane.aclose()
         for proc in self._terrain:
             await proc.aclose()
@@ -423,6 +426,7 @@ class World(_SubmitPath, _FlushPath):
             segment_bytes=rt.journal_segment_bytes,
             fsync=fsync,
             preallocate=rt.journal_preallocate,
+            sync_process=rt.journal_sync_process,
             on_durable=self._on_durable,
             on_failed=self._on_failed,
             # Segment deletion on anyio's shared threads, not the writer's only one.
