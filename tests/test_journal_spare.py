@@ -183,7 +183,7 @@ async def test_power_loss_before_a_passed_segment_is_deleted_keeps_the_world_ope
         if spare_first:
             await _wait_ready(j)
         async with anyio.create_task_group() as inner:
-            inner.start_soon(j.collect, lambda r: 3)
+            inner.start_soon(functools.partial(j.collect, lambda r: 3, everything=True))
             with anyio.fail_after(5):
                 while not fs.blocked.is_set():
                     await anyio.sleep(0.001)
@@ -204,7 +204,7 @@ async def test_a_failed_delete_of_a_passed_segment_keeps_the_world_openable() ->
         await _wait_ready(j)  # spare ready again -> collect unlinks instead of recycling
         fs.inject("unlink", errno.EIO, path_contains="00000000000000000001.wal")
         with pytest.raises(StorageUnavailable):
-            await j.collect(lambda r: 3)
+            await j.collect(lambda r: 3, everything=True)
         await _acknowledged(j, range(4, 6))  # segment 2
     replay = await Journal(fs.durable_image(), run_sync, preallocate=True).open(ticks_of)
     assert [d.tick for b in replay.batches for d in b.deltas] == [1, 2, 3, 4, 5]

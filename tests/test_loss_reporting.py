@@ -79,12 +79,12 @@ async def gap_world(tmp_path: Path) -> Path:
         await w.snapshot()
         await w.submit([TileSet(tick=2, x=2, y=1, tile=22)])
         await w._flush_region(w._queues.regions[A], True)
-        await w._after_flush()
+        await w._after_flush(everything=True)
         # Tick 2 left with its segment (the next one may be open already, empty).
         assert not [p for p in (live / JOURNAL_DIR).glob("*.wal") if p.stat().st_size]
         await w.submit([TileSet(tick=3, x=3, y=1, tile=33), TileSet(tick=3, x=600, y=1, tile=5)])
         await w._flush_region(w._queues.regions[A], True)
-        await w._after_flush()
+        await w._after_flush(everything=True)
         crashed = tmp_path / "crashed"
         shutil.copytree(live, crashed, ignore=shutil.ignore_patterns(".lock"))
     return crashed
@@ -99,7 +99,7 @@ async def covered_world(tmp_path: Path) -> Path:
         await w.snapshot()
         await w.submit([TileSet(tick=2, x=2, y=1, tile=22), TileSet(tick=2, x=600, y=1, tile=5)])
         await w._flush_region(w._queues.regions[A], True)
-        await w._after_flush()  # B pins the segment: nothing is deleted
+        await w._after_flush(everything=True)  # B pins the segment: nothing is deleted
         crashed = tmp_path / "crashed"
         shutil.copytree(live, crashed, ignore=shutil.ignore_patterns(".lock"))
     return crashed
@@ -436,7 +436,7 @@ async def test_a_record_that_cannot_be_written_is_removed_before_segments_go() -
     # Gone rather than stale: a restore now says "unknown", never "nothing".
     assert await read_drops(LocalStore(".", fs=fs)) is None
     fs.clear_faults()
-    await j.collect(lambda r: 200)
+    await j.collect(lambda r: 200, everything=True)
     assert fs.listdir(JOURNAL_DIR) == []
 
 

@@ -367,32 +367,55 @@ async def test_a_failed_open_stops_it_before_letting_go_of_the_world(
     ]
 
 
-async def test_the_next_segment_is_open_before_the_commit_after_a_full_flush(
-    tmp_path: Path,
-) -> None:
-    """A full flush closes the passed segment; the next one is opened ahead, so the next
-    commit goes straight to the sync process instead of creating a segment itself."""
+async def test_a_flush_keeps_a_small_passed_segment_open(tmp_path: Path) -> None:
+    """Dropping the segment being written to after every flush would cost a record of what
+    leaves, an unlink, directory syncs and the next segment's creation, to free a few KiB."""
     await new_world(tmp_path)
     async with open_world(tmp_path, cfg()) as world:
-        journal = journal_of(world)
         await world.submit(edit(1))
-        await world.flush()  # folds tick 1: its segment is passed, closed and deleted
+        await world.flush()
+        stats = world.stats().journal
+        assert stats.segments == 1 and stats.segments_deleted == 0
+        assert stats.segments_opened_ahead == 0
+        await world.submit(edit(2))  # into the same segment, by the process
+        assert world.stats().journal.commits_in_process == stats.commits_in_process + 1
+    assert not list((tmp_path / JOURNAL_DIR).glob("*.wal"))  # the close drops it
+
+
+async def test_the_next_segment_is_open_before_the_commit_that_needs_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A closed segment (full, or passed and big enough to drop) is followed by one opened
+    ahead, so the next commit goes straight to the sync process instead of creating a
+    segment itself."""
+    await new_world(tmp_path)
+    async with open_world(tmp_path, cfg(segment_bytes=4096)) as world:
+        journal = journal_of(world)
+        tick = 0
+        while world.stats().journal.segments < 2:  # the first one filled and rotated
+            tick += 1
+            await world.submit(edit(tick))
         await segment_open(journal)
         before = world.stats().journal
-        assert before.segments_opened_ahead >= 1
-        assert before.segments == 0 and before.live_bytes == 0  # open, empty: not counted
-        await world.submit(edit(2))
+        await world.submit(edit(tick + 1))
         after = world.stats().journal
         assert after.commits_in_process == before.commits_in_process + 1
-        assert after.segments == 1
-        await world.flush()  # passed again: closed, deleted, the next opened ahead
+        assert after.segments_opened_ahead == before.segments_opened_ahead
+
+        monkeypatch.setattr(Journal, "COLLECT_ACTIVE_BYTES", 1)
+        await world.flush()  # all passed, the active one now "big": everything dropped
         await segment_open(journal)
+        assert world.stats().journal.segments_opened_ahead == before.segments_opened_ahead + 1
+        assert world.stats().journal.segments == 0  # open, empty: not counted
         assert [p.stat().st_size for p in (tmp_path / JOURNAL_DIR).glob("*.wal")] == [0]
-    # Closing deletes the empty one: a closed world keeps no journal after a full flush.
+        await world.submit(edit(tick + 2))
+        assert world.stats().journal.commits_in_process == after.commits_in_process + 1
+    # Closing drops the passed segment: a cleanly closed world keeps no journal.
     assert not list((tmp_path / JOURNAL_DIR).glob("*.wal"))
     # An empty newest segment (one a crash left behind) is nothing on replay.
     (tmp_path / JOURNAL_DIR / "00000000000000000099.wal").write_bytes(b"")
     async with open_world(tmp_path, cfg()) as world:
-        await world.submit(edit(3))
-        c = await world.chunk(0, 0)
-        assert [int(c.tiles[0, t]) for t in (1, 2, 3)] == [1, 2, 3]
+        await world.submit(edit(3_000))
+        for t in (1, 2, 3, tick + 2):
+            c = await world.chunk(t // 64, 0)
+            assert int(c.tiles[0, t % 64]) == t

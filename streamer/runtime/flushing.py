@@ -195,6 +195,9 @@ class _FlushPath:
         """Fold every acknowledged delta into its region file and drop passed journal segments.
 
         Seals every tick queued so far (later deltas for those regions need higher ticks).
+        The segment being written to is dropped with them only once it holds
+        ``Journal.COLLECT_ACTIVE_BYTES`` (1 MiB), and at close: dropping a small one costs
+        more I/O than it frees (its replay after a crash skips what was folded).
 
         :raises StorageUnavailable, IntegrityError: a region could not be written; its deltas
             stay journaled and queued, nothing is lost.
@@ -520,7 +523,10 @@ class _FlushPath:
         if isinstance(err, IntegrityError):
             self._region_failed(q.key, err)
 
-    async def _after_flush(self) -> None:
+    async def _after_flush(self, *, everything: bool = False) -> None:
+        """Drop passed journal segments (``Journal.collect``; ``everything``: the segment
+        being written to as well, whatever its size, as the close does) and write the player
+        index if it changed."""
         journal = self._journal
         store = self._store
         assert journal is not None and store is not None
@@ -530,7 +536,7 @@ class _FlushPath:
             # A region without a queue was clean when forgotten: it passed all it journaled.
             return q.lpt if q is not None else sys.maxsize
 
-        await journal.collect(lpt_of)
+        await journal.collect(lpt_of, everything=everything)
         if self._players.dirty:
             version, data = self._players.snapshot()
             await store.put_atomic(PLAYERS_KEY, data)

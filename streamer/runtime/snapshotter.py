@@ -2,8 +2,9 @@
 
 A snapshot must be a consistent cut: ``create_snapshot`` verifies each source, copies it
 and re-reads the copy, and refuses if anything changed in between. So the world is first
-flushed completely (every acknowledged delta folded, passed journal segments deleted), then
-*paused* while the snapshot is made:
+flushed completely (every acknowledged delta folded, passed journal segments deleted, all
+but a segment being written to under ``Journal.COLLECT_ACTIVE_BYTES``), then *paused* while
+the snapshot is made:
 
 - every token of the world's flush limiter is held, so no region file is rewritten (a
   running flush finishes first);

@@ -337,7 +337,7 @@ class World(_SubmitPath, _FlushPath):
             raise
         journal.begin_close()
         await journal.barrier()
-        await self._after_flush()
+        await self._after_flush(everything=True)  # a cleanly closed world keeps no journal
         await journal.aclose()
 
     async def _release(self) -> None:
