@@ -170,7 +170,8 @@ class SyncProcess:
             self._lose(f"its socket failed: {exc}")
             return
         if not data:
-            self._lose(f"it exited (code {self._proc.returncode})")
+            code = self._proc.returncode  # None until reaped, which may come later
+            self._lose("it exited" if code is None else f"it exited with code {code}")
             return
         self._buf += data
         while len(self._buf) >= _REPLY.size:
