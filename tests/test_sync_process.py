@@ -140,6 +140,40 @@ async def test_a_killed_process_answers_lost_and_is_reaped(tmp_path: Path) -> No
     assert gone(proc.pid)
 
 
+async def test_a_process_lost_in_the_middle_of_a_large_send_answers_lost(
+    tmp_path: Path,
+) -> None:
+    """The child stops reading while a commit larger than the socket's buffer is still being
+    sent, and is then given up (as on a reply out of step): the request is answered lost,
+    and the send is stopped rather than left watching a closed descriptor whose number the
+    next segment may get."""
+    proc = await started()
+    fd = os.open(tmp_path / "l", os.O_WRONLY | os.O_CREAT)
+    try:
+        assert await proc.write(fd, fd, b"a", True) == (DONE, 0)
+        os.kill(proc.pid, signal.SIGSTOP)
+        async with anyio.create_task_group() as tg:
+            outcome: list[tuple[int, int]] = []
+
+            async def big() -> None:
+                outcome.append(await proc.write(fd, fd, os.urandom(16 * 1024 * 1024), True))
+
+            tg.start_soon(big)
+            await anyio.sleep(0.2)  # the socket's buffer is full: the rest waits to be sent
+            sending = proc._sending
+            assert sending is not None and not sending.done()
+            proc._lose("given up by the test")
+        assert outcome == [(LOST, errno.EPIPE)]
+        assert not proc.alive
+        await anyio.sleep(0.05)
+        assert sending is not None and sending.done()
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        await proc.aclose()
+        os.close(fd)
+    assert (tmp_path / "l").read_bytes() == b"a"
+
+
 # -- in a world ------------------------------------------------------------------------------
 
 

@@ -197,7 +197,13 @@ class SyncProcess:
         self._lost = why
         if not quiet:
             log.warning("journal: its sync process is lost (%s); committing in a thread", why)
-        self._loop.remove_reader(self._sock.fileno())
+        fd = self._sock.fileno()
+        self._loop.remove_reader(fd)
+        if self._sending is not None and not self._sending.done():
+            # Before the close: the descriptor's number may be reused at once (by the next
+            # segment), and the loop must not be left watching it for this send.
+            self._loop.remove_writer(fd)
+            self._sending.cancel()
         reply, self._reply = self._reply, None
         if reply is not None and not reply.done():
             reply.set_result((LOST, errno.EPIPE))
