@@ -75,7 +75,7 @@ from streamer.format.journal import (
 )
 from streamer.runtime.fastsync import event_factory
 from streamer.runtime.journal_drops import DropLog
-from streamer.runtime.sync_process import DONE, LOST, SYNC_FAILED, SyncProcess
+from streamer.runtime.sync_process import DONE, LOST, NOT_SENT, SYNC_FAILED, SyncProcess
 from streamer.schema.deltas import AnyDelta, records_current, upgrade_raw_records
 from streamer.schema.migrations import MalformedRecord
 from streamer.storage.base import BlobStore
@@ -221,8 +221,9 @@ class JournalStats(msgspec.Struct, frozen=True, kw_only=True):
     fsyncs: int
     #: Batches acknowledged since open.
     batches: int
-    #: Segments on disk holding frames (not an empty one opened ahead) and their total bytes
-    #: (the lag regions have not yet folded away).
+    #: Segments on disk holding frames (not an empty one opened ahead) and their total bytes:
+    #: the lag regions have not yet folded away, plus up to ``Journal.COLLECT_ACTIVE_BYTES``
+    #: of folded frames in the segment being written to (collect leaves it until then).
     segments: int
     live_bytes: int
     segments_deleted: int
@@ -718,6 +719,9 @@ class Journal:
             seg.size += len(data)
             self._proc_commits += 1
             return seg
+        if stage == NOT_SENT:  # it had gone before this commit: nothing of it was written
+            again: _Segment = await self._run_sync(self._write_blocking, data, sync)
+            return again
         path = segment_name(seg.seq)
         if stage == SYNC_FAILED:
             raise _SyncFailed(err, os.strerror(err), path)
@@ -726,6 +730,11 @@ class Journal:
             # cuts the segment back to its last acknowledged byte and starts another. The
             # child must be gone first, or a write of its could land after that cut.
             await proc.aclose()
+            if sync and self._unsynced:
+                # Interval mode with acknowledged bytes unsynced: the child may have synced
+                # and seen an error that no later sync reports (the file is shared): stop,
+                # as after a failed sync.
+                raise _SyncFailed(err, "the journal's sync process was lost during a sync", path)
             raise OSError(err, "the journal's sync process was lost during the commit", path)
         raise OSError(err, os.strerror(err), path)
 

@@ -35,11 +35,14 @@ _PR_SET_PDEATHSIG = 1
 def _die_with_parent(parent: int) -> None:
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        failed = libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0
     except (OSError, AttributeError):
-        pass  # not Linux: end of file on the socket still stops it
-    if os.getppid() != parent:  # died before the prctl took effect
-        sys.exit(0)
+        failed = True
+    if failed or os.getppid() != parent:
+        # Without the signal a request already in the socket could still be written after
+        # the parent died; or the parent died before it took effect. The journal sees end
+        # of file and commits in its thread.
+        sys.exit(3)
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytes:

@@ -52,8 +52,9 @@ _NEW_FD = 2
 _CHILD = Path(__file__).with_name("sync_child.py")
 _EXIT_WAIT_S = 2.0
 
-#: Stages a request ends in (the reply's ``stage``, or ``LOST``).
-DONE, WRITE_FAILED, SYNC_FAILED, LOST = 0, 1, 2, 3
+#: Stages a request ends in (the reply's ``stage``, or ``LOST``: sent, or partly, and no
+#: answer; ``NOT_SENT``: nothing of it reached the child, which is gone).
+DONE, WRITE_FAILED, SYNC_FAILED, LOST, NOT_SENT = 0, 1, 2, 3, 4
 
 
 class SyncProcess:
@@ -97,7 +98,7 @@ class SyncProcess:
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
             )
-        except OSError as exc:
+        except (OSError, RuntimeError) as exc:  # RuntimeError: the loop's child watcher
             parent.close()
             log.warning("journal: cannot start its sync process (%s); committing in a thread", exc)
             return None
@@ -123,7 +124,7 @@ class SyncProcess:
         thread hops do: the caller must learn what happened to its bytes.
         """
         if self._lost is not None:
-            return LOST, errno.EPIPE
+            return NOT_SENT, errno.EPIPE
         assert self._reply is None, "one request at a time"
         self._ident = ident = (self._ident + 1) & 0xFFFFFFFF
         reply: asyncio.Future[tuple[int, int]] = self._loop.create_future()
@@ -131,11 +132,13 @@ class SyncProcess:
         new_fd = owner is not self._owner
         head = _REQUEST.pack((_SYNC if sync else 0) | (_NEW_FD if new_fd else 0), ident, len(data))
         sock = self._sock
+        delivered = False
         try:
             if new_fd:
                 # 13 bytes into an empty buffer (the previous request was answered, so the
                 # child read all of it): the descriptor goes with them in one call.
                 sent = socket.send_fds(sock, [head], [fd])
+                delivered = True
                 self._owner = owner
                 rest = memoryview(head)[sent:].tobytes() + data if sent < len(head) else data
             else:
@@ -146,7 +149,9 @@ class SyncProcess:
                 sent = 0
         except OSError as exc:
             self._lose(f"cannot send to it: {exc}")
-            return LOST, exc.errno or errno.EPIPE
+            # Nothing delivered: the child had gone (the previous request was answered, so
+            # it was not writing either); the caller may write these bytes itself.
+            return (LOST if delivered else NOT_SENT), exc.errno or errno.EPIPE
         self.requests += 1
         if sent < len(rest):
             # A large commit: the rest as the child reads; in a task of its own, so a

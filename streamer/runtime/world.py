@@ -132,7 +132,8 @@ class WorldStats(msgspec.Struct, frozen=True, kw_only=True):
     queue_depth: int
     queue_max_depth: int
     dirty_regions: int
-    #: Journal bytes not yet deletable because some region has not folded past them.
+    #: Journal bytes on disk: not yet deletable because some region has not folded past
+    #: them, plus up to 1 MiB already folded in the segment being written to.
     journal_lag_bytes: int
     journal_segments: int
     journal_fsyncs: int
