@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -520,3 +521,28 @@ async def test_the_next_segment_is_open_before_the_commit_that_needs_it(
         for t in (1, 2, 3, tick + 2):
             c = await world.chunk(t // 64, 0)
             assert int(c.tiles[0, t % 64]) == t
+
+
+def test_a_world_run_in_another_thread_gets_its_process_too(tmp_path: Path) -> None:
+    """PR_SET_PDEATHSIG follows the thread that started the child: a world whose event loop
+    runs in a thread of its own keeps its sync process while that thread runs."""
+    anyio.run(new_world, tmp_path)
+    seen: dict[str, object] = {}
+
+    async def body() -> None:
+        async with open_world(tmp_path, cfg()) as world:
+            await anyio.sleep(0.3)  # the child has started and set its death signal
+            for tick in range(1, 21):
+                await world.submit(edit(tick))
+            stats = world.stats().journal
+            seen["pid"] = stats.sync_process_pid
+            seen["in_process"] = stats.commits_in_process
+            seen["alive"] = stats.sync_process
+
+    thread = threading.Thread(target=anyio.run, args=(body,))
+    thread.start()
+    thread.join(60)
+    assert not thread.is_alive()
+    assert seen["alive"] is True
+    assert isinstance(seen["in_process"], int) and seen["in_process"] >= 19
+    assert isinstance(seen["pid"], int) and wait_gone(seen["pid"])
