@@ -3,8 +3,9 @@
 Why: a commit in a thread of this process needs the GIL after each system call (after the
 write, after the ``fdatasync``), and while the event loop runs Python, as it does half the
 time at 200,000 deltas/s, each retake waits for the loop to let go: 16 shards at that rate
-saw ``submit`` to acknowledgement at p99 3.3-4.3 ms with the thread against 2.2-2.3 ms with
-a process, the disk's own ``fdatasync`` being 0.24 ms at p50 and 0.54 ms at p99 (strace)
+saw ``submit`` to acknowledgement at p99 4.5-5.9 ms with the thread against 2.9-3.3 ms with
+a process (``scripts/latency-probe --closed-first [--no-sync-process]``, four alternating
+pairs), the disk's own ``fdatasync`` being 0.24 ms at p50 and 0.54 ms at p99 (strace)
 (docs/performance.md). A process has its own interpreter: the commit's system calls run
 back to back, and the loop hears of the result through a socket it polls anyway.
 
@@ -16,10 +17,13 @@ writes exactly where the thread would have. One request at a time, under the jou
 I/O lock, as the thread's hops were.
 
 Failures: the child reports a failed write or sync by stage and errno, and the journal
-handles them as its own (``journal.py``). If the child is gone, or the socket breaks, the
-request is reported lost (``LOST``): the journal fails that group as a failed write (which
-abandons the segment, cutting it back to its last acknowledged byte) and commits in its
-thread from then on. The child ends with its socket, or with the thread that started it
+handles them as its own (``journal.py``). If the child is gone, or the socket breaks, with a
+request sent (or partly), it is reported lost (``LOST``): the journal reaps the child, then
+fails that group as a failed write (which abandons the segment, cutting it back to its last
+acknowledged byte), or as a failed sync when it carried one with acknowledged bytes unsynced
+(interval mode: the journal stops). A request that could not be sent at all (``NOT_SENT``)
+goes through the thread instead. Either way the journal commits in its thread from then
+on. The child ends with its socket, or with the thread that started it
 (``PR_SET_PDEATHSIG``): it must never write behind the back of the next process to open the
 world. It is used only with fsync on (``Journal``): without fsync there is no sync to take
 off the GIL, and the world's open does not copy the newest segment aside then, which is
