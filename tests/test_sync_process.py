@@ -17,6 +17,7 @@ import pytest
 from streamer import StorageUnavailable, TileSet, open_world
 from streamer.config import Config, RuntimeSettings, StorageSettings
 from streamer.format.journal import scan_frames
+from streamer.runtime import journal as journal_module
 from streamer.runtime import sync_process
 from streamer.runtime.journal import JOURNAL_DIR, Journal, decode_batch
 from streamer.runtime.sync_process import (
@@ -316,6 +317,7 @@ async def test_a_killed_process_loses_nothing_acknowledged(tmp_path: Path) -> No
         stats = world.stats().journal
         assert not stats.sync_process and stats.sync_process_pid == 0
         assert failed == []  # none was in flight: the next one goes through the thread
+        assert stats.sync_process_restarts == 0  # not yet: replaced after a pause (5 s)
         ticks = journal_ticks(tmp_path)  # before the close folds and deletes them
     assert sorted(set(ticks)) == ticks  # each once, in order
     assert set(acked) <= set(ticks)
@@ -546,3 +548,29 @@ def test_a_world_run_in_another_thread_gets_its_process_too(tmp_path: Path) -> N
     assert seen["alive"] is True
     assert isinstance(seen["in_process"], int) and seen["in_process"] >= 19
     assert isinstance(seen["pid"], int) and wait_gone(seen["pid"])
+
+
+async def test_a_lost_process_is_replaced_after_a_pause(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(journal_module, "_RESTART_FIRST_S", 0.05)
+    await new_world(tmp_path)
+    async with open_world(tmp_path, cfg()) as world:
+        await world.submit(edit(1))
+        first = world.stats().journal.sync_process_pid
+        os.kill(first, signal.SIGKILL)
+        assert wait_gone(first)
+        await world.submit(edit(2))  # through the thread; the loss is noticed
+        with anyio.fail_after(10):
+            while not world.stats().journal.sync_process:
+                await anyio.sleep(0.02)
+        stats = world.stats().journal
+        assert stats.sync_process_restarts == 1
+        assert stats.sync_process_pid not in (0, first)
+        await world.submit(edit(3))
+        assert world.stats().journal.commits_in_process == stats.commits_in_process + 1
+        second = stats.sync_process_pid
+    assert wait_gone(second)
+    async with open_world(tmp_path, cfg()) as world:
+        c = await world.chunk(0, 0)
+        assert [int(c.tiles[0, t]) for t in (1, 2, 3)] == [1, 2, 3]

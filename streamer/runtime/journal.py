@@ -108,6 +108,10 @@ SPARE_NAME = f"{JOURNAL_DIR}/{SPARE_FILE_NAME}"
 _ZERO_CHUNK = 256 * 1024
 _ZEROS = bytes(_ZERO_CHUNK)
 _ZERO_PAUSE_S = 0.002
+# The pauses before a lost sync process is replaced (keep_sync_process): the first, and the
+# longest the doubling reaches.
+_RESTART_FIRST_S = 5.0
+_RESTART_MAX_S = 300.0
 
 RegionKey: TypeAlias = tuple[int, int]
 #: Highest tick per region, for one batch or one segment.
@@ -244,6 +248,8 @@ class JournalStats(msgspec.Struct, frozen=True, kw_only=True):
     sync_process_pid: int = 0
     #: Segments opened by ``keep_segment_open`` before a commit needed them.
     segments_opened_ahead: int = 0
+    #: Sync processes started to replace a lost one (``keep_sync_process``).
+    sync_process_restarts: int = 0
 
 
 class _SyncFailed(OSError):
@@ -319,6 +325,7 @@ class Journal:
         spare_pause_s: float = _ZERO_PAUSE_S,
         drops_store: BlobStore | None = None,
         sync_process: bool = False,
+        sync_restart_s: float | None = None,
     ) -> None:
         self._fs = fs
         # Commits to an open segment in a process of their own (runtime/sync_process.py):
@@ -326,6 +333,11 @@ class Journal:
         self._want_process = sync_process and fsync and isinstance(fs, OsFileSystem)
         self._proc: SyncProcess | None = None
         self._proc_commits = 0
+        # A lost sync process is replaced (keep_sync_process) after this long, doubling
+        # with each replacement up to _RESTART_MAX_S: commits meanwhile go through the thread.
+        self._restart_s = _RESTART_FIRST_S if sync_restart_s is None else sync_restart_s
+        self._proc_lost = anyio.Event()
+        self._proc_restarts = 0
         # Which ticks left with deleted segments (runtime/journal_drops.py), written through
         # a store on the same file system unless the caller gives one.
         self._drops = DropLog(drops_store or LocalStore(".", fs=fs, fsync=fsync))
@@ -711,6 +723,8 @@ class Journal:
     async def _write(self, data: bytes, sync: bool) -> _Segment:
         """``_write_blocking``, by the sync process when it runs and a segment is open."""
         proc, seg, handle = self._proc, self._active, self._handle
+        if proc is not None and not proc.alive:
+            self._proc_lost.set()  # the keeper replaces it, after a pause
         if proc is None or not proc.alive or seg is None or handle is None:
             written: _Segment = await self._run_sync(self._write_blocking, data, sync)
             return written
@@ -719,6 +733,7 @@ class Journal:
             seg.size += len(data)
             self._proc_commits += 1
             return seg
+        self._proc_lost.set()
         if stage == NOT_SENT:  # it had gone before this commit: nothing of it was written
             again: _Segment = await self._run_sync(self._write_blocking, data, sync)
             return again
@@ -1091,6 +1106,40 @@ class Journal:
                 if self._preallocate and not self._spare_ready:
                     self._spare_wanted.set()  # the segment took the spare: make the next
 
+    def _stopping(self) -> bool:
+        # A method, not an expression at each use: awaits in between change these.
+        return self._closing or self._broken is not None
+
+    async def keep_sync_process(self) -> None:
+        """Replace a lost sync process; run it in the task group beside :meth:`run`.
+        Returns at close, or at once if the journal does not use one.
+
+        The first replacement waits ``sync_restart_s`` (5 s), each later one twice as long
+        as the one before, up to 5 minutes: a child that keeps dying costs a start now and
+        then, not one per commit. Started under the I/O lock, so no commit is in flight
+        with the old one.
+        """
+        if not self._want_process:
+            return
+        pause = self._restart_s
+        while not self._stopping():
+            await self._proc_lost.wait()
+            self._proc_lost = anyio.Event()
+            await anyio.sleep(pause)  # the world's close cancels it
+            pause = min(pause * 2, _RESTART_MAX_S)
+            async with self._io_lock:
+                if self._stopping():
+                    return
+                old = self._proc
+                if old is not None and old.alive:
+                    continue
+                if old is not None:
+                    await old.aclose()
+                self._proc = await SyncProcess.start()
+                if self._proc is not None:
+                    self._proc_restarts += 1
+                    log.info("journal: sync process replaced (pid %d)", self._proc.pid)
+
     async def _make_spare(self) -> bool:
         """Zero-fill ``SPARE_NAME`` to its full size (segment_bytes + MAX_COMMIT_BYTES + a
         page) in place (a recycled segment, or a spare left by a crash) or as a new file,
@@ -1234,6 +1283,7 @@ class Journal:
             segments_opened_ahead=self._segments_ahead,
             sync_process=self._proc is not None and self._proc.alive,
             sync_process_pid=self._proc.pid if self._proc is not None and self._proc.alive else 0,
+            sync_process_restarts=self._proc_restarts,
         )
 
     @property

@@ -22,12 +22,13 @@ request sent (or partly), it is reported lost (``LOST``): the journal reaps the 
 fails that group as a failed write (which abandons the segment, cutting it back to its last
 acknowledged byte), or as a failed sync when it carried one with acknowledged bytes unsynced
 (interval mode: the journal stops). A request that could not be sent at all (``NOT_SENT``)
-goes through the thread instead. Either way the journal commits in its thread from then
-on. The child ends with its socket, or with the thread that started it
-(``PR_SET_PDEATHSIG``): it must never write behind the back of the next process to open the
-world. It is used only with fsync on (``Journal``): without fsync there is no sync to take
-off the GIL, and the world's open does not copy the newest segment aside then, which is
-what makes a late write from a dying child land in an orphaned file.
+goes through the thread instead. Either way the journal commits in its thread until it
+replaces the child (``Journal.keep_sync_process``). The child ends with its socket, or with
+the thread that started it (``PR_SET_PDEATHSIG``): it must never write behind the back of
+the next process to open the world. It is used only with fsync on (``Journal``): without
+fsync there is no sync to take off the GIL, and the world's open does not copy the newest
+segment aside then, which is what makes a late write from a dying child land in an
+orphaned file.
 """
 
 from __future__ import annotations

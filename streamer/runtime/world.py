@@ -272,6 +272,7 @@ class World(_SubmitPath, _FlushPath):
         tg.start_soon(self._journal.run, name="journal-writer")
         tg.start_soon(self._journal.keep_spare, name="journal-spare")
         tg.start_soon(self._journal.keep_segment_open, name="journal-segment")
+        tg.start_soon(self._journal.keep_sync_process, name="journal-sync-process")
         self._loader.run(tg)
         tg.start_soon(self._flush_scheduler, name="flush-scheduler")
         self._recovery.start(tg)
