@@ -657,6 +657,13 @@ class World(_SubmitPath, _FlushPath):
     async def _ensure_regions(self, keys: Iterable[RegionKey]) -> dict[RegionKey, Exception]:
         """Load region states not in memory (one ``get_many``); return per-region failures."""
         wanted = set(keys)
+        regions = self._regions
+        if all(k in regions for k in wanted):
+            # Every submit comes here, nearly always for regions in memory: nothing to load,
+            # so nothing to protect from eviction (no await below).
+            for k in wanted:
+                regions.move_to_end(k)
+            return {}
         # Installing regions evicts clean ones beyond _CLEAN_REGIONS_KEPT. Without this, a
         # call wanting more than that (a replay after a crash, one batch across many
         # regions, or many dirty regions) evicted its own, loaded them again, forever.
