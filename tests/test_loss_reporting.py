@@ -9,7 +9,6 @@ import errno
 import logging
 import random
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,7 @@ from streamer.storage.faultfs import SimulatedCrash, SimulatedFileSystem
 from streamer.storage.local import LocalStore
 from streamer.worlddir import create_world
 from streamer.worldgen import TerrainGenerator
+from tests.test_journal import run_sync, ticks_of
 from tests.test_world_recovery import next_event
 
 SEED = 23
@@ -350,19 +350,6 @@ async def test_journaled_deltas_of_an_inactivated_region_are_counted_in_the_loss
 
 
 # -- the record of deleted segments: crash windows -----------------------------------------
-
-
-async def run_sync(fn: Callable[..., Any], *args: Any) -> Any:
-    return await anyio.to_thread.run_sync(fn, *args)
-
-
-def ticks_of(batch: JournalBatch) -> dict[tuple[int, int], int]:
-    out: dict[tuple[int, int], int] = {}
-    for d in batch.deltas:
-        assert isinstance(d, TileSetDelta)
-        region = (d.x // 512, d.y // 512)
-        out[region] = max(out.get(region, -1), d.tick)
-    return out
 
 
 TICKS = range(1, 121)
