@@ -7,6 +7,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
+from streamer.errors import StorageUnavailable
 from streamer.format.journal import encode_frame
 from streamer.format.manifest import WorldManifest
 from streamer.format.region import decode_region, region_key
@@ -136,6 +137,31 @@ async def test_journal_high_tick_ignores_torn_tail(store: LocalStore) -> None:
     assert await journal_high_tick(store) == 9
     await store.delete(SEG)
     assert await journal_high_tick(store) == -1
+
+
+class _RegionDeleteFails(LocalStore):
+    """Deleting a region file fails: regenerate stops after the lineage, before the regions."""
+
+    async def delete(self, key: str) -> None:
+        if key.startswith("regions/"):
+            raise StorageUnavailable("injected: cannot delete", key=key)
+        await super().delete(key)
+
+
+async def test_a_regenerate_stopped_before_the_regions_go_has_dropped_the_old_drops_record(
+    tmp_path: Path,
+) -> None:
+    """The record of what the old journal dropped goes before anything else does: stopped
+    (or crashed) partway, the world never keeps old drops beside the ticks that start over,
+    which would report losses that never happened; without a record a restore says unknown."""
+    store = await _RegionDeleteFails.open(tmp_path / "w", fsync=False)
+    m = await populated(store, seed=3)
+    await store.put_atomic(DROPS_KEY, b"ticks the old journal dropped")
+    with pytest.raises(StorageUnavailable, match="injected"):
+        await regenerate_world(store, m, incidents=IncidentLog(store), keep=5)
+    assert await store.list("regions/")  # stopped before them
+    assert await store.list(DROPS_KEY) == []
+    await store.aclose()
 
 
 async def test_journal_high_tick_reads_only_what_open_replays(store: LocalStore) -> None:

@@ -437,6 +437,11 @@ async def regenerate_world(
     # Before anything is dropped: the regenerated world descends from no snapshot, so the
     # recovery ladder must never bring back a region of the state given up here.
     await write_lineage(store, [])
+    # Ticks start over with the regions: what the old journal dropped says nothing about
+    # the new world, and would report losses that never happened (a new epoch begins at
+    # the next open). Before anything is dropped, so a crash in between leaves no old
+    # record beside new ticks (without one, a restore reports "unknown", never a wrong loss).
+    await store.delete(DROPS_KEY)
 
     journal = segment_keys(await store.list("journal/"))
     for key in journal:
@@ -447,10 +452,6 @@ async def regenerate_world(
         await store.delete(key)
     cleared = len(await load_inactive_quiet(store))
     await store.delete(INACTIVE_KEY)
-    # Ticks start over with the regions: what the old journal dropped says nothing about
-    # the new world, and would report losses that never happened (a new epoch begins at
-    # the next open).
-    await store.delete(DROPS_KEY)
     inc = await incidents.record(
         "world_regenerated",
         details={
