@@ -1436,11 +1436,8 @@ async def migrate_world(
     report.counts = _nest_counts(run.counts)
 
     if dry_run:
-        # ``_Run.fail`` records a dry run's region failures and never halts it; a halt that
-        # came some other way must still not read as a clean dry run.
-        if run.halted is not None and run.halted not in report.failures:
-            report.failures.insert(0, run.halted)
-            report.failures_total += 1
+        # ``_Run.fail`` records a dry run's region failures and never halts it.
+        assert run.halted is None
         report.status = "failed" if report.failures_total else "dry_run"
     elif run.halted is not None:
         assert checkpointer is not None
