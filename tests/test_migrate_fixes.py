@@ -31,6 +31,7 @@ from streamer.migrate import (
     migrate_world,
     read_checkpoint,
 )
+from streamer.migrate import batch as batch_module
 from streamer.migrate.batch import DONE_LOG_PREFIX
 from streamer.migrate.synth import character_raw, chunk_raw, society_raw, write_world
 from streamer.migrate.verify import record_census, tree_digests
@@ -561,18 +562,29 @@ def _crashed(exc: BaseException) -> bool:
     return False
 
 
-@pytest.mark.parametrize("torn", [False, True], ids=["clean", "torn"])
+@pytest.mark.parametrize(
+    ("torn", "compacting"),
+    [(False, False), (True, False), (False, True)],
+    ids=["clean", "torn", "compacting"],
+)
 async def test_a_crash_at_any_step_loses_only_regions_since_the_last_durable_write(
-    tmp_path: Path, torn: bool
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, torn: bool, compacting: bool
 ) -> None:
+    """``compacting``: a log of two slots, so the run rewrites the header under a new
+    generation and reuses slots while entries of the old one are still on disk."""
+    regions = 4
+    if compacting:
+        monkeypatch.setattr(batch_module._Checkpointer, "MIN_SLOTS", 2)
+        regions = 7
     src = tmp_path / "src"
     await anyio.to_thread.run_sync(
-        lambda: write_world(src, regions=4, chunks_per_region=1, characters_per_chunk=1)
+        lambda: write_world(src, regions=regions, chunks_per_region=1, characters_per_chunk=1)
     )
     files = {p.relative_to(src).as_posix(): p.read_bytes() for p in src.rglob("*") if p.is_file()}
     keys = sorted(k for k in files if k.startswith("regions/"))
     k = 0
     checked_mid_run = 0
+    compactions = 0  # header writes in the longest crashed run
     while True:
         fs = SimulatedFileSystem()
         async with await LocalStore.open("/w", fs=fs) as seed:
@@ -610,8 +622,14 @@ async def test_a_crash_at_any_step_loses_only_regions_since_the_last_durable_wri
             for key in keys:
                 assert _is_current((await after.get(key)).data, key)
             assert await read_checkpoint(after) is None
+        if compacting:
+            compactions = max(
+                compactions, sum(1 for key, _ in store.writes if key == CHECKPOINT_KEY)
+            )
         k += 1
     assert checked_mid_run > 10, "no crash landed while the checkpoint was in use"
+    if compacting:
+        assert compactions >= 3, f"the log was compacted only {compactions - 1} times mid-run"
 
 
 class FailingCheckpointDelete(LocalStore):
