@@ -102,3 +102,28 @@ def test_known_old_or_malformed_record_versions_pass_the_screen(
     codec = ChunkCodec(encoding)  # type: ignore[arg-type]
     payload = encode(encoding, chunk(record_versions=record_versions))
     codec.refuse_unknown_versions(payload, where=WHERE)
+
+
+@pytest.mark.parametrize("encoding", ["msgpack", "json"])
+@pytest.mark.parametrize(
+    ("extra", "current"),
+    [
+        ({}, True),
+        ({"record_versions": {}}, True),
+        ({"record_versions": {"character": CURRENT_VERSIONS["character"]}}, True),
+        ({"record_versions": {"character": CURRENT_VERSIONS["character"] - 1}}, False),
+        ({"record_versions": {"character": True}}, False),
+        ({"record_versions": {"character": "three"}}, False),
+        ({"record_versions": ["character"]}, False),
+    ],
+    ids=["missing", "empty", "current", "old", "bool", "str", "list"],
+)
+def test_the_screen_says_current_exactly_when_decode_current_takes_it(
+    encoding: str, extra: dict[str, Any], current: bool
+) -> None:
+    """The screen's answer lets a flush skip a chunk's upgrade: it must agree with
+    ``decode_current`` (which would decode the chunk without upgrading it)."""
+    codec = ChunkCodec(encoding)  # type: ignore[arg-type]
+    payload = encode(encoding, chunk(**extra))
+    assert codec.refuse_unknown_versions(payload, where=WHERE) is current
+    assert (codec.decode_current(payload, where=WHERE) is not None) is current

@@ -194,13 +194,15 @@ class ChunkCodec:
         _refuse_unknown_nested(peek.record_versions, where)
         if not current:
             return False
-        # The rest of ``decode_current``'s criteria. Peeked separately: a malformed
-        # ``record_versions`` must not keep the screening above from seeing a newer record.
-        try:
-            rv = self._peek.decode(payload).record_versions
-        except _DECODE_ERRORS:
-            return False
-        return rv.items() <= _CURRENT_NESTED_ITEMS
+        # The rest of ``decode_current``'s criteria, on the map peeked untyped above (so a
+        # malformed one could not hide a newer record): str -> int, exact ints (a bool is
+        # not a version), all current. Missing reads as empty, as the typed peek has it.
+        rv = {} if peek.record_versions is None else peek.record_versions
+        return (
+            isinstance(rv, dict)
+            and all(type(v) is int for v in rv.values())
+            and rv.items() <= _CURRENT_NESTED_ITEMS
+        )
 
     # -- encode ---------------------------------------------------------------------------
 
