@@ -289,9 +289,10 @@ class RegionQueue:
 
     def reserve(self, ticks: list[int], seq: int = -1) -> None:
         """Account an accepted batch (journal ``seq``) that is on its way to the journal."""
-        self.pending.append(_PendingBatch(min(ticks), max(ticks), len(ticks), seq))
+        top = max(ticks)
+        self.pending.append(_PendingBatch(min(ticks), top, len(ticks), seq))
         self.pending_count += len(ticks)
-        self.hwm = max(self.hwm, max(ticks))
+        self.hwm = max(self.hwm, top)
         self.last_submit = time.monotonic()
 
     def settle(self, *, failed: bool = False, seq: int | None = None) -> int:
