@@ -434,3 +434,13 @@ async def test_mass_cancel_and_reprioritise_keeps_order() -> None:
     async with running(loader):
         await settle(lambda: loader.stats().loads == len(kept))
     assert fake.loaded == kept[::-1]
+
+
+@pytest.mark.parametrize(
+    ("retry_after", "retry_max"),
+    [(-0.1, 30.0), (2.0, 1.0)],
+    ids=["negative-retry", "max-below-first"],
+)
+def test_bad_retry_settings_are_refused(retry_after: float, retry_max: float) -> None:
+    with pytest.raises(ValueError, match="retry_after"):
+        ChunkLoader(FakeLoad(), workers=1, retry_after=retry_after, retry_max=retry_max)
