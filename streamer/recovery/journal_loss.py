@@ -140,7 +140,8 @@ async def _epoch_of_snapshot(store: BlobStore, snapshot: str) -> str | None:
     except NotFound:
         return None
     try:
-        return decode_drops(blob.data).epoch
+        # In a worker thread, as read_drops: the record can be ~2 MB.
+        return (await anyio.to_thread.run_sync(decode_drops, blob.data)).epoch
     except IntegrityError:
         return None
 

@@ -56,6 +56,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final, Literal
 
+import anyio.to_thread
 import msgspec
 
 from streamer.errors import (
@@ -735,16 +736,26 @@ async def stage_copies(store: BlobStore) -> int:
     staged = 0
     for i in range(0, len(keys), _BATCH):
         batch = keys[i : i + _BATCH]
-        items: list[tuple[str, bytes]] = []
-        for key, blob in zip(batch, await store.get_many(batch), strict=True):
-            if blob is None:
-                continue  # removed meanwhile (recovery, rebuild): nothing to stage
-            digest = hex64(xxh3(blob.data))
-            if (key, len(blob.data), digest) not in twins:
-                items.append((_staged_key(key, digest), blob.data))
+        # Removed meanwhile (recovery, rebuild): nothing to stage.
+        found = [
+            (key, blob.data)
+            for key, blob in zip(batch, await store.get_many(batch), strict=True)
+            if blob is not None
+        ]
+        # Hashed in a worker thread, a batch per hop: the world is serving meanwhile.
+        digests = await anyio.to_thread.run_sync(_digests, [data for _, data in found])
+        items = [
+            (_staged_key(key, digest), data)
+            for (key, data), digest in zip(found, digests, strict=True)
+            if (key, len(data), digest) not in twins
+        ]
         await _put_many(store, items)
         staged += len(items)
     return staged
+
+
+def _digests(blobs: list[bytes]) -> list[str]:
+    return [hex64(xxh3(data)) for data in blobs]
 
 
 def _own_copies(infos: Sequence[SnapshotInfo]) -> dict[tuple[str, int, str], str]:
