@@ -214,7 +214,7 @@ async def test_check_repair_is_not_ok_when_a_loss_cannot_be_recorded(
 ) -> None:
     """Disk full when the data_loss incident is written: the region is restored and the
     loss logged, but the repair must not report ok (the operator's check would go green)."""
-    import streamer.recovery.repair as repair_module
+    import streamer.recovery.journal_loss as journal_loss_module
 
     async def full(*args: object, **kwargs: object) -> None:
         raise StorageUnavailable("no space left (simulated)", key="incidents.log")
@@ -225,7 +225,7 @@ async def test_check_repair_is_not_ok_when_a_loss_cannot_be_recorded(
         await w.snapshot()
         await w.submit([TileSet(tick=2, x=2, y=1, tile=22)])
     corrupt(path, A)
-    monkeypatch.setattr(repair_module, "record_loss", full)
+    monkeypatch.setattr(journal_loss_module, "record_loss", full)
     store = await LocalStore.open(path, fsync=False)
     try:
         rep = await repair_world(store, where=str(path))

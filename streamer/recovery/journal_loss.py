@@ -22,7 +22,7 @@ from the journal on top of its file (``ladder._isolate``).
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 import anyio.to_thread
 import msgspec
@@ -35,6 +35,9 @@ from streamer.recovery.incidents import Incident, IncidentLog
 from streamer.recovery.snapshots import snapshot_file_key
 from streamer.runtime.journal_drops import DROPS_KEY, decode_drops, read_drops
 from streamer.storage.base import BlobStore
+
+if TYPE_CHECKING:  # the ladder imports this module
+    from streamer.recovery.ladder import RecoveryOutcome
 
 __all__ = [
     "JournalTicks",
@@ -241,6 +244,43 @@ async def judge_restore(
     )
     details["lost"] = text
     return LossVerdict(status="unknown", text=text, details=details)
+
+
+async def judge_and_record(
+    store: BlobStore,
+    incidents: IncidentLog,
+    *,
+    region: RegionKey,
+    outcome: RecoveryOutcome,
+    snapshot_lpt: int,
+    reapplied: list[int],
+    segments_read: Sequence[int],
+) -> tuple[LossVerdict, Incident | None, StreamerError | None]:
+    """:func:`judge_restore` of a restore the ladder made, and for a ``lost`` verdict its
+    ``data_loss`` incident: ``(verdict, incident, None)``, or ``(verdict, None, error)`` when
+    the incident could not be appended (the caller must still report the loss)."""
+    verdict = await judge_restore(
+        store,
+        region=region,
+        snapshot=outcome.snapshot,
+        snapshot_lpt=snapshot_lpt,
+        damaged_lpt=outcome.damaged_last_processed_tick,
+        reapplied=reapplied,
+        segments_read=segments_read,
+    )
+    if verdict.status != "lost":
+        return verdict, None, None
+    try:
+        inc = await record_loss(
+            incidents,
+            region=region,
+            verdict=verdict,
+            quarantine=outcome.quarantine,
+            restore_incidents=outcome.incidents,
+        )
+    except StreamerError as exc:
+        return verdict, None, exc
+    return verdict, inc, None
 
 
 async def record_loss(

@@ -40,7 +40,7 @@ from streamer.format.region import parse_region_key, region_key
 from streamer.recovery.check import CheckReport, ExtraCheck, Problem, check_world
 from streamer.recovery.inactive import INACTIVE_KEY, inactive_from_incidents, write_inactive
 from streamer.recovery.incidents import IncidentLog
-from streamer.recovery.journal_loss import judge_restore, read_region_ticks, record_loss
+from streamer.recovery.journal_loss import judge_and_record, read_region_ticks
 from streamer.recovery.ladder import RecoveryOutcome, recover_region
 from streamer.recovery.quarantine import quarantine_copy
 from streamer.recovery.snapshots import find_valid_copy
@@ -191,12 +191,12 @@ async def _journal_loss(
         text = f"unknown: the journal could not be read ({exc})"
         log.error("%s: restored; lost: %s", out.file, text)
         return f"{detail}; journal: {text}", ids, False
-    verdict = await judge_restore(
+    verdict, inc, unrecorded = await judge_and_record(
         store,
+        incidents,
         region=region,
-        snapshot=out.snapshot,
+        outcome=out,
         snapshot_lpt=snap,
-        damaged_lpt=out.damaged_last_processed_tick,
         reapplied=[t for t in found.ticks if t > snap],
         segments_read=found.segments,
     )
@@ -206,27 +206,19 @@ async def _journal_loss(
             ids,
             False,
         )
-    if verdict.status == "lost":
-        try:
-            inc = await record_loss(
-                incidents,
-                region=region,
-                verdict=verdict,
-                quarantine=out.quarantine,
-                restore_incidents=out.incidents,
-            )
-        except StreamerError as exc:
-            log.error(
-                "%s: DATA LOST: %s; the data_loss incident could NOT be recorded (%s)",
-                out.file,
-                verdict.text,
-                exc,
-            )
-            return (
-                f"{detail}; DATA LOST (incident not recorded: {exc}): {verdict.text}",
-                ids,
-                True,
-            )
+    if unrecorded is not None:
+        log.error(
+            "%s: DATA LOST: %s; the data_loss incident could NOT be recorded (%s)",
+            out.file,
+            verdict.text,
+            unrecorded,
+        )
+        return (
+            f"{detail}; DATA LOST (incident not recorded: {unrecorded}): {verdict.text}",
+            ids,
+            True,
+        )
+    if inc is not None:  # a lost verdict, recorded
         log.error("%s: data lost (incident %s): %s", out.file, inc.id, verdict.text)
         return f"{detail}; data lost (incident {inc.id}): {verdict.text}", [*ids, inc.id], False
     log.warning("%s: restored; lost: %s", out.file, verdict.text)

@@ -57,7 +57,7 @@ from streamer.format.journal import parse_segment_name, scan_frames, segment_key
 from streamer.format.region import decode_region, region_key
 from streamer.recovery.inactive import load_inactive
 from streamer.recovery.incidents import IncidentLog
-from streamer.recovery.journal_loss import judge_restore, record_loss
+from streamer.recovery.journal_loss import judge_and_record
 from streamer.recovery.ladder import RecoveryOutcome, recover_region
 from streamer.recovery.quarantine import quarantine_bytes
 from streamer.recovery.snapshots import finish_interrupted_restore
@@ -341,30 +341,18 @@ class RecoveryHooks:
         """
         store = self._world._store
         assert store is not None
-        verdict = await judge_restore(
+        verdict, inc, unrecorded = await judge_and_record(
             store,
+            self.incidents,
             region=key,
-            snapshot=outcome.snapshot,
+            outcome=outcome,
             snapshot_lpt=restored,
-            damaged_lpt=outcome.damaged_last_processed_tick,
             reapplied=[i.tick for i in items],
             segments_read=seqs,
         )
         incidents = list(outcome.incidents)
-        unrecorded: StreamerError | None = None
-        if verdict.status == "lost":
-            try:
-                inc = await record_loss(
-                    self.incidents,
-                    region=key,
-                    verdict=verdict,
-                    quarantine=outcome.quarantine,
-                    restore_incidents=outcome.incidents,
-                )
-            except StreamerError as exc:
-                unrecorded = exc
-            else:
-                incidents.append(inc.id)
+        if inc is not None:
+            incidents.append(inc.id)
         line = (
             f"region {key} restored from snapshot {outcome.snapshot} (lpt {restored}); "
             f"{len(items)} journaled delta(s) re-applied"
