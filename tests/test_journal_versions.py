@@ -14,18 +14,15 @@ import msgspec
 import pytest
 
 from streamer import Character, ItemStack, TileSet, open_world
-from streamer.config import Config, RuntimeSettings
 from streamer.errors import MalformedFile, MigrationFailed, UnknownSchemaVersion
 from streamer.format.journal import encode_frame
 from streamer.runtime.journal import JOURNAL_DIR, JournalBatch, decode_batch, encode_batch
 from streamer.schema.deltas import EntityUpsert, SocietyUpdate
 from streamer.schema.records import CURRENT_VERSIONS, Society
 from streamer.storage.faultfs import SimulatedFileSystem
-from streamer.storage.local import LocalStore
-from streamer.worlddir import create_world
+from tests.test_submit_moves import CONF, new_world
 
 WHERE = "journal/00000000000000000001.wal"
-CONF = Config(runtime=RuntimeSettings(flush_interval_ms=60_000, terrain_processes=0))
 
 
 def frame(*deltas: dict[str, Any], seq: int = 7) -> bytes:
@@ -140,10 +137,7 @@ def test_malformed_frames_stay_malformed(payload: bytes) -> None:
 
 async def _crashed_with_frame(tmp_path: Path, payload: bytes) -> tuple[SimulatedFileSystem, str]:
     """A world whose journal holds exactly one frame, ``payload``, as after a crash."""
-    fs = SimulatedFileSystem()
-    store = await LocalStore.open(tmp_path, fs=fs)
-    await create_world(store, seed=5)
-    await store.aclose()
+    fs = await new_world(tmp_path)
     async with open_world(tmp_path, CONF, fs=fs) as world:
         await world.submit([TileSet(tick=1, x=1, y=1, tile=1)])
         image = fs.durable_image()  # power loss: only the journal holds the batch

@@ -8,13 +8,8 @@ from pathlib import Path
 import pytest
 
 from streamer import DeltaError, StorageUnavailable, TileSet, open_world
-from streamer.config import Config, RuntimeSettings
 from streamer.runtime.queues import Queued, RegionQueue
-from streamer.storage.faultfs import SimulatedFileSystem
-from streamer.storage.local import LocalStore
-from streamer.worlddir import create_world
-
-CONF = Config(runtime=RuntimeSettings(flush_interval_ms=60_000, terrain_processes=0))
+from tests.test_submit_moves import CONF, new_world
 
 
 def test_a_failed_batch_no_longer_raises_hwm() -> None:
@@ -64,10 +59,7 @@ def test_folded_ticks_keep_counting_after_a_failure() -> None:
 async def test_after_a_failed_batch_a_lower_tick_is_accepted(tmp_path: Path) -> None:
     """The reviewer's scenario: a batch at tick 10 fails (EIO); tick 9 was refused as
     "below tick 10 already submitted" though tick 10 was never accepted."""
-    fs = SimulatedFileSystem()
-    store = await LocalStore.open(tmp_path, fs=fs)
-    await create_world(store, seed=5)
-    await store.aclose()
+    fs = await new_world(tmp_path)
     async with open_world(tmp_path, CONF, fs=fs) as world:
         await world.submit([TileSet(tick=5, x=1, y=1, tile=1)])
         fs.inject("write", errno.EIO, path_contains="journal/")
