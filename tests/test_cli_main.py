@@ -194,3 +194,27 @@ def test_an_interrupted_migrate_says_how_to_go_on(
     assert code == 130 and "--resume" not in err  # a dry run cannot be resumed
     code, _, err = run(capsys, "check", str(world))
     assert code == 0
+
+
+def test_the_standalone_migrate_command_handles_errors_as_streamer_does(
+    world: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``python -m streamer.cli.migrate_cmd`` shares ``streamer``'s error handling (it had
+    its own copy, which lacked the interrupted hint and ``--debug``)."""
+    import streamer.cli.migrate_cmd as migrate_cmd
+
+    def interrupted(args: object) -> int:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(migrate_cmd, "cmd_migrate", interrupted)
+    assert migrate_cmd.main([str(world)]) == 130
+    assert "--resume" in capsys.readouterr().err
+
+    def denied(args: object) -> int:
+        raise PermissionError(13, "Permission denied", "/srv/w/state")
+
+    monkeypatch.setattr(migrate_cmd, "cmd_migrate", denied)
+    assert migrate_cmd.main([str(world), "--debug"]) == 1
+    err = capsys.readouterr().err
+    assert "streamer migrate: error: /srv/w/state: Permission denied" in err
+    assert "Traceback" in err  # --debug

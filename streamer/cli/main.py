@@ -80,10 +80,16 @@ def _accept_debug_after_command(sub: argparse._SubParsersAction[argparse.Argumen
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _build_parser()
     args = parser.parse_args(argv)
+    return run_command(args, args.handler)
+
+
+def run_command(args: argparse.Namespace, handler: Handler) -> int:
+    """``handler(args)`` with the exit codes and one-line errors of the module docstring
+    (``args.command`` names the command in them; ``args.debug`` or ``STREAMER_DEBUG`` shows
+    tracebacks). Also for ``python -m streamer.cli.migrate_cmd``."""
     # For wrappers (cron, systemd units) where adding a flag is harder than an environment line.
     off = ("", "0", "false", "no", "off")
     args.debug = args.debug or os.environ.get("STREAMER_DEBUG", "").strip().lower() not in off
-    handler: Handler = args.handler
     try:
         return handler(args)
     except UsageError as exc:

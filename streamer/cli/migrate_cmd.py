@@ -26,12 +26,11 @@ from streamer.cli.common import load_settings, note_settings, open_local_store, 
 from streamer.cli.main import (
     EXIT_OK,
     EXIT_PROBLEMS,
-    EXIT_USAGE,
     UsageError,
-    describe_os_error,
     run_async,
+    run_command,
 )
-from streamer.errors import ConfigError, StreamerError, UnsupportedFormat, WorldError, WorldLocked
+from streamer.errors import WorldLocked
 from streamer.migrate import CheckpointError, MigrationReport, migrate_world
 from streamer.worlddir import LOCK_NAME, WorldLock
 
@@ -258,29 +257,15 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m streamer.cli.migrate_cmd PATH ...``: the same command outside ``streamer``.
-
-    Error handling mirrors ``streamer.cli.main``.
-    """
+    """``python -m streamer.cli.migrate_cmd PATH ...``: the same command outside ``streamer``,
+    with its error handling (``streamer.cli.main.run_command``)."""
     parser = argparse.ArgumentParser(prog="streamer migrate", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     parser.add_argument("--config", metavar="FILE", help="settings file")
     _add_arguments(parser)
     args = parser.parse_args(argv)
-    try:
-        return cmd_migrate(args)
-    except UsageError as exc:
-        print(f"streamer migrate: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except (ConfigError, WorldError) as exc:
-        print(f"streamer migrate: error: {exc}", file=sys.stderr)
-        return EXIT_PROBLEMS if isinstance(exc, UnsupportedFormat) else EXIT_USAGE
-    except StreamerError as exc:
-        print(f"streamer migrate: error: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return EXIT_PROBLEMS
-    except OSError as exc:
-        print(f"streamer migrate: error: {describe_os_error(exc)}", file=sys.stderr)
-        return EXIT_PROBLEMS
+    args.command = "migrate"
+    return run_command(args, cmd_migrate)
 
 
 if __name__ == "__main__":
