@@ -17,7 +17,6 @@ naming ``where``, which is the caller's description of the bytes (region path + 
 
 from __future__ import annotations
 
-import reprlib
 from operator import attrgetter
 from typing import Any, Final, Literal, NamedTuple
 
@@ -31,6 +30,7 @@ from streamer.schema.migrations import (
     REGISTRY,
     MalformedRecord,
     RawRecord,
+    refuse_newer_nested,
 )
 from streamer.schema.records import CURRENT_VERSIONS, ChunkRecord, Record
 
@@ -57,8 +57,6 @@ _CURRENT_NESTED: Final = {t: CURRENT_VERSIONS[t] for t in CHUNK_NESTED_FIELDS.va
 # type is known and current" without a Python-level loop.
 _CURRENT_NESTED_ITEMS: Final = _CURRENT_NESTED.items()
 _SCHEMA_VERSION: Final = attrgetter("schemaVersion")
-#: Versions above this are corruption, not a future release: not put in an error's fields.
-_MAX_SCREENED_VERSION: Final = 2**31
 _NESTED_ATTRS: Final = tuple(
     (field, rtype, CURRENT_VERSIONS[rtype]) for field, rtype in CHUNK_NESTED_FIELDS.items()
 )
@@ -330,33 +328,8 @@ def _refuse_unknown_nested(rv: Any, where: str) -> None:
     it loaded while its chunk could never be decoded, so deltas queued against it could
     never be flushed. Malformed maps and values are left to ``decode``.
     """
-    if not isinstance(rv, dict):
-        return
-    for rtype, v in rv.items():
-        current = _CURRENT_NESTED.get(rtype) if isinstance(rtype, str) else None
-        if current is None:
-            raise UnknownSchemaVersion(
-                f"record_versions names a nested record type this code does not know: "
-                f"{_short_repr(rtype)} (written by a newer release?); refusing the chunk "
-                "rather than dropping those records",
-                record_type="chunk",
-                where=where,
-            )
-        if type(v) is int and v > current:
-            raise UnknownSchemaVersion(
-                f"record_versions says {rtype} records are newer (v{_short_repr(v)}) than this "
-                f"code knows (v{current}); refusing rather than downgrading",
-                record_type=rtype,
-                schema_version=v if v <= _MAX_SCREENED_VERSION else None,
-                where=where,
-            )
-
-
-def _short_repr(value: Any) -> str:
-    try:
-        return reprlib.repr(value)
-    except ValueError:  # an int too long to format
-        return f"<{type(value).__name__}>"
+    if isinstance(rv, dict):
+        refuse_newer_nested(rv, _CURRENT_NESTED, where=where)
 
 
 def _nested_all_current(rec: ChunkRecord) -> bool:

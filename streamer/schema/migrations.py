@@ -69,6 +69,34 @@ class MalformedRecord(SchemaError):
 _MAX_VERSION: Final = 2**31
 
 
+def refuse_newer_nested(rv: Mapping[Any, Any], current: Mapping[str, int], *, where: str) -> None:
+    """Refuse a chunk whose ``record_versions`` map names a nested record type not in
+    ``current`` (a list added by a newer release, whose records a rewrite would drop) or a
+    newer version of one: shared by the upgrade below and the codec's load-time screen, so
+    the two never disagree. Values that are not ints are left to the caller.
+
+    :raises UnknownSchemaVersion: names the type, the version when it is one, and ``where``.
+    """
+    for rtype, v in rv.items():
+        now = current.get(rtype) if isinstance(rtype, str) else None
+        if now is None:
+            raise UnknownSchemaVersion(
+                "record_versions names a nested record type this code does not know: "
+                f"{_short(rtype)} (written by a newer release?); refusing the chunk rather "
+                "than dropping those records",
+                record_type="chunk",
+                where=where,
+            )
+        if type(v) is int and v > now:
+            raise UnknownSchemaVersion(
+                f"record_versions says {rtype} records are v{_short(v)}, newer than this code "
+                f"knows (v{now}); refusing rather than downgrading",
+                record_type=rtype,
+                schema_version=v if v <= _MAX_VERSION else None,
+                where=where,
+            )
+
+
 def _short(value: Any) -> str:
     """A bounded repr for error messages about untrusted data."""
     try:
@@ -153,6 +181,7 @@ class MigrationRegistry:
         self._current: dict[str, int] = dict(
             CURRENT_VERSIONS if current_versions is None else current_versions
         )
+        self._current_nested = {t: v for t, v in self._current.items() if t in _NESTED_TYPES}
         self._steps: dict[str, dict[int, StepFn]] = {}
         # chain[type][n - 1] is the step n → n+1; built by validate().
         self._chains: dict[str, tuple[StepFn, ...]] | None = None
@@ -379,22 +408,8 @@ class MigrationRegistry:
                 record_type="chunk",
                 where=where,
             )
-        for rtype, v in stored_rv.items():
-            current = self._current.get(rtype) if isinstance(rtype, str) else None
-            # Dropping an entry we do not understand would drop the records it describes.
-            if rtype not in _NESTED_TYPES or current is None:
-                raise UnknownSchemaVersion(
-                    f"record_versions names a record type this code does not know: {_short(rtype)}",
-                    record_type="chunk",
-                    where=where,
-                )
-            if type(v) is int and v > current:
-                raise UnknownSchemaVersion(
-                    f"record_versions says {rtype} records are v{_short(v)}, newer than v{current}",
-                    record_type=rtype,
-                    schema_version=v if v <= _MAX_VERSION else None,
-                    where=where,
-                )
+        # Dropping an entry we do not understand would drop the records it describes.
+        refuse_newer_nested(stored_rv, self._current_nested, where=where)
 
         new_lists: dict[str, list[Any]] = {}
         # Lowest version per nested type present: after the loop every record is current
